@@ -1,0 +1,1 @@
+"""Data: loaders for the bundled data sets and deterministic, resumable batching."""

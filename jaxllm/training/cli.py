@@ -1,0 +1,72 @@
+"""Flags every training script shares, and a ``main`` wrapper that turns known errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from jaxllm.training.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
+
+
+def make_parser(description: str, *, out: str, epochs: int, lr: float, optimizer: str = "adamw",
+                batch_size: int | None = None, weight_decay: float = 0.0, momentum: float = 0.0,
+                log_every: int = 10) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=out, help="output directory (metrics.jsonl, summary.json, loss.png, checkpoints/)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data order and splits")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=epochs, help="passes over the training set")
+    length.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="rows per step (default: full batch)"
+                   if batch_size is None else "rows per step")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=optimizer)
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=weight_decay,
+                   help="decoupled for adamw, L2 added to the gradient for sgd/adam")
+    p.add_argument("--momentum", type=float, default=momentum, help="sgd momentum")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--clip-norm", type=float, default=None, help="clip gradients to this global norm")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (and at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--log-every", type=int, default=log_every, help="fetch and log metrics every N steps")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def total_steps(args, steps_per_epoch: int) -> int:
+    return args.steps if args.steps is not None else args.epochs * steps_per_epoch
+
+
+def optimizer_config(args, total: int) -> OptimizerConfig:
+    return OptimizerConfig(
+        name=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+        schedule=args.schedule, warmup_steps=args.warmup_steps, total_steps=total, clip_norm=args.clip_norm,
+    )
+
+
+def fit_kwargs(args) -> dict:
+    """The ``fit()`` keyword arguments that come straight from the shared flags."""
+    return dict(
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, keep=args.keep,
+        resume=args.resume, log_every=args.log_every, progress=not args.no_progress,
+    )
+
+
+def length_kwargs(args) -> dict:
+    return {"steps": args.steps} if args.steps is not None else {"epochs": args.epochs}
+
+
+def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Run a script's ``main``; bad input, missing data or divergence exits 2 with one clear line."""
+    from jaxllm.data.tabular import DataUnavailable
+    from jaxllm.training.loop import TrainingDiverged
+
+    try:
+        main(argv)
+    except (ValueError, DataUnavailable, TrainingDiverged) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

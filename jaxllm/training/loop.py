@@ -1,0 +1,180 @@
+"""``fit()``: the training loop every script shares. It knows nothing about any model.
+
+The loop keeps the device busy: step metrics stay on the device and are fetched every
+``log_every`` steps (and before every checkpoint or evaluation), where they are checked for
+NaN/Inf, appended to ``metrics.jsonl`` and shown on the progress bar. Because the check runs
+before each save, no checkpoint ever holds a diverged state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from typing import Any, Callable, Protocol
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxllm.training.checkpoint import Checkpointer
+from jaxllm.training.metrics import MetricsLog, plot_losses, write_json
+from jaxllm.training.state import TrainState
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf. ``step`` is the 1-based step that produced it."""
+
+    def __init__(self, step: int, value: float, last_checkpoint: int | None):
+        self.step, self.value, self.last_checkpoint = step, value, last_checkpoint
+        kept = f"last good checkpoint: step {last_checkpoint}" if last_checkpoint is not None else "no checkpoint was written"
+        super().__init__(f"loss became {value} at step {step}; training stopped ({kept})")
+
+
+class BatchSource(Protocol):
+    """What ``fit`` needs from the training data (see ``jaxllm.data.batches.ArrayBatches``)."""
+
+    batch_size: int
+    steps_per_epoch: int
+
+    def next(self) -> Any: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def fit(
+    state: TrainState,
+    train_step: Callable,
+    train_data: BatchSource,
+    *,
+    out_dir: str | os.PathLike,
+    steps: int | None = None,
+    epochs: int | None = None,
+    eval_fn: Callable[[Any], dict[str, float]] | None = None,
+    eval_every: int | None = None,
+    checkpoint_every: int | None = None,
+    keep: int = 3,
+    resume: bool = False,
+    config: dict | None = None,
+    log_every: int = 10,
+    progress: bool = True,
+    units_per_batch: int | None = None,
+    unit: str = "examples",
+    title: str = "",
+) -> TrainState:
+    """Train ``state`` for ``steps`` (or ``epochs`` x ``train_data.steps_per_epoch``) steps.
+
+    Writes ``out_dir/metrics.jsonl``, ``summary.json``, ``loss.png`` and ``checkpoints/``.
+    ``eval_fn(params) -> {"loss": ..., ...}`` runs every ``eval_every`` steps and at the end.
+    ``resume=True`` continues from the latest checkpoint (params, optimiser, step, RNG and data
+    position), so the run ends exactly where an uninterrupted one would; without it, an
+    ``out_dir`` that already holds checkpoints is refused rather than overwritten.
+    Raises ``TrainingDiverged`` on a NaN/Inf loss, leaving the last good checkpoint in place.
+    """
+    if (steps is None) == (epochs is None):
+        raise ValueError("pass exactly one of steps= or epochs=")
+    total = steps if steps is not None else epochs * train_data.steps_per_epoch
+    if total < 1:
+        raise ValueError(f"nothing to train: {total} steps")
+    os.makedirs(out_dir, exist_ok=True)
+    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=keep, config=config)
+    checkpoint_every = checkpoint_every or total
+    units_per_batch = units_per_batch or train_data.batch_size
+
+    start = 0
+    existing = ckpt.latest_step()
+    if existing is not None and not resume:
+        raise ValueError(
+            f"{out_dir} already holds checkpoints up to step {existing}: pass resume=True "
+            "(--resume) to continue that run, or choose a new output directory"
+        )
+    if resume and existing is not None:
+        state, meta = ckpt.restore(state)
+        train_data.load_state_dict(meta["data"])
+        start = int(state.step)
+        log.truncate_after(start)
+    elif not resume and os.path.exists(log.path):
+        os.remove(log.path)  # a fresh run in a reused directory starts a fresh log
+    last_saved = existing if resume else None
+
+    pending: list[tuple[int, Any]] = []
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    t_first, elapsed, start_timed = None, 0.0, start
+    t_aside = 0.0  # seconds spent evaluating and checkpointing, left out of throughput
+    t0 = time.perf_counter()
+    cache_size = None
+    bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True, desc=title or None)
+
+    def flush(step_done: int) -> None:
+        nonlocal pending, last_train, cache_size
+        rows = []
+        for step, metrics in jax.device_get(pending):
+            row = {"step": step, "split": "train", **{k: float(v) for k, v in metrics.items()}}
+            if not math.isfinite(row["loss"]):
+                log.append(rows)
+                bar.close()
+                write_json(os.path.join(out_dir, "summary.json"),
+                           {"status": "diverged", "diverged_at_step": step, "last_checkpoint": last_saved})
+                raise TrainingDiverged(step, row["loss"], last_saved)
+            rows.append(row)
+        pending = []
+        log.append(rows)
+        if rows:
+            last_train = rows[-1]
+            rate = (step_done - start_timed) * units_per_batch / max(time.perf_counter() - t0 - t_aside, 1e-9)
+            bar.set_postfix(loss=f"{last_train['loss']:.4g}", **{f"{unit}/s": f"{rate:,.0f}"})
+        size = getattr(train_step, "_cache_size", lambda: None)()
+        if cache_size is not None and size is not None and size > cache_size:
+            warnings.warn(
+                f"train_step recompiled at step {step_done} ({size} compiled versions): batch "
+                "shapes or dtypes changed between steps; pad or bucket them to fixed shapes",
+                stacklevel=3,
+            )
+        cache_size = size
+
+    try:
+        for step in range(start + 1, total + 1):
+            state, metrics = train_step(state, train_data.next())
+            pending.append((step, metrics))
+            if t_first is None:
+                jax.block_until_ready(metrics)
+                t_first = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                start_timed = step
+            bar.update(1)
+            save_now = step % checkpoint_every == 0 or step == total
+            eval_now = eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total)
+            if step % log_every == 0 or save_now or eval_now:
+                flush(step)
+            t_before = time.perf_counter()
+            if eval_now:
+                last_eval = {k: float(v) for k, v in eval_fn(state.params).items()}
+                log.append([{"step": step, "split": "eval", **last_eval}])
+            if save_now:
+                last_saved = ckpt.save(state, data_state=train_data.state_dict())
+            t_aside += time.perf_counter() - t_before
+        elapsed = time.perf_counter() - t0 - t_aside
+    finally:
+        bar.close()
+        rows = log.read()
+        if rows:
+            plot_losses(rows, os.path.join(out_dir, "loss.png"), title=title)
+        ckpt.close()
+
+    timed_steps = total - start_timed
+    summary = {
+        "status": "finished",
+        "steps": total,
+        "resumed_from": start or None,
+        "final_loss": last_train.get("loss"),
+        "eval": last_eval or None,
+        "first_step_s": t_first,
+        "steps_per_s": timed_steps / elapsed if timed_steps > 0 else None,
+        f"{unit}_per_s": timed_steps * units_per_batch / elapsed if timed_steps > 0 else None,
+        "last_checkpoint": last_saved,
+    }
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    return state

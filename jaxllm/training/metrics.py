@@ -1,0 +1,81 @@
+"""Metrics on disk: one JSON object per line in ``metrics.jsonl``, a ``summary.json``, a loss PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``. Rows: ``{"step", "split": "train"|"eval", <metric>: float}``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        with open(self.path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after ``step`` (a resumed run re-logs them; no duplicates)."""
+        rows = [r for r in self.read() if r["step"] <= step]
+        with open(self.path, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write atomically: a reader never sees half a file."""
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=float)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def plot_losses(rows: list[dict[str, Any]], png_path: str | os.PathLike, *, title: str = "") -> None:
+    """Train loss per step (and eval loss where logged) against step, log-scaled when it spans decades."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for split, style in (("train", "-"), ("eval", "o-")):
+        pts = [(r["step"], r["loss"]) for r in rows if r.get("split") == split and "loss" in r]
+        pts = [(s, v) for s, v in pts if math.isfinite(v)]
+        if pts:
+            ax.plot(*zip(*pts), style, label=f"{split} loss", markersize=3)
+    losses = [r["loss"] for r in rows if "loss" in r and math.isfinite(r["loss"]) and r["loss"] > 0]
+    if losses and max(losses) / min(losses) > 100:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
+def update_json(path: str | os.PathLike, fields: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``fields`` into the JSON object at ``path`` (created if missing); returns the result."""
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data.update(fields)
+    write_json(path, data)
+    return data
