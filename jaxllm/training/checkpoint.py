@@ -23,7 +23,8 @@ class CheckpointError(ValueError):
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
-    return {"params": state.params, "opt_state": state.opt_state, "step": state.step, "key": state.key}
+    step = jax.numpy.asarray(state.step, jax.numpy.int32)  # a numpy scalar is not restorable
+    return {"params": state.params, "opt_state": state.opt_state, "step": step, "key": jax.numpy.asarray(state.key)}
 
 
 def _describe(tree) -> dict[str, tuple]:

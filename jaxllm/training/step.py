@@ -27,7 +27,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     return jax.jit(train_step, donate_argnums=0) if jit else train_step

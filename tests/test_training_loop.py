@@ -1,0 +1,182 @@
+"""fit(): outputs on disk, resume = the same run, NaN stops with the last good checkpoint kept."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxllm.data.batches import ArrayBatches
+from jaxllm.models.mlp import MLPConfig
+from jaxllm.training import (Checkpointer, OptimizerConfig, TrainingDiverged, TrainState, fit,
+                             make_optimizer, make_train_step)
+from jaxllm.training.losses import softmax_cross_entropy
+from jaxllm.training.supervised import init_params, make_apply
+
+CONFIG = MLPConfig(num_inputs=4, num_outputs=3, hidden=(8,))
+OPT = OptimizerConfig("adamw", lr=1e-2, weight_decay=0.1, schedule="warmup_cosine", warmup_steps=3, total_steps=20)
+
+
+def make_data(seed=0, n=40):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 4)).astype(np.float32)
+    return {"x": x, "y": (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 1).astype(np.int32)}
+
+
+def fresh():
+    optimizer = make_optimizer(OPT)
+    state = TrainState.create(init_params(CONFIG, 0), optimizer, jax.random.PRNGKey(1))
+    step = make_train_step(softmax_cross_entropy(make_apply(CONFIG)), optimizer)
+    return state, step, ArrayBatches(make_data(), batch_size=8, seed=5)  # 5 steps an epoch, shuffled
+
+
+class Killed(Exception):
+    pass
+
+
+class DiesAfter:
+    """Wraps a batch source and 'kills the process' when step ``n + 1`` asks for its batch."""
+
+    def __init__(self, source, n):
+        self.source, self.left = source, n
+        self.batch_size, self.steps_per_epoch = source.batch_size, source.steps_per_epoch
+
+    def next(self):
+        if self.left == 0:
+            raise Killed
+        self.left -= 1
+        return self.source.next()
+
+    def state_dict(self):
+        return self.source.state_dict()
+
+    def load_state_dict(self, state):
+        self.source.load_state_dict(state)
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
+
+
+def test_fit_writes_metrics_summary_plot_and_checkpoints(tmp_path):
+    state, step, data = fresh()
+    evals = []
+
+    def eval_fn(params):
+        evals.append(1)
+        return {"loss": 1.0}
+
+    fit(state, step, data, out_dir=tmp_path, steps=20, eval_fn=eval_fn, eval_every=10, checkpoint_every=5,
+        keep=2, log_every=3, progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 21))
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [10, 20]
+    assert all(np.isfinite(r["loss"]) and "grad_norm" in r and "accuracy" in r for r in rows if r["split"] == "train")
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["status"] == "finished" and summary["steps"] == 20 and summary["examples_per_s"] > 0
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints")) == [15, 20]  # keep=2
+    assert len(evals) == 2
+
+
+def test_epochs_count_steps_from_the_data():
+    state, step, data = fresh()
+    with pytest.raises(ValueError, match="exactly one of"):
+        fit(state, step, data, out_dir="unused", steps=3, epochs=2)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    state, step, data = fresh()
+    full = fit(state, step, data, out_dir=tmp_path / "a", steps=20, checkpoint_every=5, progress=False)
+
+    state, step, data = fresh()
+    with pytest.raises(Killed):
+        fit(state, step, DiesAfter(data, 12), out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False)
+    assert Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 10
+
+    state, step, data = fresh()  # a new process: fresh objects, everything comes from the checkpoint
+    with pytest.raises(ValueError, match="already holds checkpoints up to step 10.*--resume"):
+        fit(state, step, data, out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False)
+    resumed = fit(state, step, data, out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False, resume=True)
+
+    assert int(resumed.step) == 20
+    for a, b in zip(leaves(full), leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+    rows_a = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    rows_b = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in rows_b] == list(range(1, 21)), "no duplicated or missing steps after resume"
+    np.testing.assert_allclose([r["loss"] for r in rows_a], [r["loss"] for r in rows_b], rtol=0, atol=0)
+    assert json.load(open(tmp_path / "b" / "summary.json"))["resumed_from"] == 10
+
+
+class NaNAt:
+    """Batches whose inputs turn NaN at step ``n`` (bypassing the boundary checks on purpose)."""
+
+    def __init__(self, source, n):
+        self.source, self.n, self.i = source, n, 0
+        self.batch_size, self.steps_per_epoch = source.batch_size, source.steps_per_epoch
+
+    def next(self):
+        self.i += 1
+        batch = self.source.next()
+        if self.i >= self.n:
+            batch = {**batch, "x": np.full_like(batch["x"], np.nan)}
+        return batch
+
+    def state_dict(self):
+        return self.source.state_dict()
+
+    def load_state_dict(self, state):
+        self.source.load_state_dict(state)
+
+
+def test_nan_loss_stops_with_step_number_and_keeps_last_good_checkpoint(tmp_path):
+    state, step, data = fresh()
+    reference = fit(state, step, data, out_dir=tmp_path / "ref", steps=5, progress=False)
+
+    state, step, data = fresh()
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 8.*last good checkpoint: step 5") as err:
+        fit(state, step, NaNAt(data, 8), out_dir=tmp_path / "run", steps=20, checkpoint_every=5,
+            log_every=4, progress=False)
+    assert err.value.step == 8 and err.value.last_checkpoint == 5
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["status"] == "diverged" and summary["diverged_at_step"] == 8
+
+    with Checkpointer(tmp_path / "run" / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [5]
+        template, _, _ = fresh()
+        restored, meta = ckpt.restore(template)
+    assert int(restored.step) == 5 and meta["data"]["index"] == 5
+    for a, b in zip(leaves(reference.params), leaves(restored.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_recompilation_in_the_loop_is_warned_about(tmp_path):
+    state, step, _ = fresh()
+    data = make_data()
+
+    class ChangingShapes(ArrayBatches):
+        def next(self):
+            batch = super().next()
+            return batch if self.index % 2 else {k: v[:4] for k, v in batch.items()}
+
+    with pytest.warns(UserWarning, match="recompiled"):
+        fit(state, step, ChangingShapes(data, 8), out_dir=tmp_path, steps=4, log_every=1, progress=False)
+
+
+def test_batches_are_deterministic_and_resumable():
+    data = make_data()
+    a = ArrayBatches(data, 8, seed=3)
+    seq = [a.next()["y"].tolist() for _ in range(12)]
+    b = ArrayBatches(data, 8, seed=3)
+    for _ in range(7):
+        b.next()
+    c = ArrayBatches(data, 8, seed=3)
+    c.load_state_dict(b.state_dict())
+    assert [c.next()["y"].tolist() for _ in range(5)] == seq[7:]
+    assert seq[:5] != seq[5:10], "each epoch is reshuffled"
+    with pytest.raises(ValueError, match="batch_size must be in"):
+        ArrayBatches(data, 41)
+    with pytest.raises(ValueError, match="saved with seed=3"):
+        ArrayBatches(data, 8, seed=4).load_state_dict(b.state_dict())
