@@ -27,7 +27,7 @@ def main(argv=None) -> dict:
     run = train_supervised(
         config, train, loss="softmax", optimizer=cli.optimizer_config(args, cli.total_steps(args, steps_per_epoch)),
         out_dir=args.out, batch_size=args.batch_size, seed=args.seed, test=test, title=f"CNN {args.dataset}",
-        **cli.length_kwargs(args), **cli.fit_kwargs(args),
+        **cli.length_kwargs(args), **cli.fit_kwargs(args, steps_per_epoch=steps_per_epoch),
     )
     summary = update_json(os.path.join(args.out, "summary.json"), {
         "dataset": args.dataset, "test_accuracy": run.metrics["test_accuracy"],

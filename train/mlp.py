@@ -25,7 +25,7 @@ def main(argv=None) -> dict:
     steps_per_epoch = len(train[0]) // args.batch_size
     optimizer = cli.optimizer_config(args, cli.total_steps(args, steps_per_epoch))
     common = dict(optimizer=optimizer, batch_size=args.batch_size, seed=args.seed, test=test,
-                  **cli.length_kwargs(args), **cli.fit_kwargs(args))
+                  **cli.length_kwargs(args), **cli.fit_kwargs(args, steps_per_epoch=steps_per_epoch))
 
     mlp = MLPConfig(num_inputs=train[0].shape[1], num_outputs=2, hidden=tuple(args.hidden))
     run = train_supervised(mlp, train, loss="softmax", out_dir=args.out, title="MLP", **common)

@@ -54,7 +54,7 @@ def mnist() -> CNNConfig:
 
 
 def digits8x8() -> CNNConfig:
-    return CNNConfig(image_size=8, channels=(8, 16), hidden=32)
+    return CNNConfig(image_size=8, channels=(16, 32), hidden=64)
 
 
 class CNN(nn.Module):

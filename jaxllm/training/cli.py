@@ -48,10 +48,10 @@ def optimizer_config(args, total: int) -> OptimizerConfig:
     )
 
 
-def fit_kwargs(args) -> dict:
-    """The ``fit()`` keyword arguments that come straight from the shared flags."""
+def fit_kwargs(args, *, steps_per_epoch: int | None = None) -> dict:
+    """The ``fit()`` keyword arguments that come from the shared flags (eval defaults to once an epoch)."""
     return dict(
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, keep=args.keep,
+        eval_every=args.eval_every or steps_per_epoch, checkpoint_every=args.checkpoint_every, keep=args.keep,
         resume=args.resume, log_every=args.log_every, progress=not args.no_progress,
     )
 

@@ -44,6 +44,14 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _ema(values, alpha: float) -> list[float]:
+    out, avg = [], values[0]
+    for v in values:
+        avg = alpha * v + (1 - alpha) * avg
+        out.append(avg)
+    return out
+
+
 def plot_losses(rows: list[dict[str, Any]], png_path: str | os.PathLike, *, title: str = "") -> None:
     """Train loss per step (and eval loss where logged) against step, log-scaled when it spans decades."""
     import matplotlib
@@ -52,11 +60,19 @@ def plot_losses(rows: list[dict[str, Any]], png_path: str | os.PathLike, *, titl
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for split, style in (("train", "-"), ("eval", "o-")):
+    for split in ("train", "eval"):
         pts = [(r["step"], r["loss"]) for r in rows if r.get("split") == split and "loss" in r]
         pts = [(s, v) for s, v in pts if math.isfinite(v)]
-        if pts:
-            ax.plot(*zip(*pts), style, label=f"{split} loss", markersize=3)
+        if not pts:
+            continue
+        steps, losses = zip(*pts)
+        if split == "eval":
+            ax.plot(steps, losses, "o-", color="C1", markersize=3, label="eval loss")
+        elif len(losses) > 50:  # noisy mini-batch losses: faint raw curve plus a moving average
+            ax.plot(steps, losses, color="C0", alpha=0.25, linewidth=0.8)
+            ax.plot(steps, _ema(losses, 2 / (len(losses) / 50 + 1)), color="C0", label="train loss (EMA)")
+        else:
+            ax.plot(steps, losses, color="C0", label="train loss")
     losses = [r["loss"] for r in rows if "loss" in r and math.isfinite(r["loss"]) and r["loss"] > 0]
     if losses and max(losses) / min(losses) > 100:
         ax.set_yscale("log")

@@ -1,0 +1,80 @@
+"""The train/ scripts end to end: the issue's accuracy targets on real data, flags, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+FAST = ["--no-progress"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_logreg_classifies_all_twelve_examples(load_script, tmp_path, seed):
+    summary = load_script("logreg").main(["--out", str(tmp_path), "--seed", str(seed), *FAST])
+    assert summary["accuracy"] == 1.0
+    assert summary["final_loss"] < 0.2
+    assert sum((p > 0.5) for p in summary["probabilities"]) == 8  # the book's set has 8 buyers
+    for name in ("metrics.jsonl", "summary.json", "loss.png", "checkpoints"):
+        assert (tmp_path / name).exists(), name
+
+
+def test_linreg_recovers_w_and_b_both_ways(load_script, tmp_path):
+    summary = load_script("linreg").main(["--out", str(tmp_path), *FAST])
+    for fit in (summary, summary["by_hand"]):
+        assert abs(fit["W"] - 2) < 0.1 and abs(fit["b"] - 1) < 0.1
+    assert summary["W"] == pytest.approx(summary["by_hand"]["W"], rel=1e-5)
+
+
+def test_mlp_beats_the_bar_with_baseline_beside_it(load_script, tmp_path):
+    summary = load_script("mlp").main(["--out", str(tmp_path), *FAST])
+    assert summary["test_accuracy"] >= 0.95
+    assert 0.5 < summary["baseline_test_accuracy"] <= 1.0
+    assert (tmp_path / "baseline" / "summary.json").exists()
+
+
+def test_cnn_on_the_mnist_subset_held_out_split(load_script, tmp_path):
+    summary = load_script("cnn").main(["--out", str(tmp_path), *FAST])
+    assert summary["dataset"] == "mnist" and summary["test_examples"] == 1000
+    assert summary["test_accuracy"] >= 0.95
+
+
+def test_cnn_on_8x8_digits(load_script, tmp_path):
+    summary = load_script("cnn").main(["--out", str(tmp_path), "--dataset", "digits", "--epochs", "30", *FAST])
+    assert summary["test_accuracy"] >= 0.95
+
+
+def test_cli_resume_continues_and_refuses_to_clobber(load_script, tmp_path):
+    linreg = load_script("linreg")
+    linreg.main(["--out", str(tmp_path), "--steps", "40", "--checkpoint-every", "20", *FAST])
+    with pytest.raises(ValueError, match="already holds checkpoints up to step 40"):
+        linreg.main(["--out", str(tmp_path), "--steps", "60", *FAST])
+    summary = linreg.main(["--out", str(tmp_path), "--steps", "60", "--resume", *FAST])
+    assert summary["resumed_from"] == 40 and summary["steps"] == 60
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == list(range(1, 61))
+
+
+def run_script(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("name", ["linreg", "logreg", "mlp", "cnn"])
+def test_help(name):
+    out = run_script(f"train/{name}.py", "--help")
+    assert out.returncode == 0, out.stderr
+    for flag in ("--out", "--seed", "--epochs", "--steps", "--lr", "--optimizer", "--resume"):
+        assert flag in out.stdout
+
+
+def test_bad_flags_give_one_clear_line(tmp_path):
+    out = run_script("train/logreg.py", "--out", str(tmp_path), "--lr", "-1")
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: lr must be > 0, got -1.0"
+    out = run_script("train/logreg.py", "--out", str(tmp_path), "--optimizer", "adamw", "--weight-decay", "0.01",
+                     "--batch-size", "50")
+    assert out.returncode == 2 and "batch_size must be in [1, 12]" in out.stderr
