@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python train/logreg.py --out runs/logreg
+	$(BIN)/python train/logreg.py --out runs/logreg --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10 $(PYTEST_ARGS)

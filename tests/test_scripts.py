@@ -56,6 +56,10 @@ def test_cli_resume_continues_and_refuses_to_clobber(load_script, tmp_path):
     assert summary["resumed_from"] == 40 and summary["steps"] == 60
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
     assert steps == list(range(1, 61))
+    (tmp_path / "notes.txt").write_text("mine")
+    summary = linreg.main(["--out", str(tmp_path), "--steps", "10", "--overwrite", *FAST])
+    assert summary["resumed_from"] is None and summary["steps"] == 10
+    assert (tmp_path / "notes.txt").read_text() == "mine", "--overwrite removes only the run's own outputs"
 
 
 def run_script(*args):

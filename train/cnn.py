@@ -19,7 +19,7 @@ DATASETS = {"mnist": (mnist5k, cnn.mnist), "digits": (digits8x8, cnn.digits8x8)}
 def main(argv=None) -> dict:
     parser = cli.make_parser(__doc__, out="runs/cnn", epochs=10, lr=1e-3, batch_size=64, log_every=20)
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
-    args = parser.parse_args(argv)
+    args = cli.parse_args(parser, argv)
     load, make_config = DATASETS[args.dataset]
     train, test = load(seed=args.seed)
     config = make_config()

@@ -20,7 +20,8 @@ from jaxllm.training.supervised import make_apply, train_supervised
 
 
 def main(argv=None) -> dict:
-    args = cli.make_parser(__doc__, out="runs/logreg", epochs=3000, lr=1e-3, optimizer="sgd", log_every=100).parse_args(argv)
+    parser = cli.make_parser(__doc__, out="runs/logreg", epochs=3000, lr=1e-3, optimizer="sgd", log_every=100)
+    args = cli.parse_args(parser, argv)
     x, y = will_buy()
     config = LogisticConfig(num_inputs=2)
     steps_per_epoch = len(x) // (args.batch_size or len(x))

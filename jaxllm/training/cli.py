@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from typing import Callable, Sequence
 
@@ -32,9 +34,29 @@ def make_parser(description: str, *, out: str, epochs: int, lr: float, optimizer
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete a previous run's outputs in --out first (otherwise they are kept and the run refused)")
     p.add_argument("--log-every", type=int, default=log_every, help="fetch and log metrics every N steps")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
+
+
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "baseline")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
+    """Parse flags; with ``--overwrite``, remove only the files a previous run wrote in ``--out``."""
+    args = parser.parse_args(argv)
+    if args.overwrite and args.resume:
+        parser.error("--overwrite and --resume contradict each other")
+    if args.overwrite:
+        for name in RUN_OUTPUTS:
+            path = os.path.join(args.out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    return args
 
 
 def total_steps(args, steps_per_epoch: int) -> int:
