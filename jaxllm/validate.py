@@ -75,3 +75,19 @@ def check_targets(y, num_outputs: int, *, name: str = "targets", batch: int | No
     if batch is not None and y.shape[0] != batch:
         raise ValueError(f"{name} has {y.shape[0]} rows but the inputs have {batch}")
     return check_finite(y, name=name)
+
+
+def check_token_ids(ids, vocab_size: int, *, name: str = "token ids") -> np.ndarray:
+    """Token ids must be integers in ``[0, vocab_size)``: a Flax ``Embed`` would return NaN for
+    an id >= vocab and silently wrap a negative one, so out-of-range ids are refused here."""
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        raise ValueError(f"{name} are empty")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must be integers, got dtype {ids.dtype}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(
+            f"{name} must lie in [0, {vocab_size - 1}] (vocabulary of {vocab_size}), got values from {lo} to {hi}"
+        )
+    return ids.astype(np.int32)
