@@ -46,3 +46,24 @@ def mean_squared_error(apply_fn: Callable) -> Callable:
 
 
 LOSSES = {"softmax": softmax_cross_entropy, "binary": binary_cross_entropy, "mse": mean_squared_error}
+
+
+def lm_cross_entropy(logits_fn: Callable, pad_id: int | None = None) -> Callable:
+    """Next-token cross-entropy, mean over the targets that are not ``pad_id``.
+
+    ``batch = {"inputs": int32[b, t], "targets": int32[b, t]}``; ``logits_fn(params, inputs)``
+    returns float32[b, t, vocab]. Matches torch's ``cross_entropy(..., ignore_index=pad_id)``.
+    ``aux["accuracy"]`` is next-token accuracy over the same targets. A batch with no target
+    that counts gives loss 0 (torch gives NaN).
+    """
+
+    def loss_fn(params, batch, key):
+        logits = logits_fn(params, batch["inputs"])
+        targets = batch["targets"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        mask = jnp.ones_like(ce) if pad_id is None else (targets != pad_id).astype(ce.dtype)
+        count = mask.sum()
+        correct = (jnp.argmax(logits, -1) == targets) * mask
+        return (ce * mask).sum() / jnp.maximum(count, 1.0), {"accuracy": correct.sum() / jnp.maximum(count, 1.0)}
+
+    return loss_fn
