@@ -73,6 +73,7 @@ def test_fit_writes_metrics_summary_plot_and_checkpoints(tmp_path):
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 21))
     assert [r["step"] for r in rows if r["split"] == "eval"] == [10, 20]
     assert all(np.isfinite(r["loss"]) and "grad_norm" in r and "accuracy" in r for r in rows if r["split"] == "train")
+    assert [r["step"] for r in rows if "examples_per_s" in r] == [3, 5, 6, 9, 10, 12, 15, 18, 20]  # every flush
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["status"] == "finished" and summary["steps"] == 20 and summary["examples_per_s"] > 0
     assert (tmp_path / "loss.png").stat().st_size > 1000

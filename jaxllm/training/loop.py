@@ -121,11 +121,14 @@ def fit(
                 raise TrainingDiverged(step, row["loss"], last_saved)
             rows.append(row)
         pending = []
-        log.append(rows)
         if rows:
-            last_train = rows[-1]
+            # throughput since the first (compiling) step, on the window's last row
             rate = (step_done - start_timed) * units_per_batch / max(time.perf_counter() - t0 - t_aside, 1e-9)
+            if step_done > start_timed:
+                rows[-1][f"{unit}_per_s"] = rate
+            last_train = rows[-1]
             bar.set_postfix(loss=f"{last_train['loss']:.4g}", **{f"{unit}/s": f"{rate:,.0f}"})
+        log.append(rows)
         size = getattr(train_step, "_cache_size", lambda: None)()
         if cache_size is not None and size is not None and size > cache_size:
             warnings.warn(

@@ -1,0 +1,62 @@
+"""One preparation for every language-model script: corpus -> split -> tokenizer -> ids.
+
+``train/ngram.py`` and ``train/rnn_lm.py`` both call ``prepare_lm_data`` with the same flags,
+so the baseline and the neural models see the same split and the same token ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+import tiktoken
+
+from jaxllm.data.corpus import load_documents, train_val_split
+from jaxllm.data.tokenizer import encode, gpt2_encoding, save_encoding, train_bpe
+
+TOKENIZERS = ("bpe", "gpt2")
+
+
+@dataclasses.dataclass
+class LMData:
+    encoding: tiktoken.Encoding
+    train_ids: np.ndarray  # int32[n_train]
+    val_ids: np.ndarray    # int32[n_val]
+    train_text: str
+    val_text: str
+    report: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+
+def prepare_lm_data(text_files: list[str] | None, *, tokenizer: str = "bpe", vocab_size: int = 2048,
+                    seed: int = 0, val_fraction: float = 0.1, out_dir: str | None = None) -> LMData:
+    """Load the corpus (Shakespeare unless ``text_files``), split 90/10 with no leakage, and
+    tokenize with GPT-2's BPE or a byte-level BPE of ``vocab_size`` trained on the train split
+    only (saved as ``out_dir/tokenizer.json``, next to the checkpoints)."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    t0 = time.perf_counter()
+    train_text, val_text, report = train_val_split(load_documents(text_files), val_fraction, seed)
+    if tokenizer == "gpt2":
+        enc = gpt2_encoding()
+    else:
+        enc = train_bpe(train_text, vocab_size)
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        save_encoding(enc, os.path.join(out_dir, "tokenizer.json"))
+    train_ids = np.asarray(encode(enc, train_text), np.int32)
+    val_ids = np.asarray(encode(enc, val_text), np.int32)
+    report = {**report, "tokenizer": tokenizer, "vocab_size": enc.n_vocab, "train_tokens": int(train_ids.size),
+              "val_tokens": int(val_ids.size), "prepare_s": round(time.perf_counter() - t0, 2)}
+    return LMData(enc, train_ids, val_ids, train_text, val_text, report)
+
+
+def describe(report: dict) -> str:
+    return (f"train {report['train_chars']:,} chars / {report['train_tokens']:,} tokens, "
+            f"val {report['val_chars']:,} chars / {report['val_tokens']:,} tokens "
+            f"({report['tokenizer']}, vocab {report['vocab_size']:,})")
