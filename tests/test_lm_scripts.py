@@ -33,7 +33,7 @@ def test_rnn_lm_script(load_script, corpus, tmp_path):
     out = tmp_path / "rnn"
     args = ["--text", corpus, "--vocab-size", "300", "--out", str(out), "--steps", "30", "--context", "16",
             "--batch-size", "8", "--emb-dim", "16", "--eval-every", "15", "--eval-streams", "4",
-            "--sample-tokens", "20", "--no-progress"]
+            "--sample-tokens", "20", "--warmup-steps", "5", "--no-progress"]
     summary = load_script("rnn_lm").main(args)
     assert summary["val_bpc"] > 0 and summary["val_perplexity"] == pytest.approx(2.718281828 ** summary["val_loss"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]

@@ -27,7 +27,7 @@ def main(argv=None) -> dict:
     p.add_argument("--text", nargs="+", default=None, help="text files to use instead of Shakespeare")
     p.add_argument("--seed", type=int, default=0, help="seed for the split and the sample")
     p.add_argument("--tokenizer", choices=TOKENIZERS, default="bpe")
-    p.add_argument("--vocab-size", type=int, default=2048, help="size of the trained BPE (bpe tokenizer)")
+    p.add_argument("--vocab-size", type=int, default=512, help="size of the trained BPE (bpe tokenizer); same default as rnn_lm.py")
     p.add_argument("--order", type=int, default=4, help="n-gram order of the Kneser-Ney model (4 scores best on Shakespeare)")
     p.add_argument("--discount", type=float, default=0.75)
     p.add_argument("--book-n", type=int, default=5, help="n of the book's count model")

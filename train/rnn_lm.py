@@ -27,14 +27,17 @@ from jaxllm.training.metrics import update_json
 
 
 def main(argv=None) -> dict:
-    parser = cli.make_parser(__doc__, out="runs/rnn_lm", epochs=3, lr=3e-3, batch_size=64, weight_decay=0.01,
-                             log_every=20)
+    parser = cli.make_parser(__doc__, out="runs/rnn_lm", epochs=5, lr=3e-3, batch_size=16, weight_decay=0.01,
+                             log_every=50)
+    # Tuned on the default split to beat the n-gram baseline in under 10 minutes on 2 CPU cores
+    # (see README): small batches, clipped gradients, a short warmup and a cosine decay.
+    parser.set_defaults(clip_norm=1.0, schedule="warmup_cosine", warmup_steps=100)
     parser.add_argument("--text", nargs="+", default=None, help="text files to use instead of Shakespeare")
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="bpe")
-    parser.add_argument("--vocab-size", type=int, default=2048, help="size of the trained BPE (bpe tokenizer)")
+    parser.add_argument("--vocab-size", type=int, default=512, help="size of the trained BPE (bpe tokenizer)")
     parser.add_argument("--context", type=int, default=64, help="tokens per training window")
     parser.add_argument("--stride", type=int, default=None, help="window stride (default: --context)")
-    parser.add_argument("--emb-dim", type=int, default=128)
+    parser.add_argument("--emb-dim", type=int, default=256, help="embedding = hidden size (the book uses 128)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--eval-streams", type=int, default=16, help="parallel pieces of the validation text")
     parser.add_argument("--sample-tokens", type=int, default=200)
