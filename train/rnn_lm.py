@@ -54,11 +54,14 @@ def main(argv=None) -> dict:
     model = config.build()
     params = model.init(jax.random.PRNGKey(args.seed), config.example_input())["params"]
 
+    last_eval = {}
+
     def evaluate(params) -> dict:
         nll, n, scored = streaming_nll(forward, params, data.val_ids, init_carry=config.init_hidden,
                                        streams=args.eval_streams)
         chars = len(decode_bytes(data.encoding, data.val_ids[scored].tolist()).decode("utf-8", "replace"))
-        return {"loss": nll / n, "perplexity": math.exp(nll / n), "bpc": bits_per_char(nll, chars)}
+        last_eval.update(loss=nll / n, perplexity=math.exp(nll / n), bpc=bits_per_char(nll, chars))
+        return dict(last_eval)
 
     total = cli.total_steps(args, batches.steps_per_epoch)
     optimizer = make_optimizer(cli.optimizer_config(args, total))
@@ -69,7 +72,7 @@ def main(argv=None) -> dict:
                 title="Elman RNN LM", **cli.length_kwargs(args),
                 **cli.fit_kwargs(args, steps_per_epoch=batches.steps_per_epoch))
 
-    final = evaluate(state.params)
+    final = last_eval  # fit() evaluates after the last step
     prompt = encode(data.encoding, data.val_text[:40])
     sample = sample_recurrent(forward, rnn.make_step(config), state.params, prompt, max_new_tokens=args.sample_tokens,
                               key=jax.random.PRNGKey(args.seed), temperature=args.temperature)
