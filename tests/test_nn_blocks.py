@@ -1,0 +1,92 @@
+"""RoPE and norms against direct PyTorch transcriptions of the books' / Hugging Face's code."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxllm.nn.norms import LayerNorm, RMSNorm
+from jaxllm.nn.rope import interleaved_to_half, rope_angles, rope_interleaved, rope_rotate_half
+
+
+def burkov_rope(x, base=10000.0):
+    """Burkov ch. 4's rope(), transcribed: x (batch, seq, dim), positions 0..seq-1."""
+    _, seq_len, dim = x.shape
+    pos = torch.arange(seq_len, dtype=torch.float32).unsqueeze(1)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = pos * freqs
+    even, odd = x[:, :, 0::2], x[:, :, 1::2]
+    out = torch.empty_like(x)
+    out[:, :, 0::2] = even * torch.cos(angles) - odd * torch.sin(angles)
+    out[:, :, 1::2] = even * torch.sin(angles) + odd * torch.cos(angles)
+    return out
+
+
+def hf_rope(x, positions, base=10000.0):
+    """Hugging Face Llama's rotate_half convention: x (batch, heads, seq, dim)."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = positions[:, :, None].float() * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    cos, sin = emb.cos(), emb.sin()
+    x1, x2 = x[..., : dim // 2], x[..., dim // 2:]
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def test_interleaved_matches_burkov():
+    x = np.random.default_rng(0).standard_normal((2, 7, 8)).astype(np.float32)
+    cos, sin = rope_angles(jnp.broadcast_to(jnp.arange(7), (2, 7)), 8)
+    ours = rope_interleaved(jnp.asarray(x)[:, :, None, :], cos, sin)[:, :, 0]
+    np.testing.assert_allclose(np.asarray(ours), burkov_rope(torch.from_numpy(x)).numpy(), atol=1e-6)
+
+
+def test_rotate_half_matches_hugging_face_with_per_row_positions():
+    x = np.random.default_rng(1).standard_normal((2, 3, 5, 16)).astype(np.float32)  # b, h, t, d
+    positions = np.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])  # the second row continues a cache
+    cos, sin = rope_angles(positions, 16, base=500000.0)
+    ours = rope_rotate_half(jnp.asarray(x).transpose(0, 2, 1, 3), cos, sin).transpose(0, 2, 1, 3)
+    ref = hf_rope(torch.from_numpy(x), torch.from_numpy(positions), base=500000.0)
+    np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=1e-5)
+
+
+def test_interleaved_is_rotate_half_on_permuted_lanes():
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((1, 6, 2, 12)).astype(np.float32))
+    cos, sin = rope_angles(jnp.arange(6)[None], 12)
+    p = interleaved_to_half(12)
+    np.testing.assert_allclose(np.asarray(rope_interleaved(x, cos, sin)[..., p]),
+                               np.asarray(rope_rotate_half(x[..., p], cos, sin)), atol=1e-6)
+
+
+def test_scores_depend_only_on_relative_position():
+    rng = np.random.default_rng(3)
+    q, k = (jnp.asarray(rng.standard_normal((1, 1, 1, 8)).astype(np.float32)) for _ in range(2))
+    def score(m, n):
+        cq, sq = rope_angles(jnp.array([[m]]), 8)
+        ck, sk = rope_angles(jnp.array([[n]]), 8)
+        return float(jnp.sum(rope_interleaved(q, cq, sq) * rope_interleaved(k, ck, sk)))
+    assert score(5, 2) == pytest.approx(score(13, 10), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)
+
+
+def test_odd_head_dim_is_refused():
+    with pytest.raises(ValueError, match="even head_dim"):
+        rope_angles(jnp.zeros((1, 2), jnp.int32), 7)
+
+
+def test_rmsnorm_matches_burkov_formula():
+    x = np.random.default_rng(4).standard_normal((3, 10)).astype(np.float32)
+    params = RMSNorm(eps=1e-8).init(jax.random.PRNGKey(0), x)
+    params = jax.tree_util.tree_map(lambda s: s * 1.5, params)
+    t = torch.from_numpy(x)
+    ref = t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + 1e-8) * 1.5
+    np.testing.assert_allclose(np.asarray(RMSNorm(eps=1e-8).apply(params, x)), ref.numpy(), atol=1e-6)
+
+
+def test_layernorm_matches_raschka_formula():
+    x = np.random.default_rng(5).standard_normal((3, 10)).astype(np.float32) * 3 + 1
+    params = LayerNorm().init(jax.random.PRNGKey(0), x)
+    assert set(params["params"]) == {"scale", "shift"}
+    t = torch.from_numpy(x)
+    ref = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, keepdim=True, unbiased=False) + 1e-5)
+    np.testing.assert_allclose(np.asarray(LayerNorm().apply(params, x)), ref.numpy(), atol=1e-5)
