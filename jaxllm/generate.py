@@ -15,6 +15,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxllm.validate import check_token_ids
+
 
 def sample_logits(logits, key, *, temperature: float = 0.0, top_k: int | None = None):
     """logits: float[batch, vocab] -> int32[batch]."""
@@ -40,21 +42,24 @@ def _decode(step_fn, params, last_logits, carry, key, *, max_new_tokens, tempera
     return tokens.T  # [batch, max_new_tokens]
 
 
-def sample_recurrent(prefill_fn: Callable, step_fn: Callable, params, prompt: list[int], *, max_new_tokens: int,
-                     key, temperature: float = 1.0, top_k: int | None = None) -> list[int]:
+def sample_recurrent(prefill_fn: Callable, step_fn: Callable, params, prompt: list[int], *, vocab_size: int,
+                     max_new_tokens: int, key, temperature: float = 1.0, top_k: int | None = None) -> list[int]:
     """Continue ``prompt`` by ``max_new_tokens`` tokens.
 
     ``prefill_fn(params, tokens int32[1, t]) -> (logits float[1, t, vocab], carry)`` reads the
     prompt; ``step_fn(params, token int32[1], carry) -> (logits float[1, vocab], carry)``
     advances one token. ``step_fn`` must be hashable (a module-level function) for the jit cache.
     """
-    if not prompt:
+    if not len(prompt):
         raise ValueError("the prompt must hold at least one token")
+    prompt = check_token_ids(prompt, vocab_size, name="prompt ids")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must lie in [1, {vocab_size}] (the vocabulary size), got {top_k}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    logits, carry = prefill_fn(params, jnp.asarray([prompt], jnp.int32))
+    logits, carry = prefill_fn(params, jnp.asarray(prompt[None, :], jnp.int32))
     tokens = _decode(step_fn, params, logits[:, -1], carry, key, max_new_tokens=max_new_tokens,
                      temperature=float(temperature), top_k=top_k)
     return [int(t) for t in jax.device_get(tokens)[0]]

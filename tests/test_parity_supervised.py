@@ -95,8 +95,36 @@ OPTIMIZERS = {
               lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1)),
 }
 
+def torch_adamw_warmup_cosine_clipped(params):
+    """torch's AdamW + LambdaLR (warmup 3, cosine to 0 at step 10) + clip_grad_norm_(0.5)."""
+    import math
+
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+    lam = lambda t: t / 3 if t < 3 else 0.5 * (1 + math.cos(math.pi * (t - 3) / 7))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+
+    class Stepper:
+        def zero_grad(self):
+            opt.zero_grad()
+
+        def step(self):
+            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            opt.step()
+            sched.step()
+
+    return Stepper()
+
+
+OPTIMIZERS["adamw_warmup_cosine_clip"] = (
+    OptimizerConfig("adamw", lr=1e-3, weight_decay=0.1, schedule="warmup_cosine", warmup_steps=3, total_steps=10,
+                    clip_norm=0.5),
+    torch_adamw_warmup_cosine_clipped,
+)
+
 TRAJECTORY_CASES = [(f, o) for f in FAMILIES for o in ("sgd_momentum", "adamw")] + [
-    ("mlp_raschka", "sgd_l2"), ("mlp_raschka", "adam")]
+    ("mlp_raschka", "sgd_l2"), ("mlp_raschka", "adam"), ("mlp_raschka", "adamw_warmup_cosine_clip"),
+    ("cnn_8x8", "adamw_warmup_cosine_clip")]
 
 
 @pytest.mark.parametrize("name,opt_name", TRAJECTORY_CASES)

@@ -50,8 +50,10 @@ def test_cnn_on_8x8_digits(load_script, tmp_path):
 def test_cli_resume_continues_and_refuses_to_clobber(load_script, tmp_path):
     linreg = load_script("linreg")
     linreg.main(["--out", str(tmp_path), "--steps", "40", "--checkpoint-every", "20", *FAST])
-    with pytest.raises(ValueError, match="already holds checkpoints up to step 40"):
+    with pytest.raises(ValueError, match="already holds checkpoints: pass --resume"):
         linreg.main(["--out", str(tmp_path), "--steps", "60", *FAST])
+    with pytest.raises(ValueError, match="written for a different config"):  # another lr is another run
+        linreg.main(["--out", str(tmp_path), "--steps", "60", "--lr", "0.05", "--resume", *FAST])
     summary = linreg.main(["--out", str(tmp_path), "--steps", "60", "--resume", *FAST])
     assert summary["resumed_from"] == 40 and summary["steps"] == 60
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
@@ -67,7 +69,7 @@ def run_script(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("name", ["linreg", "logreg", "mlp", "cnn"])
+@pytest.mark.parametrize("name", ["linreg", "logreg", "mlp", "cnn", "rnn_lm"])
 def test_help(name):
     out = run_script(f"train/{name}.py", "--help")
     assert out.returncode == 0, out.stderr
@@ -82,3 +84,8 @@ def test_bad_flags_give_one_clear_line(tmp_path):
     out = run_script("train/logreg.py", "--out", str(tmp_path), "--optimizer", "adamw", "--weight-decay", "0.01",
                      "--batch-size", "50")
     assert out.returncode == 2 and "batch_size must be in [1, 12]" in out.stderr
+
+
+def test_ngram_help():
+    out = run_script("train/ngram.py", "--help")
+    assert out.returncode == 0 and "--order" in out.stdout and "--vocab-size" in out.stdout

@@ -181,3 +181,29 @@ def test_batches_are_deterministic_and_resumable():
         ArrayBatches(data, 41)
     with pytest.raises(ValueError, match="saved with seed=3"):
         ArrayBatches(data, 8, seed=4).load_state_dict(b.state_dict())
+
+
+def test_resuming_a_finished_run_keeps_its_summary(tmp_path):
+    state, step, data = fresh()
+    fit(state, step, data, out_dir=tmp_path, steps=10, eval_fn=lambda p: {"loss": 0.5}, progress=False)
+    before = json.load(open(tmp_path / "summary.json"))
+    state, step, data = fresh()
+    done = fit(state, step, data, out_dir=tmp_path, steps=10, eval_fn=lambda p: {"loss": 0.5}, resume=True,
+               progress=False)
+    after = json.load(open(tmp_path / "summary.json"))
+    assert int(done.step) == 10
+    assert after["final_loss"] == before["final_loss"] and after["examples_per_s"] == before["examples_per_s"]
+    assert after["eval"] == {"loss": 0.5}
+    state, step, data = fresh()
+    with pytest.raises(ValueError, match="checkpoint is at step 10, beyond the 5 steps"):
+        fit(state, step, data, out_dir=tmp_path, steps=5, resume=True, progress=False)
+
+
+def test_resume_without_a_checkpoint_starts_a_clean_log(tmp_path):
+    state, step, data = fresh()
+    with pytest.raises(Killed):  # killed before its first checkpoint
+        fit(state, step, DiesAfter(data, 6), out_dir=tmp_path, steps=10, checkpoint_every=8, log_every=1,
+            progress=False)
+    state, step, data = fresh()
+    fit(state, step, data, out_dir=tmp_path, steps=10, resume=True, progress=False)
+    assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == list(range(1, 11))

@@ -27,7 +27,8 @@ def main(argv=None) -> dict:
     config = LinearConfig(num_inputs=1, num_outputs=1)
     init = init_params(config, args.seed)
 
-    W, b, losses = fit_by_hand(x, y, init["kernel"], init["bias"], lr=args.lr, epochs=args.epochs)
+    by_hand_epochs = args.steps if args.steps is not None else args.epochs  # full batch: a step is an epoch
+    W, b, losses = fit_by_hand(x, y, init["kernel"], init["bias"], lr=args.lr, epochs=by_hand_epochs)
     print(f"by hand:   W = {float(W[0, 0]):.4f}  b = {float(b[0]):.4f}  loss {losses[-1]:.5f}")
 
     steps_per_epoch = len(x) // (args.batch_size or len(x))

@@ -21,6 +21,7 @@ from jaxllm.generate import sample_recurrent
 from jaxllm.models import rnn
 from jaxllm.models.ngram import bits_per_char
 from jaxllm.training import TrainState, cli, fit, make_optimizer, make_train_step
+from jaxllm.training.checkpoint import run_config
 from jaxllm.training.lm_eval import streaming_nll
 from jaxllm.training.losses import lm_cross_entropy
 from jaxllm.training.metrics import update_json
@@ -45,8 +46,11 @@ def main(argv=None) -> dict:
     args = cli.parse_args(parser, argv)
 
     data = prepare_lm_data(args.text, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seed=args.seed,
-                           out_dir=args.out)
+                           out_dir=args.out, reuse_tokenizer=args.resume)
     print(describe(data.report))
+    if data.val_ids.size <= args.eval_streams:  # fail now, not after the first epoch
+        raise ValueError(f"the validation split has {data.val_ids.size} tokens; validation needs more than "
+                         f"--eval-streams ({args.eval_streams})")
     windows = lm_windows(data.train_ids, args.context, args.stride or args.context, vocab_size=data.vocab_size)
     batches = ArrayBatches(windows, args.batch_size, seed=args.seed)
     config = rnn.RNNConfig(vocab_size=data.vocab_size, emb_dim=args.emb_dim, num_layers=args.layers)
@@ -58,24 +62,29 @@ def main(argv=None) -> dict:
 
     def evaluate(params) -> dict:
         nll, n, scored = streaming_nll(forward, params, data.val_ids, init_carry=config.init_hidden,
-                                       streams=args.eval_streams)
+                                       streams=args.eval_streams, vocab_size=data.vocab_size)
         chars = len(decode_bytes(data.encoding, data.val_ids[scored].tolist()).decode("utf-8", "replace"))
         last_eval.update(loss=nll / n, perplexity=math.exp(nll / n), bpc=bits_per_char(nll, chars))
         return dict(last_eval)
 
     total = cli.total_steps(args, batches.steps_per_epoch)
-    optimizer = make_optimizer(cli.optimizer_config(args, total))
+    opt_config = cli.optimizer_config(args, total)
+    optimizer = make_optimizer(opt_config)
     loss_fn = lm_cross_entropy(lambda p, tokens: model.apply({"params": p}, tokens)[0])
+    run = run_config(config, opt_config, batch_size=args.batch_size, seed=args.seed, context=args.context,
+                     stride=args.stride or args.context, text=args.text, tokenizer=args.tokenizer,
+                     vocab_size=data.vocab_size)
     state = fit(TrainState.create(params, optimizer, jax.random.PRNGKey(args.seed + 1)),
                 make_train_step(loss_fn, optimizer), batches, out_dir=args.out, eval_fn=evaluate,
-                config=config.to_dict(), units_per_batch=args.batch_size * args.context, unit="tokens",
+                config=run, units_per_batch=args.batch_size * args.context, unit="tokens",
                 title="Elman RNN LM", **cli.length_kwargs(args),
                 **cli.fit_kwargs(args, steps_per_epoch=batches.steps_per_epoch))
 
-    final = last_eval  # fit() evaluates after the last step
+    final = last_eval or evaluate(state.params)  # fit() evaluates after its last step
     prompt = encode(data.encoding, data.val_text[:40])
-    sample = sample_recurrent(forward, rnn.make_step(config), state.params, prompt, max_new_tokens=args.sample_tokens,
-                              key=jax.random.PRNGKey(args.seed), temperature=args.temperature)
+    sample = sample_recurrent(forward, rnn.make_step(config), state.params, prompt, vocab_size=data.vocab_size,
+                              max_new_tokens=args.sample_tokens, key=jax.random.PRNGKey(args.seed),
+                              temperature=args.temperature)
     with open(os.path.join(args.out, "sample.txt"), "w") as f:
         f.write(data.encoding.decode(prompt + sample) + "\n")
     summary = update_json(os.path.join(args.out, "summary.json"), {

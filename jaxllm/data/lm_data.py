@@ -14,7 +14,7 @@ import numpy as np
 import tiktoken
 
 from jaxllm.data.corpus import load_documents, train_val_split
-from jaxllm.data.tokenizer import encode, gpt2_encoding, save_encoding, train_bpe
+from jaxllm.data.tokenizer import encode, gpt2_encoding, load_encoding, save_encoding, train_bpe
 
 TOKENIZERS = ("bpe", "gpt2")
 
@@ -34,21 +34,26 @@ class LMData:
 
 
 def prepare_lm_data(text_files: list[str] | None, *, tokenizer: str = "bpe", vocab_size: int = 2048,
-                    seed: int = 0, val_fraction: float = 0.1, out_dir: str | None = None) -> LMData:
+                    seed: int = 0, val_fraction: float = 0.1, out_dir: str | None = None,
+                    reuse_tokenizer: bool = False) -> LMData:
     """Load the corpus (Shakespeare unless ``text_files``), split 90/10 with no leakage, and
     tokenize with GPT-2's BPE or a byte-level BPE of ``vocab_size`` trained on the train split
-    only (saved as ``out_dir/tokenizer.json``, next to the checkpoints)."""
+    only (saved as ``out_dir/tokenizer.json``, next to the checkpoints; with ``reuse_tokenizer``,
+    as when resuming, an existing file there is loaded instead of training a new one)."""
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
     t0 = time.perf_counter()
     train_text, val_text, report = train_val_split(load_documents(text_files), val_fraction, seed)
-    if tokenizer == "gpt2":
+    saved = os.path.join(out_dir, "tokenizer.json") if out_dir is not None else None
+    if reuse_tokenizer and saved and os.path.exists(saved):
+        enc = load_encoding(saved)
+    elif tokenizer == "gpt2":
         enc = gpt2_encoding()
     else:
         enc = train_bpe(train_text, vocab_size)
-    if out_dir is not None:
+    if saved and not (reuse_tokenizer and os.path.exists(saved)):
         os.makedirs(out_dir, exist_ok=True)
-        save_encoding(enc, os.path.join(out_dir, "tokenizer.json"))
+        save_encoding(enc, saved)
     train_ids = np.asarray(encode(enc, train_text), np.int32)
     val_ids = np.asarray(encode(enc, val_text), np.int32)
     report = {**report, "tokenizer": tokenizer, "vocab_size": enc.n_vocab, "train_tokens": int(train_ids.size),

@@ -8,6 +8,7 @@ A checkpoint whose config or tree structure does not match the run is refused wi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -16,6 +17,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxllm.training.state import TrainState
+
+
+def run_config(model_config, optimizer, **data) -> dict:
+    """What a checkpoint must match to be resumed: the model, the optimiser and the data settings."""
+    return {"model": model_config.to_dict(), "optimizer": dataclasses.asdict(optimizer), "data": data}
 
 
 class CheckpointError(ValueError):

@@ -41,7 +41,7 @@ def make_parser(description: str, *, out: str, epochs: int, lr: float, optimizer
     return p
 
 
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "baseline")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "baseline", "tokenizer.json", "sample.txt")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
@@ -56,7 +56,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
+    elif not args.resume and _has_checkpoints(os.path.join(args.out, "checkpoints")):
+        # refuse before any work (or any file written), not only when fit() starts
+        raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue that run, "
+                         "--overwrite to replace it, or choose a new --out")
     return args
+
+
+def _has_checkpoints(directory: str) -> bool:
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def total_steps(args, steps_per_epoch: int) -> int:
@@ -64,10 +72,14 @@ def total_steps(args, steps_per_epoch: int) -> int:
 
 
 def optimizer_config(args, total: int) -> OptimizerConfig:
+    """The run's optimiser. ``total_steps`` only matters to a decaying schedule; leaving it out of a
+    constant one lets ``--resume --steps N`` extend such a run (the config is checked on resume)."""
     return OptimizerConfig(
         name=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
-        schedule=args.schedule, warmup_steps=args.warmup_steps, total_steps=total, clip_norm=args.clip_norm,
+        schedule=args.schedule, warmup_steps=args.warmup_steps, clip_norm=args.clip_norm,
+        total_steps=total if args.schedule != "constant" else None,
     )
+
 
 
 def fit_kwargs(args, *, steps_per_epoch: int | None = None) -> dict:

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxllm.validate import check_token_ids
+
 
 @partial(jax.jit, static_argnames="forward")
 def _chunk_nll(forward, params, inputs, targets, carry):
@@ -24,13 +26,14 @@ def _chunk_nll(forward, params, inputs, targets, carry):
 
 
 def streaming_nll(forward: Callable, params, ids, *, init_carry: Callable[[int], object], streams: int = 16,
-                  chunk: int = 256) -> tuple[float, int, slice]:
+                  chunk: int = 256, vocab_size: int | None = None) -> tuple[float, int, slice]:
     """Total NLL (nats) of ``ids`` under ``forward(params, tokens[b, t], carry) -> (logits, carry)``.
 
     Returns ``(total_nll, scored_tokens, scored)`` where ``ids[scored]`` are the tokens that were
-    predicted (``forward`` must be hashable, e.g. a cached jitted function).
+    predicted (``forward`` must be hashable, e.g. a cached jitted function). With ``vocab_size``
+    the ids are checked to lie in the vocabulary.
     """
-    ids = np.asarray(ids, np.int32)
+    ids = check_token_ids(ids, vocab_size, name="validation ids") if vocab_size else np.asarray(ids, np.int32)
     per_stream = (len(ids) - 1) // streams
     if per_stream < 1:
         raise ValueError(f"{len(ids)} validation tokens are too few for {streams} streams")

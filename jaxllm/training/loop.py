@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxllm.training.checkpoint import Checkpointer
-from jaxllm.training.metrics import MetricsLog, plot_losses, write_json
+from jaxllm.training.metrics import MetricsLog, plot_losses, update_json, write_json
 from jaxllm.training.state import TrainState
 
 
@@ -95,9 +95,19 @@ def fit(
         train_data.load_state_dict(meta["data"])
         start = int(state.step)
         log.truncate_after(start)
-    elif not resume and os.path.exists(log.path):
-        os.remove(log.path)  # a fresh run in a reused directory starts a fresh log
+    elif os.path.exists(log.path):
+        os.remove(log.path)  # nothing to continue from: a fresh run starts a fresh log
     last_saved = existing if resume else None
+    if start > total:
+        ckpt.close()
+        raise ValueError(f"the checkpoint is at step {start}, beyond the {total} steps asked for")
+    if start == total:  # resuming a finished run: nothing to train, keep what it measured
+        ckpt.close()
+        fields = {"status": "finished", "steps": total, "last_checkpoint": last_saved}
+        if eval_fn is not None:
+            fields["eval"] = {k: float(v) for k, v in eval_fn(state.params).items()}
+        update_json(os.path.join(out_dir, "summary.json"), fields)
+        return state
 
     pending: list[tuple[int, Any]] = []
     last_train: dict[str, float] = {}

@@ -29,5 +29,13 @@ class TrainState:
             params=params,
             opt_state=optimizer.init(params),
             step=jnp.asarray(0, jnp.int32),
-            key=jnp.asarray(key, jnp.uint32),
+            key=_raw_key(key),
         )
+
+
+def _raw_key(key) -> jax.Array:
+    """uint32[2] key data (what checkpoints store), from a legacy ``PRNGKey`` or a typed ``key``."""
+    key = jnp.asarray(key)
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return key.astype(jnp.uint32)

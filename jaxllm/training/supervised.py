@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxllm.data.batches import ArrayBatches
 from jaxllm.training.losses import LOSSES
+from jaxllm.training.checkpoint import run_config
 from jaxllm.training.loop import fit
 from jaxllm.training.optim import OptimizerConfig, make_optimizer
 from jaxllm.training.state import TrainState
@@ -71,7 +72,8 @@ def train_supervised(config, train, *, loss: str, optimizer: OptimizerConfig, ou
     eval_data = ArrayBatches(test_arrays, min(1024, len(test_arrays["x"])), shuffle=False) if test_arrays else None
     eval_fn = (lambda params: evaluate(eval_step, params, eval_data)) if eval_data else None
     state = fit(state, make_train_step(loss_fn, opt), data, out_dir=out_dir, epochs=epochs, steps=steps,
-                eval_fn=eval_fn, config=config.to_dict(), **fit_kwargs)
+                eval_fn=eval_fn, config=run_config(config, optimizer, batch_size=data.batch_size, seed=seed),
+                **fit_kwargs)
     train_eval = ArrayBatches(train_arrays, min(1024, len(train_arrays["x"])), shuffle=False)
     metrics = {f"train_{k}": v for k, v in evaluate(eval_step, state.params, train_eval).items()}
     if eval_data:
