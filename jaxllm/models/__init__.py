@@ -1,3 +1,3 @@
 """Model families. Importing a family registers its config for checkpoint loading."""
 
-from jaxllm.models import cnn, linear, mlp, rnn, transformer  # noqa: F401  (register configs)
+from jaxllm.models import cnn, gpt2, linear, mlp, rnn, transformer  # noqa: F401  (register configs)

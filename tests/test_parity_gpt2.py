@@ -1,0 +1,210 @@
+"""GPT-2 (Raschka ch. 4): the Flax model and the book's PyTorch twin agree on logits (with and
+without Q/K/V biases), gradients and a 10-step AdamW trajectory; the twin's state dict (with its
+mask buffers) loads through interop; cached decoding equals the full forward; the book's seed-123
+greedy generation reproduces in JAX; the 124M parameter counts are the book's."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jaxllm.models.gpt2 as g
+from jaxllm import interop
+from jaxllm.config import config_from_dict
+from jaxllm.torch_ref import gpt2 as t_gpt2
+from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
+from jaxllm.training.losses import lm_cross_entropy
+from parity import (GRAD_ATOL, GRAD_RTOL, OUT_ATOL, PARAM_ATOL, PARAM_RTOL, assert_same_tensors,
+                    to_numpy_state, torch_grads)
+
+CONFIG = g.GPT2Config(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
+                      qkv_bias=False)
+
+
+def twin_and_params(seed=0, config=CONFIG):
+    torch.manual_seed(seed)
+    twin = t_gpt2.GPTModel(config.to_twin_dict()).eval()
+    return twin, interop.from_torch(config, twin.state_dict(), strict=False)
+
+
+def apply_logits(config):
+    model = config.build()
+    return lambda params, tokens: model.apply({"params": params}, tokens)[0]
+
+
+def make_batch(rng, batch=3, time=12, config=CONFIG):
+    seqs = rng.integers(0, config.vocab_size, (batch, time + 1)).astype(np.int32)
+    return {"inputs": seqs[:, :-1], "targets": seqs[:, 1:]}
+
+
+def torch_loss(twin, batch):
+    logits = twin(torch.from_numpy(batch["inputs"]).long())
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(batch["targets"]).long().flatten())
+
+
+def test_names_and_mask_buffers():
+    twin, params = twin_and_params()
+    sd = twin.state_dict()
+    masks = sorted(k for k in sd if k.endswith(".att.mask"))
+    assert masks == ["trf_blocks.0.att.mask", "trf_blocks.1.att.mask"]
+    with pytest.raises(ValueError, match=r"unexpected \['trf_blocks.0.att.mask', 'trf_blocks.1.att.mask'\]"):
+        interop.from_torch(CONFIG, sd)
+    strict = interop.from_torch(CONFIG, t_gpt2.drop_masks(sd))  # strict about everything else
+    jax.tree_util.tree_map(np.testing.assert_array_equal, strict, params)
+    assert set(interop.to_torch_numpy(params)) == set(sd) - set(masks)
+    assert set(params["trf_blocks_0"]["ff"]) == {"layers_0", "layers_2"}
+    assert "bias" not in params["out_head"] and "bias" not in params["trf_blocks_0"]["att"]["W_query"]
+    # and back: the twin loads the converted params (its own masks kept)
+    fresh = t_gpt2.load_without_masks(t_gpt2.GPTModel(CONFIG.to_twin_dict()), interop.to_torch(CONFIG, params))
+    for name, value in sd.items():
+        torch.testing.assert_close(fresh.state_dict()[name], value, rtol=0, atol=0)
+    assert config_from_dict(CONFIG.to_dict()) == CONFIG
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_logits_match(qkv_bias):
+    config = CONFIG.replace(qkv_bias=qkv_bias)
+    twin, params = twin_and_params(1, config)
+    assert ("bias" in params["trf_blocks_1"]["att"]["W_key"]) == qkv_bias
+    x = make_batch(np.random.default_rng(1), time=16)["inputs"]
+    logits, cache = config.build().apply({"params": params}, jnp.asarray(x))
+    assert logits.shape == (3, 16, 97) and cache is None
+    with torch.no_grad():
+        expected = twin(torch.from_numpy(x).long()).numpy()
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=OUT_ATOL, rtol=0)
+    assert g.make_forward(config) is g.make_forward(config)
+    np.testing.assert_allclose(np.asarray(g.make_forward(config)(params, jnp.asarray(x))[0]), expected,
+                               atol=OUT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_gradients_match(qkv_bias):
+    config = CONFIG.replace(qkv_bias=qkv_bias)
+    twin, params = twin_and_params(2, config)
+    batch = make_batch(np.random.default_rng(2))
+    (loss, _), grads = jax.value_and_grad(lm_cross_entropy(apply_logits(config)), has_aux=True)(params, batch, None)
+    t_loss = torch_loss(twin, batch)
+    t_loss.backward()
+    np.testing.assert_allclose(float(loss), t_loss.item(), rtol=1e-5)
+    assert_same_tensors(grads, torch_grads(twin), rtol=GRAD_RTOL, atol=GRAD_ATOL, what="gpt2 grads")
+
+
+def test_ten_step_adamw_trajectory_matches():
+    twin, params = twin_and_params(seed=3)
+    twin.train()  # drop_rate 0: train mode changes nothing
+    rng = np.random.default_rng(4)
+    batches = [make_batch(rng) for _ in range(10)]
+
+    optimizer = make_optimizer(OptimizerConfig("adamw", lr=4e-4, weight_decay=0.1))
+    step = make_train_step(lm_cross_entropy(apply_logits(CONFIG)), optimizer)
+    state = TrainState.create(params, optimizer, jax.random.PRNGKey(0))
+    jax_losses = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        jax_losses.append(float(metrics["loss"]))
+
+    torch_opt = torch.optim.AdamW(twin.parameters(), lr=4e-4, weight_decay=0.1)
+    torch_losses = []
+    for batch in batches:
+        torch_opt.zero_grad()
+        loss = torch_loss(twin, batch)
+        loss.backward()
+        torch_opt.step()
+        torch_losses.append(loss.item())
+
+    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-4, atol=1e-6)
+    assert jax_losses[-1] < jax_losses[0]
+    assert_same_tensors(state.params, t_gpt2.drop_masks(to_numpy_state(twin)), rtol=PARAM_RTOL, atol=PARAM_ATOL,
+                        what="gpt2 params after 10 AdamW steps")
+
+
+def test_cached_decoding_equals_full_forward():
+    config = CONFIG.replace(qkv_bias=True)
+    params = twin_and_params(5, config)[1]
+    x = jnp.asarray(np.random.default_rng(5).integers(0, 97, (2, 16)).astype(np.int32))
+    full, _ = config.build().apply({"params": params}, x)
+    forward = g.make_forward(config)
+
+    logits, cache = forward(params, x[:, :4], g.init_cache(config, 2))
+    pieces = [logits]
+    for t in range(4, 16):
+        logits, cache = forward(params, x[:, t:t + 1], cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(np.concatenate(pieces, 1), np.asarray(full), atol=OUT_ATOL, rtol=0)
+    assert cache.k.shape == (2, 2, 16, 4, 8)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [16, 16])
+    with pytest.raises(ValueError, match="overflow"):
+        g.check_cache_room(cache, 1)
+
+    cache, pieces = g.init_cache(config, 2), []
+    for lo, hi in [(0, 1), (1, 5), (5, 6), (6, 10), (10, 14), (14, 15), (15, 16)]:
+        logits, cache = forward(params, x[:, lo:hi], cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(np.concatenate(pieces, 1), np.asarray(full), atol=OUT_ATOL, rtol=0)
+
+
+def test_bad_inputs_and_configs_are_refused():
+    assert CONFIG.validate_input(np.zeros((2, 16), np.int64)).dtype == np.int32
+    with pytest.raises(ValueError, match="context_length of 16"):
+        CONFIG.validate_input(np.zeros((1, 17), np.int32))
+    with pytest.raises(ValueError, match=r"\[0, 96\]"):
+        CONFIG.validate_input([[0, 97]])
+    with pytest.raises(ValueError, match=r"\[batch, time\]"):
+        CONFIG.validate_input([1, 2, 3])
+    with pytest.raises(ValueError, match="max_len"):
+        g.init_cache(CONFIG, 1, max_len=17)
+    with pytest.raises(ValueError, match="divisible"):
+        CONFIG.replace(n_heads=5)
+
+
+def test_dropout_only_with_rng_and_not_deterministic():
+    config = CONFIG.replace(drop_rate=0.5)
+    params = twin_and_params(6)[1]
+    model = config.build()
+    x = jnp.asarray(np.random.default_rng(6).integers(0, 97, (2, 8)).astype(np.int32))
+    ref = model.apply({"params": params}, x)[0]
+    np.testing.assert_array_equal(model.apply({"params": params}, x, deterministic=False)[0], ref)  # no rng
+    np.testing.assert_array_equal(
+        model.apply({"params": params}, x, rngs={"dropout": jax.random.PRNGKey(0)})[0], ref)  # deterministic
+    noisy = model.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})[0]
+    assert np.abs(np.asarray(noisy - ref)).max() > 1e-3
+
+
+def test_parameter_counts_are_the_books():
+    def count(config):
+        return sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(interop.param_shapes(config)))
+
+    assert count(g.gpt2_124m()) == 163_009_536
+    assert count(g.gpt2_124m(tie_embeddings=True)) == 124_412_160
+    assert g.gpt2_124m().to_twin_dict() == t_gpt2.GPT_CONFIG_124M
+    assert g.gpt2_medium().to_twin_dict() == t_gpt2.GPT_CONFIG_MEDIUM
+    assert g.tiny().to_twin_dict() == t_gpt2.GPT_CONFIG_TINY
+
+
+def test_book_seed_123_generation_in_jax():
+    """torch.manual_seed(123) + GPTModel(GPT_CONFIG_124M), converted to JAX: greedy 6 tokens after
+    "Hello, I am" are the book's. Prompt in one cached call, then 5 single-token calls."""
+    from jaxllm.data.tokenizer import gpt2_encoding
+
+    prompt = gpt2_encoding().encode("Hello, I am")
+    assert prompt == [15496, 11, 314, 716]
+    config = g.gpt2_124m()
+    torch.manual_seed(123)
+    twin = t_gpt2.GPTModel(t_gpt2.GPT_CONFIG_124M)
+    params = interop.from_torch(config, twin.state_dict(), strict=False)
+    del twin
+
+    forward = g.make_forward(config)
+    ids = config.validate_input([prompt])
+    cache = g.init_cache(config, 1, max_len=16)
+    logits, cache = forward(params, jnp.asarray(ids), cache)
+    out = []
+    for _ in range(6):
+        nxt = int(jnp.argmax(logits[0, -1]))
+        out.append(nxt)
+        if len(out) < 6:
+            logits, cache = forward(params, jnp.asarray([[nxt]], jnp.int32), cache)
+    assert out == [27018, 24086, 47843, 30961, 42348, 7267]
