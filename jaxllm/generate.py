@@ -1,7 +1,11 @@
 """Sampling rules and jitted decode loops.
 
 ``sample_logits`` is the one sampling rule: greedy at temperature 0, otherwise softmax of
-logits / temperature, optionally restricted to the ``top_k`` largest logits (exactly k kept).
+logits / temperature, optionally restricted to the ``top_k`` largest logits (exactly k kept),
+then optionally to the nucleus (``top_p``: the smallest probability-sorted prefix whose mass
+reaches p, the crossing token included, never fewer than one token).
+``generate`` decodes a batch of ragged prompts from any KV-cached decoder: one padded prefill,
+then every new token costs one cached step, the whole loop inside one jitted ``lax.while_loop``.
 ``sample_recurrent`` decodes from any model that exposes a one-token step with a carried
 state (the Elman RNN's hidden state): the prompt is read once, then every new token costs
 one step, all inside one ``lax.scan``.
@@ -9,23 +13,47 @@ one step, all inside one ``lax.scan``.
 
 from __future__ import annotations
 
-from functools import partial
+import dataclasses
+import sys
+from functools import lru_cache, partial
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxllm.validate import check_token_ids
 
 
-def sample_logits(logits, key, *, temperature: float = 0.0, top_k: int | None = None):
-    """logits: float[batch, vocab] -> int32[batch]."""
+def sample_logits(logits, key, *, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None):
+    """logits: float[batch, vocab] -> int32[batch].
+
+    ``temperature == 0``: greedy argmax (``top_k``/``top_p`` are then irrelevant). Otherwise the
+    logits are divided by ``temperature``; ``top_k`` keeps the k largest (ties with the k-th are
+    kept too); ``top_p`` (applied after temperature and top-k, on the renormalised distribution)
+    keeps the smallest prefix of the tokens sorted by decreasing probability whose cumulative mass
+    reaches ``p`` -- the token whose mass crosses ``p`` is included, and the most likely token is
+    always kept, so ``p`` below the top probability keeps exactly one token and ``p = 1`` keeps
+    all. (This is the usual convention, not the Burkov book's, which drops the crossing token.)
+    A token is kept iff the mass of the tokens strictly ahead of it in the sorted order is < p.
+    ``top_p`` must lie in (0, 1]; ``None`` disables it.
+    """
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     if temperature == 0.0:
         return jnp.argmax(logits, -1).astype(jnp.int32)
     logits = logits / temperature
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[..., ::-1]  # decreasing
+        probs = jax.nn.softmax(ordered, axis=-1)
+        ahead = jnp.cumsum(probs, axis=-1) - probs  # mass strictly ahead of each sorted token
+        kept = jnp.maximum(jnp.sum(ahead < top_p, axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)  # smallest kept logit
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
     return jax.random.categorical(key, logits, -1).astype(jnp.int32)
 
 
@@ -63,3 +91,133 @@ def sample_recurrent(prefill_fn: Callable, step_fn: Callable, params, prompt: li
     tokens = _decode(step_fn, params, logits[:, -1], carry, key, max_new_tokens=max_new_tokens,
                      temperature=float(temperature), top_k=top_k)
     return [int(t) for t in jax.device_get(tokens)[0]]
+
+
+@lru_cache(maxsize=None)  # one function per config, so the jit cache of ``_generate`` hits
+def _default_forward(config):
+    model = config.build()
+
+    def forward(params, tokens, *, cache):
+        return model.apply({"params": params}, tokens, cache=cache)
+
+    return forward
+
+
+def _lookup_init_cache(config):
+    """``config.init_cache(batch, max_len)`` if the config has it, else the module-level
+    ``init_cache(config, batch, max_len)`` of the module that defines the config's class."""
+    method = getattr(config, "init_cache", None)
+    if callable(method):
+        return lambda cfg, batch, max_len: method(batch, max_len)
+    fn = getattr(sys.modules.get(type(config).__module__), "init_cache", None)
+    if fn is None:
+        raise ValueError(f"no init_cache found for {type(config).__name__}: pass init_cache=")
+    return fn
+
+
+def _with_lengths(cache, lengths):
+    if hasattr(cache, "replace"):  # flax.struct.dataclass
+        return cache.replace(lengths=lengths)
+    return dataclasses.replace(cache, lengths=lengths)
+
+
+@partial(jax.jit, static_argnames=("forward", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
+def _generate(forward, params, tokens, lengths, cache, key, *, max_new_tokens, temperature, top_k, top_p,
+              eos_id):
+    """tokens int32[B, P] (right-padded), lengths int32[B] -> (new int32[B, N], steps run)."""
+    batch = tokens.shape[0]
+    logits, cache = forward(params, tokens, cache=cache)  # prefill writes slots 0..P-1 of every row
+    cache = _with_lengths(cache, lengths)  # pad slots >= len_b are overwritten by the next writes
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, vocab]
+
+    def pick(logits, step, done):
+        token = sample_logits(logits, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k,
+                              top_p=top_p)
+        token = jnp.where(done, 0, token)  # finished rows emit filler, cut on the host
+        if eos_id is not None:
+            done = done | (token == eos_id)
+        return token, done
+
+    out = jnp.zeros((batch, max_new_tokens), jnp.int32)
+    token, done = pick(last, 0, jnp.zeros((batch,), bool))
+    out = out.at[:, 0].set(token)
+
+    def cond(state):
+        step, _, _, done, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, token, cache, done, out = state
+        logits, cache = forward(params, token[:, None], cache=cache)
+        token, done = pick(logits[:, -1], step, done)
+        return step + 1, token, cache, done, out.at[:, step].set(token)
+
+    step, _, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, done, out))
+    return out, step
+
+
+def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, key, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             max_len: int | None = None, forward: Callable | None = None,
+             init_cache: Callable | None = None) -> list[list[int]]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens; returns the new tokens per row.
+
+    ``model`` is a model config (``vocab_size``, ``build()``, ``max_len``), e.g. a
+    ``TransformerConfig``. By default the forward is ``config.build().apply({"params": params},
+    tokens, cache=cache)`` and the cache comes from ``config.init_cache(batch, max_len)`` if the
+    config has that method, else from the module-level ``init_cache(config, batch, max_len)`` of
+    the config's module (``jaxllm.models.transformer.init_cache``). Any other KV-cached decoder
+    plugs in through ``forward(params, tokens int32[B, T], *, cache) -> (logits float[B, T, V],
+    cache)`` (a module-level / cached, hashable function: it is a static jit argument) and
+    ``init_cache(config, batch, max_len) -> cache``; the cache must carry ``lengths int32[B]``
+    with the transformer's semantics (write at ``lengths[b]``, attend to slots up to one's own).
+
+    ``max_len`` (default ``model.max_len``) is the cache length; every prompt must satisfy
+    ``len(prompt) + max_new_tokens <= max_len``. Ragged prompts are right-padded (with id 0) and
+    prefilled in one call; then each row's ``lengths`` is set to its real length, so the pads are
+    never attended to (causal) and get overwritten. Decoding runs in one jitted
+    ``lax.while_loop`` carrying the cache; step ``i`` samples with ``fold_in(key, i)`` (one key
+    for the batch; rows draw independently). Sampling follows ``sample_logits`` (greedy at
+    ``temperature == 0``). With ``eos_id``, a row stops at its first EOS: its list ends with that
+    EOS (included), and the loop stops once every row is done.
+    """
+    vocab_size = model.vocab_size
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must lie in [1, {vocab_size}] (the vocabulary size), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if eos_id is not None and not 0 <= eos_id < vocab_size:
+        raise ValueError(f"eos_id must lie in [0, {vocab_size - 1}], got {eos_id}")
+    if isinstance(prompts, (str, bytes)) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    rows = []
+    for i, prompt in enumerate(prompts):
+        if not len(prompt):
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        rows.append(check_token_ids(prompt, vocab_size, name=f"prompt {i} ids").reshape(-1))
+    max_len = model.max_len if max_len is None else max_len
+    longest = max(len(r) for r in rows)
+    if longest + max_new_tokens > max_len:
+        raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
+                         f"{longest + max_new_tokens} exceeds the cache length max_len {max_len}")
+
+    forward = _default_forward(model) if forward is None else forward
+    init_cache = _lookup_init_cache(model) if init_cache is None else init_cache
+    tokens = np.zeros((len(rows), longest), np.int32)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r)] = r
+    lengths = np.array([len(r) for r in rows], np.int32)
+    cache = init_cache(model, len(rows), max_len)
+    out, _ = _generate(forward, params, jnp.asarray(tokens), jnp.asarray(lengths), cache, key,
+                       max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=top_k,
+                       top_p=None if top_p is None else float(top_p), eos_id=eos_id)
+    result = []
+    for row in np.asarray(jax.device_get(out)).tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[:row.index(eos_id) + 1]
+        result.append(row)
+    return result

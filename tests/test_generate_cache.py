@@ -1,0 +1,144 @@
+"""Top-p convention, and batched KV-cached ``generate`` equal to full recomputation."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.generate import generate, sample_logits
+from jaxllm.models import gpt2, transformer
+
+VOCAB = 29
+BURKOV = transformer.tiny(VOCAB)
+LLAMA = transformer.llama(VOCAB, d_model=32, num_heads=4, num_kv_heads=2, mlp_hidden=48, max_len=40)
+PROMPTS = [[5], [3, 9, 1, 12], [7, 7, 2, 28, 0, 4, 11]]  # ragged: lengths 1, 4, 7
+
+
+def params_of(config, seed=0):
+    return config.build().init(jax.random.PRNGKey(seed), config.example_input())["params"]
+
+
+def kept_tokens(probs, top_p, top_k=None, draws=2000):
+    logits = jnp.log(jnp.asarray([probs], jnp.float32))
+    keys = jax.random.split(jax.random.PRNGKey(0), draws)
+    out = jax.vmap(lambda k: sample_logits(logits, k, temperature=1.0, top_k=top_k, top_p=top_p))(keys)
+    return set(np.asarray(out)[:, 0].tolist())
+
+
+def test_top_p_keeps_the_crossing_token_and_at_least_one():
+    probs = [0.2, 0.5, 0.3]  # sorted order: 1 (0.5), 2 (0.3), 0 (0.2)
+    assert kept_tokens(probs, 0.6) == {1, 2}  # 0.5 < 0.6, the crossing token 2 included
+    assert kept_tokens(probs, 0.45) == {1}  # the first token alone exceeds p: exactly one
+    assert kept_tokens(probs, 0.1) == {1}
+    assert kept_tokens(probs, 0.79) == {1, 2}
+    assert kept_tokens(probs, 0.85) == {0, 1, 2}
+    assert kept_tokens(probs, 1.0) == {0, 1, 2}
+    assert kept_tokens([0.9, 0.05, 0.05], 0.5) == {0}
+
+
+def test_top_p_applies_after_top_k_and_temperature():
+    probs = [0.4, 0.35, 0.25]
+    # top-k 2 renormalises to 0.533 / 0.467: p 0.5 then keeps only token 0
+    assert kept_tokens(probs, 0.5, top_k=2) == {0}
+    assert kept_tokens(probs, 0.6, top_k=2) == {0, 1}
+    # a high temperature flattens [0.7, 0.2, 0.1] so that p 0.6 needs two tokens; at T=1, one
+    logits = jnp.log(jnp.asarray([[0.7, 0.2, 0.1]]))
+    keys = jax.random.split(jax.random.PRNGKey(3), 1000)
+    hot = jax.vmap(lambda k: sample_logits(logits, k, temperature=5.0, top_p=0.6))(keys)
+    assert set(np.asarray(hot)[:, 0].tolist()) == {0, 1}
+    assert kept_tokens([0.7, 0.2, 0.1], 0.6) == {0}
+
+
+def reference_greedy(config, params, prompts, n, eos_id=None):
+    """Plain loop of full forwards: every step recomputes each whole prefix (no cache) and takes
+    the argmax. Prefixes are right-padded to one fixed width so the jitted forward compiles once;
+    attention is causal, so the pads after a prefix cannot change its last logits."""
+    forward = sys.modules[type(config).__module__].make_forward(config)
+    width = max(map(len, prompts)) + n
+    seqs = [list(p) for p in prompts]
+    done = [False] * len(prompts)
+    for _ in range(n):
+        tokens = np.zeros((len(seqs), width), np.int32)
+        for b, s in enumerate(seqs):
+            tokens[b, :len(s)] = s
+        logits, _ = forward(params, jnp.asarray(tokens))
+        for b, s in enumerate(seqs):
+            if not done[b]:
+                s.append(int(jnp.argmax(logits[b, len(s) - 1])))
+                done[b] = s[-1] == eos_id
+    return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
+@pytest.mark.parametrize("config", [BURKOV, LLAMA], ids=["burkov", "llama_gqa"])
+def test_cached_greedy_generate_equals_full_recomputation(config):
+    params = params_of(config)
+    fast = generate(config, params, PROMPTS, max_new_tokens=10, key=jax.random.PRNGKey(0))
+    assert fast == reference_greedy(config, params, PROMPTS, 10)
+    # a row alone gives the same continuation as within the ragged batch
+    assert generate(config, params, [PROMPTS[1]], max_new_tokens=10, key=jax.random.PRNGKey(0)) == [fast[1]]
+
+
+def test_eos_stops_a_row_and_is_included():
+    params = params_of(LLAMA)
+    full = generate(LLAMA, params, PROMPTS, max_new_tokens=10, key=jax.random.PRNGKey(0))
+    eos = full[1][3]  # a token row 1 produces at step 3
+    cut = generate(LLAMA, params, PROMPTS, max_new_tokens=10, key=jax.random.PRNGKey(0), eos_id=eos)
+    for row, c in zip(full, cut):
+        expected = row[:row.index(eos) + 1] if eos in row else row
+        assert c == expected
+    assert cut[1][-1] == eos and len(cut[1]) <= 4
+    assert cut == reference_greedy(LLAMA, params, PROMPTS, 10, eos_id=eos)
+
+
+def test_seeded_sampling_is_repeatable_and_keys_differ():
+    params = params_of(BURKOV)
+    kw = dict(max_new_tokens=12, temperature=1.5, top_k=20, top_p=0.95)
+    a = generate(BURKOV, params, PROMPTS, key=jax.random.PRNGKey(1), **kw)
+    b = generate(BURKOV, params, PROMPTS, key=jax.random.PRNGKey(1), **kw)
+    c = generate(BURKOV, params, PROMPTS, key=jax.random.PRNGKey(2), **kw)
+    assert a == b and a != c
+    assert all(len(r) == 12 and all(0 <= t < VOCAB for t in r) for r in a)
+
+
+def test_explicit_forward_and_init_cache():
+    params = params_of(BURKOV)
+    forward = transformer.make_forward(BURKOV)  # forward(params, tokens, positions=None, cache=None)
+    a = generate(BURKOV, params, PROMPTS, max_new_tokens=5, key=jax.random.PRNGKey(0), max_len=20,
+                 forward=forward, init_cache=transformer.init_cache)
+    assert a == reference_greedy(BURKOV, params, PROMPTS, 5)
+
+
+@pytest.mark.parametrize("prompts, kwargs, match", [
+    ([[1, 2]], dict(max_new_tokens=63), r"2 tokens \+ max_new_tokens 63 = 65 exceeds .* max_len 64"),
+    ([[1] * 8], dict(max_new_tokens=3, max_len=10), r"8 tokens \+ max_new_tokens 3 = 11 .* max_len 10"),
+    ([[1, VOCAB]], dict(max_new_tokens=2), r"\[0, 28\]"),
+    ([[1, -1]], dict(max_new_tokens=2), r"\[0, 28\]"),
+    ([[1], []], dict(max_new_tokens=2), "prompt 1 is empty"),
+    ([], dict(max_new_tokens=2), "non-empty"),
+    ([[1]], dict(max_new_tokens=0), "max_new_tokens"),
+    ([[1]], dict(max_new_tokens=2, temperature=1.0, top_p=0.0), "top_p"),
+    ([[1]], dict(max_new_tokens=2, temperature=1.0, top_p=1.5), "top_p"),
+    ([[1]], dict(max_new_tokens=2, temperature=1.0, top_k=0), "top_k"),
+    ([[1]], dict(max_new_tokens=2, temperature=1.0, top_k=VOCAB + 1), "top_k"),
+    ([[1]], dict(max_new_tokens=2, eos_id=VOCAB), "eos_id"),
+])
+def test_generate_refuses_bad_input(prompts, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(BURKOV, None, prompts, key=jax.random.PRNGKey(0), **kwargs)  # refused before running
+
+
+def test_sample_logits_refuses_bad_top_p():
+    with pytest.raises(ValueError, match="top_p"):
+        sample_logits(jnp.zeros((1, 3)), jax.random.PRNGKey(0), temperature=1.0, top_p=0.0)
+
+
+def test_gpt2_plugs_into_the_same_generator():
+    config = gpt2.GPT2Config(vocab_size=VOCAB, context_length=24, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
+                             qkv_bias=True)
+    params = params_of(config)
+    fast = generate(config, params, PROMPTS, max_new_tokens=8, key=jax.random.PRNGKey(0), max_len=16)
+    assert fast == reference_greedy(config, params, PROMPTS, 8)
+    with pytest.raises(ValueError, match="context_length"):
+        generate(config, params, PROMPTS, max_new_tokens=8, key=jax.random.PRNGKey(0), max_len=30)
