@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python train/logreg.py --out runs/logreg --overwrite
+	$(BIN)/python train/lm.py --out runs/lm --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10 $(PYTEST_ARGS)
