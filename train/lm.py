@@ -212,6 +212,8 @@ def main(argv=None) -> dict:
         "params": sum(x.size for x in jax.tree_util.tree_leaves(state.params)), "data": data.report,
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     })
+    print(f"--- sample (KV-cache generation, temperature {args.temperature}, top-k {args.top_k}) ---\n"
+          f"{prompt + sample}\n---")
     print(f"val loss {final['loss']:.4f} nats/token, perplexity {final['perplexity']:.2f}, {final['bpc']:.4f} bits/char "
           f"-> {args.out}")
     return summary
