@@ -91,3 +91,14 @@ def check_token_ids(ids, vocab_size: int, *, name: str = "token ids") -> np.ndar
             f"{name} must lie in [0, {vocab_size - 1}] (vocabulary of {vocab_size}), got values from {lo} to {hi}"
         )
     return ids.astype(np.int32)
+
+
+def check_token_batch(tokens, vocab_size: int, *, max_time: int | None = None) -> np.ndarray:
+    """A language model's input: int ids ``[batch, time]`` in ``[0, vocab_size)`` (and ``time <=
+    max_time`` when the model has a context limit); returns int32."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape [batch, time], got shape {tuple(tokens.shape)}")
+    if max_time is not None and tokens.shape[1] > max_time:
+        raise ValueError(f"{tokens.shape[1]} tokens exceed the context_length of {max_time}")
+    return check_token_ids(tokens, vocab_size, name="tokens")

@@ -27,3 +27,22 @@ def assert_same_tensors(jax_tree, torch_named: dict[str, np.ndarray], *, rtol, a
     assert set(converted) == set(torch_named), f"{what}: names differ {set(converted) ^ set(torch_named)}"
     for name, value in converted.items():
         np.testing.assert_allclose(value, torch_named[name], rtol=rtol, atol=atol, err_msg=f"{what}: {name}")
+
+
+def run_both_trajectories(train_step, state, twin: torch.nn.Module, torch_opt, torch_loss, batches):
+    """The same batches through a jitted JAX train step and the twin's five-step loop.
+
+    Returns ``(final_state, jax_losses, torch_losses)``; ``torch_loss(twin, batch)`` is the twin's loss.
+    """
+    jax_losses = []
+    for batch in batches:
+        state, metrics = train_step(state, batch)
+        jax_losses.append(float(metrics["loss"]))
+    torch_losses = []
+    for batch in batches:
+        torch_opt.zero_grad()
+        loss = torch_loss(twin, batch)
+        loss.backward()
+        torch_opt.step()
+        torch_losses.append(loss.item())
+    return state, jax_losses, torch_losses

@@ -16,6 +16,7 @@ from jaxllm.config import config_from_dict
 from jaxllm.torch_ref import rnn as t_rnn
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
 from jaxllm.training.losses import lm_cross_entropy
+from parity import run_both_trajectories
 from parity import (GRAD_ATOL, GRAD_RTOL, OUT_ATOL, PARAM_ATOL, PARAM_RTOL, assert_same_tensors,
                     to_numpy_state, torch_grads)
 
@@ -102,19 +103,8 @@ def test_ten_step_adamw_trajectory_matches():
     optimizer = make_optimizer(OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01))
     step = make_train_step(lm_cross_entropy(apply_logits(CONFIG), PAD), optimizer)
     state = TrainState.create(params, optimizer, jax.random.PRNGKey(0))
-    jax_losses = []
-    for batch in batches:
-        state, metrics = step(state, batch)
-        jax_losses.append(float(metrics["loss"]))
-
     torch_opt = torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.01)
-    torch_losses = []
-    for batch in batches:
-        torch_opt.zero_grad()
-        loss = torch_loss(twin, batch)
-        loss.backward()
-        torch_opt.step()
-        torch_losses.append(loss.item())
+    state, jax_losses, torch_losses = run_both_trajectories(step, state, twin, torch_opt, torch_loss, batches)
 
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-4, atol=1e-6)
     assert_same_tensors(state.params, to_numpy_state(twin), rtol=PARAM_RTOL, atol=PARAM_ATOL,

@@ -42,7 +42,7 @@ import numpy as np
 from jaxllm.config import ModelConfig, register
 from jaxllm.nn.attention import KVCache, check_cache_room, write_rows
 from jaxllm.nn.norms import LayerNorm
-from jaxllm.validate import check_token_ids
+from jaxllm.validate import check_token_batch
 
 __all__ = ["GPT2Config", "GPT2", "KVCache", "init_cache", "check_cache_room", "make_forward",
            "gpt2_124m", "gpt2_medium", "tiny", "gelu_tanh"]
@@ -83,12 +83,7 @@ class GPT2Config(ModelConfig):
     def validate_input(self, tokens) -> np.ndarray:
         """``tokens`` must be int ids ``[batch, time]`` in ``[0, vocab_size)`` with ``time <=
         context_length``; returns int32."""
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape [batch, time], got shape {tuple(tokens.shape)}")
-        if tokens.shape[1] > self.context_length:
-            raise ValueError(f"{tokens.shape[1]} tokens exceed the context_length of {self.context_length}")
-        return check_token_ids(tokens, self.vocab_size, name="tokens")
+        return check_token_batch(tokens, self.vocab_size, max_time=self.context_length)
 
     def to_twin_dict(self) -> dict:
         """The twin's ``cfg`` dict (tying has no twin counterpart)."""

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig, register
-from jaxllm.validate import check_token_ids
+from jaxllm.validate import check_token_batch
 
 # The book's initialize_weights: xavier-uniform on every matrix, U(0, 1) on every vector.
 xavier_uniform = nn.initializers.xavier_uniform()
@@ -63,10 +63,7 @@ class RNNConfig(ModelConfig):
 
     def validate_input(self, tokens) -> np.ndarray:
         """``tokens`` must be int ids ``[batch, time]`` in ``[0, vocab_size)``; returns int32."""
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape [batch, time], got shape {tuple(tokens.shape)}")
-        return check_token_ids(tokens, self.vocab_size, name="tokens")
+        return check_token_batch(tokens, self.vocab_size)
 
     def init_hidden(self, batch: int):
         """The book's ``h_0 = 0``: float32[num_layers, batch, emb_dim]."""

@@ -46,7 +46,7 @@ from jaxllm.config import ModelConfig, register
 from jaxllm.nn.attention import LAYOUTS, ROPE, KVCache, SelfAttention, check_cache_room
 from jaxllm.nn.mlp import ACTIVATIONS, FeedForward
 from jaxllm.nn.norms import RMSNorm
-from jaxllm.validate import check_token_ids
+from jaxllm.validate import check_token_batch
 
 __all__ = ["TransformerConfig", "Transformer", "KVCache", "init_cache", "check_cache_room",
            "make_forward", "burkov", "tiny", "llama", "xavier_bound"]
@@ -118,10 +118,7 @@ class TransformerConfig(ModelConfig):
 
     def validate_input(self, tokens) -> np.ndarray:
         """``tokens`` must be int ids ``[batch, time]`` in ``[0, vocab_size)``; returns int32."""
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape [batch, time], got shape {tuple(tokens.shape)}")
-        return check_token_ids(tokens, self.vocab_size, name="tokens")
+        return check_token_batch(tokens, self.vocab_size)
 
 
 def burkov(vocab_size: int, pad_index: int | None = None, max_len: int = 512) -> TransformerConfig:
