@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig, register
-from jaxllm.nn.attention import KVCache, check_cache_room, write_rows
+from jaxllm.nn.attention import KVCache, check_cache_room, keys_values_and_mask
 from jaxllm.nn.norms import LayerNorm
 from jaxllm.validate import check_token_batch
 
@@ -151,18 +151,7 @@ class MultiHeadAttention(nn.Module):
         k = dense(d, d, cfg.qkv_bias, "W_key")(x).reshape(b, t, h, dh)
         v = dense(d, d, cfg.qkv_bias, "W_value")(x).reshape(b, t, h, dh)
 
-        if cache_kv is None:
-            mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-            new_kv = None
-        else:
-            cache_k, cache_v = cache_kv
-            if t > cache_k.shape[1]:  # static shapes: raises at trace time
-                raise ValueError(f"{t} tokens do not fit a KV cache of max_len {cache_k.shape[1]}")
-            k = write_rows(cache_k, k, lengths)
-            v = write_rows(cache_v, v, lengths)
-            own = lengths[:, None] + jnp.arange(t)  # each new token's slot, [B, T]
-            mask = jnp.arange(k.shape[1])[None, None, :] <= own[:, :, None]
-            new_kv = (k, v)
+        k, v, mask, new_kv = keys_values_and_mask(k, v, cache_kv, lengths)
 
         scores = jnp.einsum("bthd,bshd->bhts", q, k)
         scores = jnp.where(mask[:, None], scores, -jnp.inf)  # each query sees itself: no NaN rows

@@ -141,19 +141,24 @@ class SelfAttention(nn.Module):
         rotate = ROPE[self.rope]
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
 
-        if cache_kv is None:
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = jnp.broadcast_to(causal, (b, t, t))
-            new_kv = None
-        else:
-            cache_k, cache_v = cache_kv
-            if t > cache_k.shape[1]:  # static shapes: raises at trace time
-                raise ValueError(f"{t} tokens do not fit a KV cache of max_len {cache_k.shape[1]}")
-            cache_k = write_rows(cache_k, k, lengths)
-            cache_v = write_rows(cache_v, v, lengths)
-            slot = jnp.arange(cache_k.shape[1])
-            own = lengths[:, None] + jnp.arange(t)  # each new token's slot, [B, T]
-            mask = slot[None, None, :] <= own[:, :, None]
-            k, v, new_kv = cache_k, cache_v, (cache_k, cache_v)
-
+        k, v, mask, new_kv = keys_values_and_mask(k, v, cache_kv, lengths)
         return attend(q, k, v, mask) @ w_o, new_kv
+
+
+def keys_values_and_mask(k, v, cache_kv, lengths):
+    """New keys/values k, v: float[B, T, KV, dh] -> (keys, values, mask bool[B, T, S], new cache (k, v) | None).
+
+    Without a cache: plain causal attention over the T tokens. With one: the new keys/values are
+    written at each row's ``lengths[b]`` and each query sees the cache slots up to its own.
+    """
+    b, t = k.shape[:2]
+    if cache_kv is None:
+        return k, v, jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t)), None
+    cache_k, cache_v = cache_kv
+    if t > cache_k.shape[1]:  # static shapes: raises at trace time
+        raise ValueError(f"{t} tokens do not fit a KV cache of max_len {cache_k.shape[1]}")
+    cache_k = write_rows(cache_k, k, lengths)
+    cache_v = write_rows(cache_v, v, lengths)
+    own = lengths[:, None] + jnp.arange(t)  # each new token's slot, [B, T]
+    mask = jnp.arange(cache_k.shape[1])[None, None, :] <= own[:, :, None]
+    return cache_k, cache_v, mask, (cache_k, cache_v)
