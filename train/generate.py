@@ -11,19 +11,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import pathlib
 
 import jax
-import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
-import jaxllm.models  # noqa: F401  (registers the model configs)
-from jaxllm.config import config_from_dict
-from jaxllm.data.tokenizer import load_encoding
-from jaxllm.training import TrainState, cli, make_optimizer
-from jaxllm.training.checkpoint import Checkpointer, CheckpointError
-from jaxllm.training.optim import OptimizerConfig
+from jaxllm.pretrained import load_run
+from jaxllm.training import cli
 
 
 def _lm_module():
@@ -31,39 +24,6 @@ def _lm_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def load_run(run_dir: str, step: int | None = None):
-    """``(model config, params, encoding, step)`` of a train/lm.py output directory."""
-    if not os.path.isdir(run_dir):
-        raise ValueError(f"no run directory {run_dir}")
-    tokenizer = os.path.join(run_dir, "tokenizer.json")
-    if not os.path.exists(tokenizer):
-        raise ValueError(f"{run_dir} has no tokenizer.json: is it a train/lm.py output directory?")
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
-        raise ValueError(f"{run_dir} holds no checkpoint (expected {ckpt_dir}/<step>)")
-    with Checkpointer(ckpt_dir) as ckpt:
-        step = ckpt.latest_step() if step is None else step
-        if step not in ckpt.all_steps():
-            raise ValueError(f"no checkpoint for step {step} in {ckpt_dir}; there are {ckpt.all_steps()}")
-        try:
-            meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as exc:
-            raise CheckpointError(f"checkpoint step {step} in {ckpt_dir} is unreadable: {exc}") from exc
-        run = meta.get("config") or {}
-        if "model" not in run or "optimizer" not in run:
-            raise ValueError(f"checkpoint step {step} in {ckpt_dir} carries no run config (model and optimizer)")
-        config = config_from_dict(run["model"])
-        optimizer = make_optimizer(OptimizerConfig(**run["optimizer"]))
-
-        def template():
-            params = config.build().init(jax.random.PRNGKey(0), config.example_input())["params"]
-            return TrainState.create(params, optimizer, jax.random.PRNGKey(0))
-
-        shapes = jax.eval_shape(template)  # zeros of the right shapes: no initialiser runs
-        state, _ = ckpt.restore(jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), step)
-    return config, state.params, load_encoding(tokenizer), step
 
 
 def main(argv=None) -> str:

@@ -14,7 +14,8 @@ Parameter names (Flax path -> torch key by ``jaxllm.interop``'s rule) are the tw
 ``pos_emb/embedding``, ``trf_blocks_{i}/att/{W_query,W_key,W_value,out_proj}/{kernel,bias}``
 (Q/K/V biases only with ``qkv_bias``), ``trf_blocks_{i}/ff/layers_0|layers_2/{kernel,bias}``,
 ``trf_blocks_{i}/norm1|norm2/{scale,shift}``, ``final_norm/{scale,shift}``, ``out_head/kernel``
-(no bias; absent when tied). The twin's state dict also holds the causal masks
+(no bias; absent when tied; ``[D, num_classes]`` with a bias when ``num_classes`` is set, so the
+model returns class logits at every position, as the book's classifier does). The twin's state dict also holds the causal masks
 (``trf_blocks.{i}.att.mask``, buffers, not parameters): read it with
 ``interop.from_torch(config, sd, strict=False)`` or ``from_torch(config, drop_masks(sd))``.
 
@@ -60,8 +61,11 @@ class GPT2Config(ModelConfig):
     drop_rate: float = 0.1
     qkv_bias: bool = False
     tie_embeddings: bool = False
+    num_classes: int | None = None  # set: out_head is a new Linear(emb_dim, num_classes) with bias (Raschka ch. 6)
 
     def __post_init__(self):
+        if self.num_classes is not None and (self.num_classes < 1 or self.tie_embeddings):
+            raise ValueError(f"num_classes must be >= 1 and needs tie_embeddings=False, got {self.num_classes}")
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -234,6 +238,8 @@ class GPT2(nn.Module):
         x = LayerNorm(name="final_norm")(x)
         if cfg.tie_embeddings:
             logits = tok_emb.attend(x)
+        elif cfg.num_classes is not None:  # classifier: the book swaps out_head for Linear(D, classes)
+            logits = dense(cfg.num_classes, cfg.emb_dim, True, "out_head")(x)
         else:
             logits = dense(cfg.vocab_size, cfg.emb_dim, False, "out_head")(x)
         if cache is not None:

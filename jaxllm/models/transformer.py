@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig, register
+from jaxllm.nn.init import torch_bias_init, torch_kernel_init
 from jaxllm.nn.attention import LAYOUTS, ROPE, KVCache, SelfAttention, check_cache_room
 from jaxllm.nn.mlp import ACTIVATIONS, FeedForward
 from jaxllm.nn.norms import RMSNorm
@@ -74,8 +75,11 @@ class TransformerConfig(ModelConfig):
     use_bias: bool = True  # MLP biases
     tie_embeddings: bool = False
     qkv_layout: str = "per_head"  # "per_head" (Burkov's names) | "fused" (needed for GQA)
+    num_classes: int | None = None  # set: ``output`` is [d_model, num_classes] plus ``output_bias`` (a classifier head)
 
     def __post_init__(self):
+        if self.num_classes is not None and (self.num_classes < 1 or self.tie_embeddings):
+            raise ValueError(f"num_classes must be >= 1 and needs tie_embeddings=False, got {self.num_classes}")
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -199,7 +203,10 @@ class Transformer(nn.Module):
         self.layers = [DecoderBlock(cfg) for _ in range(cfg.num_layers)]
         if cfg.final_norm:
             self.final_norm = RMSNorm(cfg.norm_eps)
-        if not cfg.tie_embeddings:
+        if cfg.num_classes is not None:  # a new Linear(d_model, classes) head, torch's default init
+            self.output = self.param("output", torch_kernel_init, (cfg.d_model, cfg.num_classes))
+            self.output_bias = self.param("output_bias", torch_bias_init(cfg.d_model), (cfg.num_classes,))
+        elif not cfg.tie_embeddings:
             self.output = self.param("output", xavier_uniform, (cfg.d_model, cfg.vocab_size))
 
     def __call__(self, tokens, *, positions=None, cache: KVCache | None = None):
@@ -235,6 +242,8 @@ class Transformer(nn.Module):
         if cfg.final_norm:
             x = self.final_norm(x)
         logits = x @ (table.T if cfg.tie_embeddings else self.output)
+        if cfg.num_classes is not None:
+            logits = logits + self.output_bias
         if cache is not None:
             cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), cache.lengths + t)
         return logits, cache

@@ -52,18 +52,23 @@ def lm_cross_entropy(logits_fn: Callable, pad_id: int | None = None) -> Callable
     """Next-token cross-entropy, mean over the targets that are not ``pad_id``.
 
     ``batch = {"inputs": int32[b, t], "targets": int32[b, t]}``; ``logits_fn(params, inputs)``
-    returns float32[b, t, vocab]. Matches torch's ``cross_entropy(..., ignore_index=pad_id)``.
-    ``aux["accuracy"]`` is next-token accuracy over the same targets. A batch with no target
-    that counts gives loss 0 (torch gives NaN).
+    returns float32[b, t, vocab]. Matches torch's ``cross_entropy(..., ignore_index=pad_id)``;
+    ``pad_id`` may be negative (the book's ``-100``). ``aux["accuracy"]`` is next-token accuracy
+    over the same targets and ``aux["targets"]`` their count (what a mean over several batches
+    or devices must be weighted by). A batch with no target that counts gives loss 0 (torch
+    gives NaN).
     """
 
     def loss_fn(params, batch, key):
         logits = logits_fn(params, batch["inputs"])
         targets = batch["targets"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        mask = jnp.ones_like(ce) if pad_id is None else (targets != pad_id).astype(ce.dtype)
+        keep = jnp.ones(targets.shape, bool) if pad_id is None else targets != pad_id
+        safe = jnp.where(keep, targets, 0)  # an ignored id (e.g. -100) never indexes the logits
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+        mask = keep.astype(ce.dtype)
         count = mask.sum()
         correct = (jnp.argmax(logits, -1) == targets) * mask
-        return (ce * mask).sum() / jnp.maximum(count, 1.0), {"accuracy": correct.sum() / jnp.maximum(count, 1.0)}
+        aux = {"accuracy": correct.sum() / jnp.maximum(count, 1.0), "targets": count}
+        return (ce * mask).sum() / jnp.maximum(count, 1.0), aux
 
     return loss_fn
