@@ -1,0 +1,74 @@
+"""Train some parameters, freeze the rest: masks over a parameter tree and an optimiser that
+keeps no state for frozen leaves.
+
+A *mask* is a pytree of bools with the parameters' structure (True = trained). Build one from a
+predicate on path strings (``"trf_blocks_11/att/W_query/kernel"``)::
+
+    mask = trainable_mask(params, lambda p: p.startswith(("trf_blocks_11/", "final_norm/", "out_head/")))
+    optimizer = freeze_optimizer(make_optimizer(cfg), mask)
+
+``freeze_optimizer`` is ``optax.multi_transform``: the trained leaves go through the optimiser,
+the frozen ones through ``optax.set_to_zero()``, and optax masks the frozen leaves out of the
+inner optimiser's state (they appear as empty ``MaskedNode``s), so Adam's moments exist only for
+trained parameters. Frozen parameters still get gradients from ``jax.grad`` unless the loss
+stops them: ``stop_frozen_gradients(loss_fn, mask)`` does, so XLA can skip computing them (and a
+gradient-norm metric counts only the trained leaves).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import numpy as np
+import optax
+
+
+def path_str(path) -> str:
+    """A jax key path (from ``jax.tree_util.tree_flatten_with_path``) -> ``"a/b_0/kernel"``; list
+    and tuple entries by index (``"a/0/k"``)."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def trainable_mask(params, predicate: Callable[[str], bool]):
+    """params pytree -> pytree of bool, ``predicate(path_str)`` at every leaf (True = trained)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: bool(predicate(path_str(path))), params)
+
+
+def _labels(mask):
+    return jax.tree_util.tree_map(lambda trained: "train" if trained else "frozen", mask)
+
+
+def freeze_optimizer(optimizer: optax.GradientTransformation, mask) -> optax.GradientTransformation:
+    """``optimizer`` on the leaves where ``mask`` is True, zero updates and no state elsewhere.
+
+    ``mask``: a bool pytree shaped like the params, or a function ``params -> mask``. Weight decay
+    inside ``optimizer`` touches only trained leaves, so frozen ones stay bit-for-bit unchanged."""
+    if callable(mask):
+        labels = lambda params: _labels(mask(params))  # noqa: E731
+    else:
+        if not any(jax.tree_util.tree_leaves(mask)):
+            raise ValueError("the trainable mask is False everywhere: nothing would be trained")
+        labels = _labels(mask)
+    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
+def stop_frozen_gradients(loss_fn: Callable, mask) -> Callable:
+    """``loss_fn(params, batch, key)`` -> the same loss with ``lax.stop_gradient`` on every leaf
+    where ``mask`` is False: their gradients are exact zeros and XLA need not compute them."""
+
+    def wrapped(params, *args, **kwargs):
+        params = jax.tree_util.tree_map(lambda p, trained: p if trained else jax.lax.stop_gradient(p),
+                                        params, mask)
+        return loss_fn(params, *args, **kwargs)
+
+    return wrapped
+
+
+def count_params(params, mask=None) -> int:
+    """Number of scalars in ``params`` (arrays or ``jax.ShapeDtypeStruct``s), or only in the leaves
+    where ``mask`` is True."""
+    sizes = jax.tree_util.tree_map(lambda p: int(np.prod(np.shape(p), dtype=np.int64)), params)
+    if mask is not None:
+        sizes = jax.tree_util.tree_map(lambda n, trained: n if trained else 0, sizes, mask)
+    return int(sum(jax.tree_util.tree_leaves(sizes)))
