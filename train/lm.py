@@ -16,6 +16,12 @@ after the first is scored once, predicted from the 1 to ``--context`` tokens bef
 window (the first target of each window sees one token, the last sees ``--context``). Loss,
 perplexity and bits per character (total NLL over the characters of the scored text) go to
 summary.json with the wall time and parameter count; a KV-cached sample goes to sample.txt.
+
+Devices and memory: ``--parallel`` picks the device strategy (auto: data-parallel ``sharded`` on
+several devices; ``fsdp`` also splits params and optimiser state; ``shard_map``; ``pmap``) and
+``--accum-steps k`` splits each ``--batch-size`` batch into k micro-batches -- the update is the
+same either way, only memory and speed change. ``--dtype bfloat16`` computes in bf16 with fp32
+master weights; ``--remat`` recomputes transformer blocks in the backward pass.
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ from jaxllm.data.windows import lm_windows
 from jaxllm.generate import generate
 from jaxllm.models import gpt2, transformer
 from jaxllm.models.ngram import bits_per_char
-from jaxllm.training import TrainState, cli, fit, make_optimizer, make_train_step
+from jaxllm.training import TrainState, cli, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.losses import lm_cross_entropy
 from jaxllm.training.metrics import update_json
+from jaxllm.training.precision import mixed_precision
 
 PRESETS = {"decoder": ("burkov", "tiny", "llama"), "gpt2": ("tiny", "gpt2_124m", "gpt2_medium")}
 
@@ -163,6 +170,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=40)
     args = cli.parse_args(parser, argv)
+    strategy = cli.strategy(args)  # checks --batch-size against the devices and --accum-steps now
     preset = args.preset or ("burkov" if args.model == "decoder" else "tiny")
     if args.context < 1 or args.eval_batch_size < 1:
         raise ValueError("--context and --eval-batch-size must be >= 1")
@@ -172,6 +180,8 @@ def main(argv=None) -> dict:
     print(describe(data.report))
     config = build_config(args.model, preset, data.vocab_size, args.context, d_model=args.d_model,
                           layers=args.layers, heads=args.heads, dropout=args.dropout)
+    if args.remat:
+        config = config.replace(remat=True)
     windows = lm_windows(data.train_ids, args.context, args.stride or args.context, vocab_size=data.vocab_size)
     val_batches = eval_windows(data.val_ids, args.context, args.eval_batch_size)  # fails before training
     batches = ArrayBatches(windows, args.batch_size, seed=args.seed)
@@ -193,10 +203,12 @@ def main(argv=None) -> dict:
     optimizer = make_optimizer(opt_config)
     run = run_config(config, opt_config, batch_size=args.batch_size, seed=args.seed, context=args.context,
                      stride=args.stride or args.context, text=args.text, tokenizer=args.tokenizer,
-                     vocab_size=data.vocab_size)
+                     vocab_size=data.vocab_size, **({"dtype": args.dtype} if args.dtype != "float32" else {}))
     title = f"{args.model} LM ({preset})"
-    state = fit(TrainState.create(params, optimizer, jax.random.PRNGKey(args.seed + 1)),
-                make_train_step(make_loss_fn(config), optimizer), batches, out_dir=args.out, eval_fn=evaluate,
+    loss_fn = mixed_precision(make_loss_fn(config), args.dtype)  # float32: unchanged
+    train_step = strategy.train_step(loss_fn, optimizer, accum_steps=args.accum_steps)
+    state = fit(TrainState.create(params, optimizer, jax.random.PRNGKey(args.seed + 1)), train_step, batches,
+                out_dir=args.out, eval_fn=evaluate, strategy=strategy,
                 config=run, units_per_batch=args.batch_size * args.context, unit="tokens", title=title,
                 **cli.length_kwargs(args), **cli.fit_kwargs(args, steps_per_epoch=batches.steps_per_epoch))
 

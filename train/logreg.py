@@ -3,7 +3,8 @@
 Trains on logits (sigmoid BCE, the numerically stable form of the book's Sigmoid + BCELoss,
 which saturates on these raw features) with the book's SGD lr 0.001, full batch. With raw
 features the loss is badly conditioned: about 2,000 epochs are needed, hence the default 3,000.
-Prints each example's score against the 0.5 threshold.
+Prints each example's score against the 0.5 threshold. Full batch: on several devices
+(``--parallel``) the 12 rows must divide by the device count (``--accum-steps`` too).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from jaxllm.training.supervised import make_apply, train_supervised
 
 
 def main(argv=None) -> dict:
-    parser = cli.make_parser(__doc__, out="runs/logreg", epochs=3000, lr=1e-3, optimizer="sgd", log_every=100)
+    parser = cli.make_parser(__doc__, out="runs/logreg", epochs=3000, lr=1e-3, optimizer="sgd", log_every=100,
+                             precision=False)
     args = cli.parse_args(parser, argv)
     x, y = will_buy()
     config = LogisticConfig(num_inputs=2)
@@ -28,7 +30,7 @@ def main(argv=None) -> dict:
     run = train_supervised(
         config, (x, y), loss="binary", optimizer=cli.optimizer_config(args, cli.total_steps(args, steps_per_epoch)),
         out_dir=args.out, batch_size=args.batch_size, seed=args.seed, title="logistic regression",
-        **cli.length_kwargs(args), **cli.fit_kwargs(args),
+        **cli.parallel_kwargs(args), **cli.length_kwargs(args), **cli.fit_kwargs(args),
     )
     probs = np.asarray(predict_proba(make_apply(config)(run.params, x)))
     print(f"{'age':>4} {'income':>6}  label  P(buy)  prediction")

@@ -2,7 +2,8 @@
 against a logistic-regression baseline trained the same way (same optimiser, batches, epochs).
 
 Split 80/20 stratified with --seed; features standardised with the training split's statistics.
-The MLP's run is written to --out, the baseline's to --out/baseline.
+The MLP's run is written to --out, the baseline's to --out/baseline. ``--parallel`` and
+``--accum-steps`` choose the devices and micro-batching (the same update either way).
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from jaxllm.training.supervised import train_supervised
 
 
 def main(argv=None) -> dict:
-    parser = cli.make_parser(__doc__, out="runs/mlp", epochs=30, lr=3e-3, batch_size=32)
+    parser = cli.make_parser(__doc__, out="runs/mlp", epochs=30, lr=3e-3, batch_size=32, precision=False)
     parser.add_argument("--hidden", type=int, nargs="+", default=[30, 20], help="hidden layer widths")
     args = cli.parse_args(parser, argv)
     train, test = breast_cancer(seed=args.seed)
     steps_per_epoch = len(train[0]) // args.batch_size
     optimizer = cli.optimizer_config(args, cli.total_steps(args, steps_per_epoch))
     common = dict(optimizer=optimizer, batch_size=args.batch_size, seed=args.seed, test=test,
-                  **cli.length_kwargs(args), **cli.fit_kwargs(args, steps_per_epoch=steps_per_epoch))
+                  **cli.parallel_kwargs(args), **cli.length_kwargs(args),
+                  **cli.fit_kwargs(args, steps_per_epoch=steps_per_epoch))
 
     mlp = MLPConfig(num_inputs=train[0].shape[1], num_outputs=2, hidden=tuple(args.hidden))
     run = train_supervised(mlp, train, loss="softmax", out_dir=args.out, title="MLP", **common)

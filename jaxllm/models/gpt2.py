@@ -62,6 +62,7 @@ class GPT2Config(ModelConfig):
     qkv_bias: bool = False
     tie_embeddings: bool = False
     num_classes: int | None = None  # set: out_head is a new Linear(emb_dim, num_classes) with bias (Raschka ch. 6)
+    remat: bool = False  # recompute each block's activations in the backward pass (less memory, more compute)
 
     def __post_init__(self):
         if self.num_classes is not None and (self.num_classes < 1 or self.tie_embeddings):
@@ -159,7 +160,7 @@ class MultiHeadAttention(nn.Module):
 
         scores = jnp.einsum("bthd,bshd->bhts", q, k)
         scores = jnp.where(mask[:, None], scores, -jnp.inf)  # each query sees itself: no NaN rows
-        weights = jax.nn.softmax(scores / jnp.sqrt(jnp.float32(dh)), axis=-1)
+        weights = jax.nn.softmax(scores / math.sqrt(dh), axis=-1)
         weights = nn.Dropout(cfg.drop_rate)(weights, deterministic=deterministic)
         context = jnp.einsum("bhts,bshd->bthd", weights, v).reshape(b, t, d)
         return dense(d, d, True, "out_proj")(context), new_kv
@@ -227,10 +228,12 @@ class GPT2(nn.Module):
         x = tok_emb(tokens) + pos_emb(positions)
         x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
 
+        # remat keeps param names (the explicit name); `deterministic` (arg 4 counting self) is a Python bool
+        block = nn.remat(TransformerBlock, static_argnums=(4,)) if cfg.remat else TransformerBlock
         new_k, new_v = [], []
         for i in range(cfg.n_layers):
             layer_kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = TransformerBlock(cfg, name=f"trf_blocks_{i}")(
+            x, kv = block(cfg, name=f"trf_blocks_{i}")(
                 x, layer_kv, None if cache is None else cache.lengths, deterministic)
             if kv is not None:
                 new_k.append(kv[0])

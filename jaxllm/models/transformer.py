@@ -76,6 +76,7 @@ class TransformerConfig(ModelConfig):
     tie_embeddings: bool = False
     qkv_layout: str = "per_head"  # "per_head" (Burkov's names) | "fused" (needed for GQA)
     num_classes: int | None = None  # set: ``output`` is [d_model, num_classes] plus ``output_bias`` (a classifier head)
+    remat: bool = False  # recompute each block's activations in the backward pass (less memory, more compute)
 
     def __post_init__(self):
         if self.num_classes is not None and (self.num_classes < 1 or self.tie_embeddings):
@@ -200,7 +201,8 @@ class Transformer(nn.Module):
     def setup(self):
         cfg = self.config
         self.embedding = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embedding_init(cfg.pad_index))
-        self.layers = [DecoderBlock(cfg) for _ in range(cfg.num_layers)]
+        block = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock  # same param names (``layers_{i}``)
+        self.layers = [block(cfg) for _ in range(cfg.num_layers)]
         if cfg.final_norm:
             self.final_norm = RMSNorm(cfg.norm_eps)
         if cfg.num_classes is not None:  # a new Linear(d_model, classes) head, torch's default init

@@ -9,11 +9,14 @@ import sys
 from typing import Callable, Sequence
 
 from jaxllm.training.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
+from jaxllm.training.parallel import STRATEGIES, Strategy, make_strategy
 
 
 def make_parser(description: str, *, out: str, epochs: int, lr: float, optimizer: str = "adamw",
                 batch_size: int | None = None, weight_decay: float = 0.0, momentum: float = 0.0,
-                log_every: int = 10) -> argparse.ArgumentParser:
+                log_every: int = 10, precision: bool = True) -> argparse.ArgumentParser:
+    """The shared flags. ``precision=False`` leaves out ``--dtype``/``--remat`` for a script that
+    cannot honour them (better no flag than one silently ignored)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=out, help="output directory (metrics.jsonl, summary.json, loss.png, checkpoints/)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and splits")
@@ -38,10 +41,50 @@ def make_parser(description: str, *, out: str, epochs: int, lr: float, optimizer
                    help="delete a previous run's outputs in --out first (otherwise they are kept and the run refused)")
     p.add_argument("--log-every", type=int, default=log_every, help="fetch and log metrics every N steps")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_parallel_flags(p, precision=precision)
     return p
 
 
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "baseline", "tokenizer.json", "sample.txt")
+PARALLEL_CHOICES = ("auto", *STRATEGIES)
+DTYPES = ("float32", "bfloat16")
+
+
+def add_parallel_flags(p: argparse.ArgumentParser, *, precision: bool = True) -> None:
+    """``--parallel``, ``--accum-steps`` (jaxllm.training.parallel) and, with ``precision``,
+    ``--dtype`` (jaxllm.training.precision) and ``--remat`` (the transformer configs' flag)."""
+    g = p.add_argument_group("devices and memory")
+    g.add_argument("--parallel", choices=PARALLEL_CHOICES, default="auto",
+                   help="device strategy: single | sharded (jit + NamedSharding, batch split, params replicated) "
+                        "| fsdp (params and optimiser state split too) | shard_map (per-device code, explicit "
+                        "psum) | pmap (classic, maintenance mode); auto = sharded on several devices, else single")
+    g.add_argument("--accum-steps", type=int, default=1,
+                   help="split each batch (--batch-size is the global batch per optimiser step) into this many "
+                        "micro-batches and accumulate their gradients: the same update, 1/k the activation memory")
+    if not precision:
+        return
+    g.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="compute dtype: bfloat16 = bf16 activations and matmuls, fp32 master weights and optimiser")
+    g.add_argument("--remat", action="store_true", help="recompute transformer blocks in the backward pass")
+
+
+def strategy(args, *, devices=None) -> Strategy:
+    """The ``--parallel`` strategy (``auto``: sharded on several devices, else single); checks now,
+    before any work, that ``--batch-size`` divides by the devices x ``--accum-steps``."""
+    if args.accum_steps < 1:
+        raise ValueError(f"--accum-steps must be >= 1, got {args.accum_steps}")
+    chosen = make_strategy(None if args.parallel == "auto" else args.parallel, devices=devices)
+    if getattr(args, "batch_size", None):
+        chosen.check_rows(args.batch_size, args.accum_steps)
+    return chosen
+
+
+def parallel_kwargs(args) -> dict:
+    """``strategy`` and ``accum_steps`` for ``train_supervised`` (or any builder of a train step)."""
+    return {"strategy": strategy(args), "accum_steps": args.accum_steps}
+
+
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "baseline", "tokenizer.json", "sample.txt",
+               "test_responses.json")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):

@@ -62,6 +62,7 @@ def fit(
     units_per_batch: int | None = None,
     unit: str = "examples",
     title: str = "",
+    strategy=None,
 ) -> TrainState:
     """Train ``state`` for ``steps`` (or ``epochs`` x ``train_data.steps_per_epoch``) steps.
 
@@ -71,7 +72,15 @@ def fit(
     position), so the run ends exactly where an uninterrupted one would; without it, an
     ``out_dir`` that already holds checkpoints is refused rather than overwritten.
     Raises ``TrainingDiverged`` on a NaN/Inf loss, leaving the last good checkpoint in place.
+
+    ``strategy`` (``jaxllm.training.parallel``; default: the one ``train_step`` was built by, if
+    any) runs the steps on its devices: ``state`` comes in and goes out on one device, is placed
+    onto the devices after any restore, and gathered back for every evaluation and checkpoint
+    (so checkpoints do not depend on the device count). ``eval_fn`` gets one-device params.
     """
+    strategy = strategy if strategy is not None else getattr(train_step, "strategy", None)
+    place = strategy.place if strategy is not None else (lambda s: s)
+    gather = strategy.gather if strategy is not None else (lambda s: s)
     if (steps is None) == (epochs is None):
         raise ValueError("pass exactly one of steps= or epochs=")
     total = steps if steps is not None else epochs * train_data.steps_per_epoch
@@ -108,6 +117,7 @@ def fit(
             fields["eval"] = {k: float(v) for k, v in eval_fn(state.params).items()}
         update_json(os.path.join(out_dir, "summary.json"), fields)
         return state
+    state = place(state)
 
     pending: list[tuple[int, Any]] = []
     last_train: dict[str, float] = {}
@@ -163,11 +173,16 @@ def fit(
             if step % log_every == 0 or save_now or eval_now:
                 flush(step)
             t_before = time.perf_counter()
+            if eval_now or save_now:
+                one_device = gather(state)
             if eval_now:
-                last_eval = {k: float(v) for k, v in eval_fn(state.params).items()}
+                last_eval = {k: float(v) for k, v in eval_fn(one_device.params).items()}
                 log.append([{"step": step, "split": "eval", **last_eval}])
             if save_now:
-                last_saved = ckpt.save(state, data_state=train_data.state_dict())
+                # several processes: orbax writes the global arrays once (a gathered one-device
+                # state is host-local there and cannot be serialised); restorable on any device count
+                to_save = state if jax.process_count() > 1 else one_device
+                last_saved = ckpt.save(to_save, data_state=train_data.state_dict())
             t_aside += time.perf_counter() - t_before
         elapsed = time.perf_counter() - t0 - t_aside
     finally:
@@ -190,4 +205,4 @@ def fit(
         "last_checkpoint": last_saved,
     }
     write_json(os.path.join(out_dir, "summary.json"), summary)
-    return state
+    return gather(state)

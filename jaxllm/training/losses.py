@@ -2,6 +2,11 @@
 
 ``batch`` is ``{"x": inputs, "y": targets}``. Each builder takes the model's ``apply`` so the
 loss never knows which model it trains.
+
+A loss that is a mean over something other than the batch rows (tokens that are not padding)
+reports that count as ``aux["targets"]``: gradient accumulation and the data-parallel steps
+weight each piece of a batch by it (``jaxllm.training.step``), so k micro-batches or n devices
+give exactly the mean over the whole batch.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ from jaxllm.training.losses import LOSSES
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.loop import fit
 from jaxllm.training.optim import OptimizerConfig, make_optimizer
+from jaxllm.training.parallel import Strategy, make_strategy
 from jaxllm.training.state import TrainState
-from jaxllm.training.step import evaluate, make_eval_step, make_train_step
+from jaxllm.training.step import evaluate, make_eval_step
 from jaxllm.validate import check_labels, check_targets
 
 
@@ -54,10 +55,13 @@ class Run:
 
 def train_supervised(config, train, *, loss: str, optimizer: OptimizerConfig, out_dir: str,
                      batch_size: int | None = None, epochs: int | None = None, steps: int | None = None,
-                     seed: int = 0, test=None, **fit_kwargs) -> Run:
+                     seed: int = 0, test=None, strategy: Strategy | None = None, accum_steps: int = 1,
+                     **fit_kwargs) -> Run:
     """Train ``config``'s model on ``train = (x, y)``; evaluate on ``test = (x, y)`` if given.
 
-    ``batch_size=None`` is full-batch gradient descent. Returns params and ``{"train_loss",
+    ``batch_size=None`` is full-batch gradient descent. ``strategy`` (default single device) and
+    ``accum_steps`` choose how each step runs (``jaxllm.training.parallel``); evaluation runs on
+    one device with the gathered params. Returns params and ``{"train_loss",
     "train_accuracy", "test_loss", "test_accuracy"}`` (accuracies only for classifiers).
     """
     if loss not in LOSSES:
@@ -71,7 +75,9 @@ def train_supervised(config, train, *, loss: str, optimizer: OptimizerConfig, ou
     eval_step = make_eval_step(loss_fn)
     eval_data = ArrayBatches(test_arrays, min(1024, len(test_arrays["x"])), shuffle=False) if test_arrays else None
     eval_fn = (lambda params: evaluate(eval_step, params, eval_data)) if eval_data else None
-    state = fit(state, make_train_step(loss_fn, opt), data, out_dir=out_dir, epochs=epochs, steps=steps,
+    strategy = strategy or make_strategy("single")
+    train_step = strategy.train_step(loss_fn, opt, accum_steps=accum_steps)
+    state = fit(state, train_step, data, out_dir=out_dir, epochs=epochs, steps=steps, strategy=strategy,
                 eval_fn=eval_fn, config=run_config(config, optimizer, batch_size=data.batch_size, seed=seed),
                 **fit_kwargs)
     train_eval = ArrayBatches(train_arrays, min(1024, len(train_arrays["x"])), shuffle=False)
