@@ -38,7 +38,8 @@ from jaxllm.data.tokenizer import encode, save_encoding
 from jaxllm.generate import generate
 from jaxllm.models.gpt2 import GPT2Config
 from jaxllm.pretrained import load_base
-from jaxllm.training import TrainState, cli, fit, make_optimizer, make_train_step
+from jaxllm.training import TrainState, cli, fit, make_optimizer
+from jaxllm.training.precision import mixed_precision
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.losses import lm_cross_entropy
 from jaxllm.training.metrics import update_json
@@ -166,6 +167,9 @@ def main(argv=None) -> dict:
         if not isinstance(config, GPT2Config):
             raise ValueError("--dropout applies to GPT-2 bases only (the Burkov decoder has no dropout)")
         config = config.replace(drop_rate=args.dropout)
+    if args.remat:
+        config = config.replace(remat=True)
+    strategy = cli.strategy(args)  # checks --batch-size against the devices and --accum-steps now
     max_length = args.max_length or trained_context(base)
     limit = config.context_length if isinstance(config, GPT2Config) else None
     if max_length < 2 or (limit is not None and max_length > limit):
@@ -200,6 +204,7 @@ def main(argv=None) -> dict:
     opt_config = cli.optimizer_config(args, total)
     optimizer = make_optimizer(opt_config)
     run = run_config(config, opt_config, batch_size=args.batch_size, seed=args.seed, context=max_length,
+                     **({"dtype": args.dtype} if args.dtype != "float32" else {}),
                      base=base.source, instructions=os.path.abspath(args.data), mask_prompt=args.mask_prompt)
     os.makedirs(args.out, exist_ok=True)
     save_encoding(base.encoding, os.path.join(args.out, "tokenizer.json"))  # the output is a base itself
@@ -212,8 +217,10 @@ def main(argv=None) -> dict:
     fit_kwargs = cli.fit_kwargs(args, steps_per_epoch=batches.steps_per_epoch)
     fit_kwargs["eval_every"] = args.eval_every or max(1, batches.steps_per_epoch // 4)
     state = fit(TrainState.create(base.params, optimizer, jax.random.PRNGKey(args.seed + 1)),
-                make_train_step(make_loss_fn(config), optimizer), batches, out_dir=args.out, eval_fn=eval_fn,
-                config=run, units_per_batch=args.batch_size * width, unit="tokens",
+                strategy.train_step(mixed_precision(make_loss_fn(config), args.dtype), optimizer,
+                                    accum_steps=args.accum_steps),
+                batches, out_dir=args.out, eval_fn=eval_fn, strategy=strategy, config=run,
+                units_per_batch=args.batch_size * width, unit="tokens",
                 title="instruction fine-tuning", **cli.length_kwargs(args), **fit_kwargs)
     val_last = (last_eval or evaluate(state.params))["loss"]
 
