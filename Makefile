@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test data classify instruct bench scaling clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,28 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python train/lm.py --out runs/lm --overwrite
 
+# VADER movie-review snippets for train/classify.py: pip downloads the vaderSentiment sdist (no install)
+data/vader/movieReviewSnippets_GroundTruth.txt: | $(STAMP)
+	$(BIN)/python -m jaxllm.data.fetch_vader --dest data/vader
+
+data: data/vader/movieReviewSnippets_GroundTruth.txt
+
+# fine-tuning demos on the `make demo` model (runs/lm)
+classify: data
+	$(BIN)/python train/classify.py --base runs/lm --mode lora --out runs/classify_lora --overwrite
+	$(BIN)/python train/classify.py --base runs/lm --mode last-block --out runs/classify_last_block --overwrite
+
+instruct: $(STAMP)
+	$(BIN)/python train/instruct.py --base runs/lm --out runs/instruct --overwrite
+
+bench: $(STAMP)
+	$(BIN)/python -m jaxllm.bench train generate rnn
+
+scaling: $(STAMP)
+	$(BIN)/python train/scaling.py --out runs/scaling
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10 $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs data .pytest_cache
