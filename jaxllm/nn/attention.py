@@ -18,6 +18,16 @@ filled. A call with T new tokens writes their keys/values at slots ``lengths[b] 
 up to and including its own. There is no key-padding mask: as in the book, pad tokens are ordinary
 keys (the loss ignores pad targets). XLA clamps an out-of-bounds write instead of failing, so the
 caller must keep ``lengths + T <= max_len`` (checked on the host by ``check_cache_room``).
+
+Training (no cache) takes ``causal_attention``: heads moved to the front (``[B, H, T, dh]``, a
+copy of the small Q/K/V, not of the ``[T, T]`` scores), the 1/sqrt(dh) scale folded into Q, the
+causal mask from an iota compare, softmax in float32, and a hand-written backward
+(``jax.custom_vjp``: ``dS = P * (dP - rowsum(dO * O))``, as FlashAttention does). On 2 CPU cores
+XLA's own derivative of the einsum formulation transposed the ``[B, H, T, T]`` scores and
+weights several times per layer and materialised broadcast constants of that size; the
+custom backward removes most of it (issue 7: about 12-15 % of a training step of the book-size
+decoder; ``python -m jaxllm.bench train`` measures it). The math and the parameters are
+unchanged: logits and gradients equal the einsum version to float rounding.
 """
 
 from __future__ import annotations
@@ -85,6 +95,61 @@ def attend(q, k, v, mask):
     return out.reshape(b, t, h * dh)
 
 
+def causal_attention(q, k, v):
+    """Causal self-attention over T tokens (no cache), fast on CPU in training.
+
+    q float[B, T, H, dh]; k, v float[B, T, KV, dh] with H a multiple of KV (query head h reads
+    KV head h // (H / KV)) -> float[B, T, H * dh], heads concatenated in head order. Equals
+    ``attend`` with a causal mask; its backward is ``_attention_bwd`` (see the module docstring).
+    """
+    b, t, h, dh = q.shape
+    kv = k.shape[2]
+    if kv != h:  # grouped-query: repeat each KV head for its group (the gradient sums the copies)
+        k, v = jnp.repeat(k, h // kv, axis=2), jnp.repeat(v, h // kv, axis=2)
+    q = q * jnp.asarray(1.0 / np.sqrt(dh), q.dtype)  # scale the small Q, not the [T, T] scores
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # heads first: [B, H, T, dh]
+    mask = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [T, T], True on and below the diagonal
+    out = _softmax_attention(q, k, v, mask)
+    return jnp.swapaxes(out, 1, 2).reshape(b, t, h * dh)
+
+
+def _attention_forward(q, k, v, mask):
+    """q (pre-scaled), k, v float[B, H, T|S, dh], mask bool broadcastable to [B, H, T, S] ->
+    (out float[B, H, T, dh], weights float32[B, H, T, S])."""
+    scores = jnp.einsum("bhtd,bhsd->bhts", q, k).astype(jnp.float32)
+    scores = jnp.where(mask, scores, -jnp.inf)  # every query sees itself: no all-masked row
+    scores = scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True))
+    e = jnp.exp(scores)
+    weights = e / e.sum(-1, keepdims=True)
+    return jnp.einsum("bhts,bhsd->bhtd", weights.astype(v.dtype), v), weights
+
+
+@jax.custom_vjp
+def _softmax_attention(q, k, v, mask):
+    return _attention_forward(q, k, v, mask)[0]
+
+
+def _attention_fwd(q, k, v, mask):
+    out, weights = _attention_forward(q, k, v, mask)
+    return out, (q, k, v, out, weights, mask)
+
+
+def _attention_bwd(residuals, d_out):
+    """P = softmax(S), O = P V: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
+    dQ = dS K, dK = dS^T Q (Q already scaled; the mask gets no gradient)."""
+    q, k, v, out, weights, mask = residuals
+    d_v = jnp.einsum("bhts,bhtd->bhsd", weights.astype(d_out.dtype), d_out)
+    d_weights = jnp.einsum("bhtd,bhsd->bhts", d_out, v).astype(jnp.float32)
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+    d_scores = (weights * (d_weights - row)).astype(q.dtype)
+    d_q = jnp.einsum("bhts,bhsd->bhtd", d_scores, k)
+    d_k = jnp.einsum("bhts,bhtd->bhsd", d_scores, q)
+    return d_q, d_k, d_v, None
+
+
+_softmax_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 class HeadParams(nn.Module):
     """Burkov's ``AttentionHead`` parameters: ``W_Q``, ``W_K``, ``W_V`` each (D, d_h)."""
 
@@ -141,6 +206,8 @@ class SelfAttention(nn.Module):
         rotate = ROPE[self.rope]
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
 
+        if cache_kv is None:
+            return causal_attention(q, k, v) @ w_o, None
         k, v, mask, new_kv = keys_values_and_mask(k, v, cache_kv, lengths)
         return attend(q, k, v, mask) @ w_o, new_kv
 
