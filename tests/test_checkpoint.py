@@ -1,6 +1,6 @@
 """Checkpoints round-trip exactly; corrupt or mismatched ones are refused with a clear message."""
 
-import gc
+import json
 import os
 
 import jax
@@ -9,6 +9,7 @@ import pytest
 
 from jaxllm.models.mlp import MLPConfig
 from jaxllm.training import CheckpointError, Checkpointer, OptimizerConfig, TrainState, make_optimizer
+from jaxllm.training.checkpoint import CheckpointWriteError
 from jaxllm.training.supervised import init_params
 
 CONFIG = MLPConfig(num_inputs=3, num_outputs=2, hidden=(5,))
@@ -47,41 +48,101 @@ def test_checkpoint_for_another_config_is_refused(tmp_path):
             ckpt.restore(make_state(other))
 
 
-# orbax abandons its async readers when a file is unreadable; collect them here, not in a later test
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
-def test_corrupt_checkpoint_is_refused_and_empty_dir_explained(tmp_path):
+def _files(step_dir):
+    return [os.path.join(root, name) for root, _, names in os.walk(step_dir) for name in names
+            if name != "checksums.json"]
+
+
+def _flip_bytes(path):
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        for i in range(0, len(data), max(1, len(data) // 8)):
+            data[i] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 3)
+
+
+def _largest_array_file(step_dir):
+    data = [p for p in _files(step_dir) if f"{os.sep}d{os.sep}" in p]
+    return max(data, key=os.path.getsize)
+
+
+def test_empty_dir_is_explained(tmp_path):
     with Checkpointer(tmp_path / "empty") as ckpt:
         with pytest.raises(CheckpointError, match="no checkpoint in"):
             ckpt.restore(make_state())
-    with Checkpointer(tmp_path / "c") as ckpt:
-        ckpt.save(make_state())
-    state_dir = tmp_path / "c" / "7" / "state"
-    for root, _, files in os.walk(state_dir):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "r+b") as f:
-                f.truncate(max(0, os.path.getsize(path) // 3))
-    with Checkpointer(tmp_path / "c") as ckpt:
-        with pytest.raises(CheckpointError, match="checkpoint step 7 .* (unreadable|cannot be restored)"):
+
+
+@pytest.mark.parametrize("damage", [_flip_bytes, _truncate])
+def test_altered_files_are_detected_and_the_newest_intact_step_restored(tmp_path, capsys, damage):
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        for step in (3, 5, 7):
+            ckpt.save(make_state(step=step))
+    assert json.load(open(tmp_path / "7" / "checksums.json"))["algorithm"] == "sha256"
+    damage(_largest_array_file(tmp_path / "7"))
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointError, match=r"step 7 .* is damaged: 1 file\(s\) changed"):
+            ckpt.restore(make_state(step=0), step=7)  # an explicit step is never swapped for another
+        restored, meta = ckpt.restore(make_state(step=0))  # the newest intact one
+    assert int(restored.step) == 5 and meta["step"] == 5
+    assert "warning: checkpoint step 7" in capsys.readouterr().err
+    for a, b in zip(jax.tree_util.tree_leaves(make_state(step=5)), jax.tree_util.tree_leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_no_intact_step_is_refused_naming_each(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(make_state(step=3))
+        ckpt.save(make_state(step=5))
+    os.remove(_largest_array_file(tmp_path / "3"))
+    with open(tmp_path / "5" / "checksums.json", "w") as f:
+        f.write("{not json")
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointError, match="no intact checkpoint") as err:
             ckpt.restore(make_state())
-    gc.collect()
+    assert "step 5" in str(err.value) and "checksums.json is unreadable" in str(err.value)
+    assert "step 3" in str(err.value) and "missing" in str(err.value)
 
 
-def test_failed_save_leaves_the_good_checkpoint(tmp_path, monkeypatch):
+def test_damaged_steps_are_set_aside_not_deleted(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(make_state(step=3))
+        ckpt.save(make_state(step=5))
+        moved = ckpt.set_aside(newer_than=3)
+        assert ckpt.all_steps() == [3] and moved == [str(tmp_path / "damaged-5")]
+        ckpt.save(make_state(step=5))  # the step number can be written again
+        assert ckpt.all_steps() == [3, 5]
+    assert (tmp_path / "damaged-5" / "checksums.json").exists()
+
+
+def test_failed_save_leaves_the_good_checkpoint_and_no_partial_files(tmp_path, monkeypatch):
     good = make_state(step=3)
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(good)
 
-    def explode(*args, **kwargs):
-        raise OSError("disk full")
+    def explode(step, *args, **kwargs):
+        os.makedirs(tmp_path / f"{step}.orbax-checkpoint-tmp-123")  # what orbax leaves mid-save
+        raise OSError(28, "No space left on device")
 
     with Checkpointer(tmp_path) as ckpt:
         monkeypatch.setattr(ckpt.manager, "save", explode)
-        with pytest.raises(OSError):
+        with pytest.raises(CheckpointWriteError, match=f"cannot write checkpoint step 4 to {tmp_path}: "
+                                                       r"No space left on device \(errno 28\)"):
             ckpt.save(make_state(step=4))
+    assert sorted(os.listdir(tmp_path)) == ["3"]
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.all_steps() == [3]
         restored, _ = ckpt.restore(make_state(step=0))
     for a, b in zip(jax.tree_util.tree_leaves(good), jax.tree_util.tree_leaves(restored)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_checkpoint_directory_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointWriteError, match="it is a file, not a directory"):
+        Checkpointer(tmp_path / "file")

@@ -2,6 +2,9 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,7 +14,9 @@ from jaxllm.data.batches import ArrayBatches
 from jaxllm.models.mlp import MLPConfig
 from jaxllm.training import (Checkpointer, OptimizerConfig, TrainingDiverged, TrainState, fit,
                              make_optimizer, make_train_step)
+from jaxllm.training.loop import TrainingInterrupted
 from jaxllm.training.losses import softmax_cross_entropy
+from jaxllm.training.run_lock import RunDirectoryBusy
 from jaxllm.training.supervised import init_params, make_apply
 
 CONFIG = MLPConfig(num_inputs=4, num_outputs=3, hidden=(8,))
@@ -199,11 +204,117 @@ def test_resuming_a_finished_run_keeps_its_summary(tmp_path):
         fit(state, step, data, out_dir=tmp_path, steps=5, resume=True, progress=False)
 
 
-def test_resume_without_a_checkpoint_starts_a_clean_log(tmp_path):
+def test_resume_without_a_checkpoint_is_an_error_and_a_fresh_run_starts_a_clean_log(tmp_path):
     state, step, data = fresh()
     with pytest.raises(Killed):  # killed before its first checkpoint
         fit(state, step, DiesAfter(data, 6), out_dir=tmp_path, steps=10, checkpoint_every=8, log_every=1,
             progress=False)
     state, step, data = fresh()
-    fit(state, step, data, out_dir=tmp_path, steps=10, resume=True, progress=False)
+    with pytest.raises(ValueError, match=f"nothing to resume: {tmp_path / 'checkpoints'} holds no checkpoint"):
+        fit(state, step, data, out_dir=tmp_path, steps=10, resume=True, progress=False)
+    fit(state, step, data, out_dir=tmp_path, steps=10, progress=False)
     assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == list(range(1, 11))
+
+
+class PoisonAt:
+    """A train step that turns one parameter NaN in step ``n``'s update, after its loss was computed:
+    the loss of step n is finite, the state saved after it would not be."""
+
+    def __init__(self, train_step, n):
+        self.train_step, self.n = train_step, n
+
+    def __call__(self, state, batch):
+        state, metrics = self.train_step(state, batch)
+        if int(state.step) == self.n:
+            poisoned = jax.tree_util.tree_map(lambda p: p.at[(0,) * p.ndim].set(np.nan), state.params)
+            state = state.replace(params=poisoned)
+        return state, metrics
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    state, step, data = fresh()
+    with pytest.raises(TrainingDiverged, match="4 parameter/optimiser values became NaN or Inf at step 10.*"
+                                               "last good checkpoint: step 5") as err:
+        fit(state, PoisonAt(step, 10), data, out_dir=tmp_path, steps=20, checkpoint_every=5, log_every=10,
+            progress=False)
+    assert err.value.last_checkpoint == 5
+    assert json.load(open(tmp_path / "summary.json"))["status"] == "diverged"
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [5]
+        restored, _ = ckpt.restore(fresh()[0])
+    assert all(np.isfinite(x).all() for x in leaves(restored))
+
+
+class SignalAt(DiesAfter):
+    """Sends this process ``signum`` while fetching the batch of step ``n + 1``, as Ctrl-C would."""
+
+    def __init__(self, source, n, signum):
+        super().__init__(source, n)
+        self.signum = signum
+
+    def next(self):
+        if self.left == 0:
+            os.kill(os.getpid(), self.signum)
+        self.left -= 1
+        return self.source.next()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_the_current_step_and_the_run_resumes(tmp_path, signum):
+    state, step, data = fresh()
+    full = fit(state, step, data, out_dir=tmp_path / "a", steps=20, checkpoint_every=5, progress=False)
+    state, step, data = fresh()
+    with pytest.raises(TrainingInterrupted) as err:
+        fit(state, step, SignalAt(data, 7, signum), out_dir=tmp_path / "b", steps=20, checkpoint_every=5,
+            progress=False)
+    assert err.value.step == 8 and err.value.last_checkpoint == 8 and err.value.exit_code == 128 + signum
+    summary = json.load(open(tmp_path / "b" / "summary.json"))
+    assert summary["status"] == "interrupted" and summary["last_checkpoint"] == 8
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    state, step, data = fresh()
+    resumed = fit(state, step, data, out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False,
+                  resume=True)
+    for a, b in zip(leaves(full), leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_skips_a_damaged_step_and_sets_it_aside(tmp_path, capsys):
+    state, step, data = fresh()
+    full = fit(state, step, data, out_dir=tmp_path / "a", steps=20, checkpoint_every=5, progress=False)
+    state, step, data = fresh()
+    with pytest.raises(Killed):
+        fit(state, step, DiesAfter(data, 12), out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False)
+    metadata = tmp_path / "b" / "checkpoints" / "10" / "state" / "_METADATA"
+    metadata.write_bytes(metadata.read_bytes()[:-7])
+    state, step, data = fresh()
+    resumed = fit(state, step, data, out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False,
+                  resume=True)
+    err = capsys.readouterr().err
+    assert "checkpoint step 10" in err and "is damaged" in err and "resuming from step 5" in err
+    assert (tmp_path / "b" / "checkpoints" / "damaged-10" / "state" / "_METADATA").exists()
+    for a, b in zip(leaves(full), leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+    assert json.load(open(tmp_path / "b" / "summary.json"))["resumed_from"] == 5
+
+
+HOLD_LOCK = """
+import sys, time
+from jaxllm.training.run_lock import lock_run_dir
+lock_run_dir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_run_on_the_same_directory_is_refused_naming_the_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        state, step, data = fresh()
+        with pytest.raises(RunDirectoryBusy, match=f"{tmp_path} is in use by another run \\(pid {holder.pid} on "):
+            fit(state, step, data, out_dir=tmp_path, steps=3, progress=False)
+        assert not (tmp_path / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    fit(state, step, data, out_dir=tmp_path, steps=3, progress=False)  # released when the holder died

@@ -2,14 +2,27 @@
 
 Orbax writes each step into a temporary directory and renames it only once complete, so a
 failed or killed save never replaces a good checkpoint; ``keep`` bounds how many stay on disk.
-A checkpoint whose config or tree structure does not match the run is refused with a
-``CheckpointError`` that says what differs.
+Once a step has committed, ``checksums.json`` in its directory records the sha256 of every
+file; ``restore`` verifies them, so flipped bytes or a truncated file are found before anything
+is loaded. Without an explicit step it falls back to the newest intact checkpoint (printing a
+warning naming the damaged step and why) and refuses when none is intact. A checkpoint whose
+config or tree structure does not match the run is refused with a ``CheckpointError`` that says
+what differs. A save that fails (disk full, read-only directory) raises ``CheckpointWriteError``
+naming the directory and the cause, after removing orbax's temporary directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
+import hashlib
+import json
+import logging
 import os
+import re
+import shutil
+import sys
 from typing import Any
 
 import jax
@@ -18,6 +31,10 @@ import orbax.checkpoint as ocp
 
 from jaxllm.training.state import TrainState
 
+CHECKSUMS = "checksums.json"
+ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step still being written
+SET_ASIDE_PREFIX = "damaged-"  # damaged steps are renamed, never deleted; orbax ignores the name
+
 
 def run_config(model_config, optimizer, **data) -> dict:
     """What a checkpoint must match to be resumed: the model, the optimiser and the data settings."""
@@ -25,7 +42,11 @@ def run_config(model_config, optimizer, **data) -> dict:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, or written for a different run."""
+    """A checkpoint that cannot be used: damaged, unreadable, or written for a different run."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only or missing directory ...)."""
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
@@ -38,64 +59,201 @@ def _describe(tree) -> dict[str, tuple]:
     return {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in flat}
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_checksums(step_dir: str) -> dict[str, str]:
+    """sha256 of every file under ``step_dir`` (but the checksum file), by relative path."""
+    sums = {}
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel not in (CHECKSUMS, CHECKSUMS + ".tmp"):
+                sums[rel] = _sha256(path)
+    return sums
+
+
+def damage(step_dir: str) -> str | None:
+    """Why the checkpoint in ``step_dir`` is damaged (a file missing, changed or added since it was
+    saved), or None when every file matches ``checksums.json``. A step saved before checksums
+    existed (no ``checksums.json``) is not verifiable: None, and restoring it relies on orbax."""
+    path = os.path.join(step_dir, CHECKSUMS)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            recorded = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its {CHECKSUMS} is unreadable ({exc})"
+    actual = file_checksums(step_dir)
+    missing = sorted(set(recorded) - set(actual))
+    if missing:
+        return f"{len(missing)} file(s) missing, e.g. {missing[0]}"
+    changed = sorted(name for name in recorded if recorded[name] != actual[name])
+    if changed:
+        return f"{len(changed)} file(s) changed since the save (sha256 mismatch), e.g. {changed[0]}"
+    added = sorted(set(actual) - set(recorded))
+    if added:
+        return f"{len(added)} unexpected file(s), e.g. {added[0]}"
+    return None
+
+
 class Checkpointer:
     """Save and restore a run in ``directory`` (created if missing)."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, config: dict | None = None):
         self.directory = os.path.abspath(os.fspath(directory))
         self.config = config
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointWriteError(f"cannot keep checkpoints in {self.directory}: it is a file, not a directory")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as exc:
+            raise CheckpointWriteError(f"cannot use {self.directory} for checkpoints: {exc.strerror or exc}") from exc
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        return sorted(self.manager.all_steps())
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def save(self, state: TrainState, *, data_state: dict | None = None) -> int:
-        """Write ``state`` under its step number (synchronously) and return that step."""
+        """Write ``state`` under its step number (synchronously), then its checksums; returns the step.
+
+        On failure nothing half-written stays behind (orbax's temporary directory is removed)
+        and the earlier checkpoints are untouched; raises ``CheckpointWriteError``.
+        """
         step = int(jax.device_get(state.step))
         meta = {"step": step, "data": data_state or {}, "config": self.config}
+        try:
+            with _quiet_orbax():
+                self._save(step, state, meta)
+            if jax.process_index() == 0:  # the step has committed on every process: record its files
+                self._write_checksums(step)
+        except Exception as exc:
+            self._remove_partial(step)
+            cause = _root_cause(exc)
+            raise CheckpointWriteError(f"cannot write checkpoint step {step} to {self.directory}: {cause}") from exc
+        return step
+
+    def _save(self, step: int, state: TrainState, meta: dict) -> None:
         self.manager.save(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_state_dict(state)), meta=ocp.args.JsonSave(meta)
-            ),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_state_dict(state)), meta=ocp.args.JsonSave(meta)),
             force=True,
         )
         self.manager.wait_until_finished()
-        return step
+
+    def _write_checksums(self, step: int) -> None:
+        step_dir = self.step_dir(step)
+        sums = {"algorithm": "sha256", "files": file_checksums(step_dir)}
+        tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(sums, f, indent=1, sort_keys=True)
+        os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+
+    def _remove_partial(self, step: int) -> None:
+        """Remove what a failed save of ``step`` left: orbax's temporary directory, and the step
+        itself if it committed but its checksums could not be written."""
+        for tmp in glob.glob(os.path.join(self.directory, f"{step}{ORBAX_TMP_SUFFIX}*")):
+            shutil.rmtree(tmp, ignore_errors=True)
+        step_dir = self.step_dir(step)
+        if os.path.isdir(step_dir) and not os.path.exists(os.path.join(step_dir, CHECKSUMS)):
+            shutil.rmtree(step_dir, ignore_errors=True)
+        try:
+            self.manager.reload()
+        except Exception:  # noqa: BLE001 -- the directory itself may be gone; the save error says why
+            pass
+
+    def read_meta(self, step: int) -> dict:
+        """The metadata saved with ``step``: ``{"step", "data", "config"}``."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as exc:  # orbax raises many types; the user needs one message
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable: {exc}") from exc
 
     def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
-        """Restore ``step`` (default: the latest) into the structure of ``template``.
+        """Restore ``step`` (default: the newest intact one) into the structure of ``template``.
 
-        Returns ``(state, meta)`` with ``meta["data"]`` the data-iterator position.
+        Returns ``(state, meta)`` with ``meta["data"]`` the data-iterator position and
+        ``meta["step"]`` the step restored. Every file is checked against the checksums recorded
+        at save time first. With ``step=None`` a damaged or unreadable newest step is skipped with a
+        warning on stderr and the next older one tried; a ``CheckpointError`` lists every step
+        when none is intact. A checkpoint of another config is refused at once (not skipped).
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
+        return self.restore_with(lambda meta: template, step)
+
+    def restore_with(self, make_template, step: int | None = None) -> tuple[TrainState, dict]:
+        """``restore`` with the template built from the checkpoint's own metadata:
+        ``make_template(meta) -> TrainState`` (e.g. from the model config saved in it)."""
+        if step is not None:
+            return self._restore_step(make_template, step)
+        steps = self.all_steps()
+        if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
+        problems = []
+        for candidate in reversed(steps):
+            try:
+                return self._restore_step(make_template, candidate)
+            except _Damaged as exc:
+                problems.append(str(exc))
+                print(f"warning: {exc}; trying an older checkpoint", file=sys.stderr, flush=True)
+        raise CheckpointError(f"no intact checkpoint in {self.directory}:\n  " + "\n  ".join(problems))
+
+    def _restore_step(self, make_template, step: int) -> tuple[TrainState, dict]:
         where = f"checkpoint step {step} in {self.directory}"
+        if step not in self.all_steps():
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; there are {self.all_steps()}")
+        problem = damage(self.step_dir(step))
+        if problem:
+            raise _Damaged(f"{where} is damaged: {problem}")
         try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as exc:  # orbax raises many types; the user needs one message
-            raise CheckpointError(f"{where} is unreadable (corrupt or incomplete): {exc}") from exc
+            meta = self.read_meta(step)
+        except CheckpointError as exc:
+            raise _Damaged(str(exc)) from exc
         if self.config is not None and meta.get("config") not in (None, self.config):
-            raise CheckpointError(
-                f"{where} was written for a different config:\n  saved: {meta.get('config')}\n"
-                f"  this run: {self.config}"
-            )
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_dict(template))
+            raise CheckpointError(f"{where} was written for a different config:\n"
+                                  f"{_config_diff(meta.get('config'), self.config)}")
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_dict(make_template(meta)))
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             )["state"]
         except Exception as exc:
-            raise CheckpointError(f"{where} cannot be restored into this model: {exc}") from exc
+            # files verified intact: the model differs; unverifiable (saved without checksums): maybe damage
+            verified = os.path.exists(os.path.join(self.step_dir(step), CHECKSUMS))
+            error = CheckpointError if verified else _Damaged
+            raise error(f"{where} cannot be restored into this model: {exc}") from exc
         if _describe(restored) != _describe(abstract):
             raise CheckpointError(f"{where} has a different parameter structure than this model")
-        state = TrainState(**restored)
-        return state, meta
+        return TrainState(**restored), meta
+
+    def set_aside(self, newer_than: int) -> list[str]:
+        """Rename every step after ``newer_than`` to ``damaged-<step>`` (kept for inspection, ignored
+        by orbax), so a run resumed from an older step can save those step numbers again."""
+        moved = []
+        for step in self.all_steps():
+            if step > newer_than:
+                target = os.path.join(self.directory, f"{SET_ASIDE_PREFIX}{step}")
+                suffix = 1
+                while os.path.exists(target):
+                    target = os.path.join(self.directory, f"{SET_ASIDE_PREFIX}{step}.{suffix}")
+                    suffix += 1
+                os.rename(self.step_dir(step), target)
+                moved.append(target)
+        if moved:
+            self.manager.reload()
+        return moved
 
     def close(self) -> None:
         self.manager.close()
@@ -105,3 +263,47 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Damaged(CheckpointError):
+    """A step whose files are damaged or unreadable: ``restore`` may fall back past it."""
+
+
+def _config_diff(saved, current, prefix: str = "") -> str:
+    """The differing entries of two run configs, one ``  key: saved -> this run`` line each."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        lines = []
+        for key in sorted(set(saved) | set(current)):
+            lines.append(_config_diff(saved.get(key), current.get(key), f"{prefix}{key}."))
+        return "\n".join(line for line in lines if line)
+    if saved == current:
+        return ""
+    return f"  {prefix.rstrip('.')}: saved {saved!r}, this run {current!r}"
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause of an exception chain as ``message (errno N)`` where it is an OS error
+    (also when tensorstore reports one inside its own message), else ``Type: message``."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for candidate in reversed(chain):
+        if isinstance(candidate, OSError) and candidate.strerror:
+            return f"{candidate.strerror} (errno {candidate.errno})"
+        code = re.search(r"os_error_code='?(\d+)", str(candidate))
+        if code:
+            return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
+    return f"{type(chain[-1]).__name__}: {chain[-1]}"
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax logs a failed write with a full traceback through absl before raising it; the error
+    raised here says the same in one line, so hide those records while saving."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

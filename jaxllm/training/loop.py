@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import sys
+import threading
 import time
 import warnings
 from typing import Any, Callable, Protocol
@@ -20,16 +23,66 @@ from tqdm.auto import tqdm
 
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import MetricsLog, plot_losses, update_json, write_json
+from jaxllm.training.run_lock import lock_run_dir
 from jaxllm.training.state import TrainState
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf. ``step`` is the 1-based step that produced it."""
+    """The loss (or the state about to be saved) became NaN or Inf at the 1-based ``step``."""
 
-    def __init__(self, step: int, value: float, last_checkpoint: int | None):
+    def __init__(self, step: int, value: float, last_checkpoint: int | None, *, what: str | None = None):
         self.step, self.value, self.last_checkpoint = step, value, last_checkpoint
         kept = f"last good checkpoint: step {last_checkpoint}" if last_checkpoint is not None else "no checkpoint was written"
-        super().__init__(f"loss became {value} at step {step}; training stopped ({kept})")
+        what = what or f"loss became {value}"
+        super().__init__(f"{what} at step {step}; training stopped ({kept})")
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM stopped training; ``last_checkpoint`` holds the run so far.
+    ``exit_code`` is the shell's convention for the signal (130, 143)."""
+
+    def __init__(self, signum: int, step: int, last_checkpoint: int | None):
+        self.signum, self.step, self.last_checkpoint = signum, step, last_checkpoint
+        self.exit_code = 128 + signum
+        kept = (f"checkpoint step {last_checkpoint} holds the run" if last_checkpoint is not None
+                else "no checkpoint was written")
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: {kept}")
+
+
+class _StopRequests:
+    """While active, SIGINT and SIGTERM only ask the loop to stop after the current step (a second
+    signal stops at once). Handlers can only be set from the main thread; elsewhere a no-op."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # asked twice: stop now
+            self.signum = signum
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@jax.jit
+def _non_finite_count(tree) -> jax.Array:
+    """How many float values in ``tree`` are NaN or Inf."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+    return sum((jax.numpy.sum(~jax.numpy.isfinite(x)) for x in leaves), jax.numpy.int32(0))
 
 
 class BatchSource(Protocol):
@@ -66,12 +119,20 @@ def fit(
 ) -> TrainState:
     """Train ``state`` for ``steps`` (or ``epochs`` x ``train_data.steps_per_epoch``) steps.
 
-    Writes ``out_dir/metrics.jsonl``, ``summary.json``, ``loss.png`` and ``checkpoints/``.
+    Writes ``out_dir/metrics.jsonl``, ``summary.json``, ``loss.png`` and ``checkpoints/``, and
+    holds ``out_dir``'s run lock (``jaxllm.training.run_lock``): a second run there is refused.
     ``eval_fn(params) -> {"loss": ..., ...}`` runs every ``eval_every`` steps and at the end.
-    ``resume=True`` continues from the latest checkpoint (params, optimiser, step, RNG and data
-    position), so the run ends exactly where an uninterrupted one would; without it, an
-    ``out_dir`` that already holds checkpoints is refused rather than overwritten.
-    Raises ``TrainingDiverged`` on a NaN/Inf loss, leaving the last good checkpoint in place.
+    ``resume=True`` continues from the newest intact checkpoint (params, optimiser, step, RNG and
+    data position), so the run ends exactly where an uninterrupted one would; damaged newer steps
+    are renamed ``damaged-<step>`` and their steps trained again. Without a checkpoint to resume
+    from it is an error; without ``resume``, an ``out_dir`` that already holds checkpoints is
+    refused rather than overwritten.
+
+    Nothing is lost: a NaN/Inf loss raises ``TrainingDiverged``, and so does a non-finite value in
+    the state about to be saved (checked before every checkpoint), so the last checkpoint is
+    always good. SIGINT/SIGTERM stop after the current step, save it, write ``summary.json`` with
+    ``"status": "interrupted"`` and raise ``TrainingInterrupted``. A checkpoint that cannot be
+    written raises ``CheckpointWriteError`` with the earlier ones intact.
 
     ``strategy`` (``jaxllm.training.parallel``; default: the one ``train_step`` was built by, if
     any) runs the steps on its devices: ``state`` comes in and goes out on one device, is placed
@@ -86,8 +147,9 @@ def fit(
     total = steps if steps is not None else epochs * train_data.steps_per_epoch
     if total < 1:
         raise ValueError(f"nothing to train: {total} steps")
-    os.makedirs(out_dir, exist_ok=True)
+    lock_run_dir(out_dir)
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
+    summary_path = os.path.join(out_dir, "summary.json")
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=keep, config=config)
     checkpoint_every = checkpoint_every or total
     units_per_batch = units_per_batch or train_data.batch_size
@@ -95,18 +157,30 @@ def fit(
     start = 0
     existing = ckpt.latest_step()
     if existing is not None and not resume:
+        ckpt.close()
         raise ValueError(
             f"{out_dir} already holds checkpoints up to step {existing}: pass resume=True "
             "(--resume) to continue that run, or choose a new output directory"
         )
-    if resume and existing is not None:
-        state, meta = ckpt.restore(state)
-        train_data.load_state_dict(meta["data"])
+    if resume and existing is None:
+        ckpt.close()
+        raise ValueError(f"nothing to resume: {ckpt.directory} holds no checkpoint (run without --resume "
+                         "to start this run afresh)")
+    last_saved = None
+    if resume:
+        try:
+            state, meta = ckpt.restore(state)
+        except Exception:
+            ckpt.close()
+            raise
         start = int(state.step)
+        for moved in ckpt.set_aside(newer_than=start):
+            print(f"warning: set aside {moved}; resuming from step {start}", file=sys.stderr, flush=True)
+        train_data.load_state_dict(meta["data"])
         log.truncate_after(start)
+        last_saved = start
     elif os.path.exists(log.path):
         os.remove(log.path)  # nothing to continue from: a fresh run starts a fresh log
-    last_saved = existing if resume else None
     if start > total:
         ckpt.close()
         raise ValueError(f"the checkpoint is at step {start}, beyond the {total} steps asked for")
@@ -115,7 +189,7 @@ def fit(
         fields = {"status": "finished", "steps": total, "last_checkpoint": last_saved}
         if eval_fn is not None:
             fields["eval"] = {k: float(v) for k, v in eval_fn(state.params).items()}
-        update_json(os.path.join(out_dir, "summary.json"), fields)
+        update_json(summary_path, fields)
         return state
     state = place(state)
 
@@ -128,6 +202,10 @@ def fit(
     cache_size = None
     bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True, desc=title or None)
 
+    def stopped(status: str, **fields) -> None:
+        bar.close()
+        write_json(summary_path, {"status": status, "steps": total, "last_checkpoint": last_saved, **fields})
+
     def flush(step_done: int) -> None:
         nonlocal pending, last_train, cache_size
         rows = []
@@ -135,9 +213,7 @@ def fit(
             row = {"step": step, "split": "train", **{k: float(v) for k, v in metrics.items()}}
             if not math.isfinite(row["loss"]):
                 log.append(rows)
-                bar.close()
-                write_json(os.path.join(out_dir, "summary.json"),
-                           {"status": "diverged", "diverged_at_step": step, "last_checkpoint": last_saved})
+                stopped("diverged", diverged_at_step=step)
                 raise TrainingDiverged(step, row["loss"], last_saved)
             rows.append(row)
         pending = []
@@ -158,38 +234,56 @@ def fit(
             )
         cache_size = size
 
+    def save(step: int, one_device) -> int:
+        # the loss of step n is computed before its update: check what is saved, not just the loss
+        bad = int(_non_finite_count((one_device.params, one_device.opt_state)))
+        if bad:
+            stopped("diverged", diverged_at_step=step)
+            raise TrainingDiverged(step, math.nan, last_saved,
+                                   what=f"{bad:,} parameter/optimiser values became NaN or Inf")
+        # several processes: orbax writes the global arrays once (a gathered one-device state is
+        # host-local there and cannot be serialised); restorable on any device count
+        to_save = state if jax.process_count() > 1 else one_device
+        return ckpt.save(to_save, data_state=train_data.state_dict())
+
+    step = start
+    stop = _StopRequests()
     try:
-        for step in range(start + 1, total + 1):
-            state, metrics = train_step(state, train_data.next())
-            pending.append((step, metrics))
-            if t_first is None:
-                jax.block_until_ready(metrics)
-                t_first = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                start_timed = step
-            bar.update(1)
-            save_now = step % checkpoint_every == 0 or step == total
-            eval_now = eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total)
-            if step % log_every == 0 or save_now or eval_now:
-                flush(step)
-            t_before = time.perf_counter()
-            if eval_now or save_now:
-                one_device = gather(state)
-            if eval_now:
-                last_eval = {k: float(v) for k, v in eval_fn(one_device.params).items()}
-                log.append([{"step": step, "split": "eval", **last_eval}])
-            if save_now:
-                # several processes: orbax writes the global arrays once (a gathered one-device
-                # state is host-local there and cannot be serialised); restorable on any device count
-                to_save = state if jax.process_count() > 1 else one_device
-                last_saved = ckpt.save(to_save, data_state=train_data.state_dict())
-            t_aside += time.perf_counter() - t_before
+        with stop:
+            for step in range(start + 1, total + 1):
+                state, metrics = train_step(state, train_data.next())
+                pending.append((step, metrics))
+                if t_first is None:
+                    jax.block_until_ready(metrics)
+                    t_first = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    start_timed = step
+                bar.update(1)
+                save_now = step % checkpoint_every == 0 or step == total or stop.signum is not None
+                eval_now = eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total)
+                eval_now = eval_now and stop.signum is None
+                if step % log_every == 0 or save_now or eval_now:
+                    flush(step)
+                t_before = time.perf_counter()
+                if eval_now or save_now:
+                    one_device = gather(state)
+                if eval_now:
+                    last_eval = {k: float(v) for k, v in eval_fn(one_device.params).items()}
+                    log.append([{"step": step, "split": "eval", **last_eval}])
+                if save_now:
+                    last_saved = save(step, one_device)
+                t_aside += time.perf_counter() - t_before
+                if stop.signum is not None:
+                    stopped("interrupted", interrupted_at_step=step, signal=signal.Signals(stop.signum).name)
+                    raise TrainingInterrupted(stop.signum, step, last_saved)
         elapsed = time.perf_counter() - t0 - t_aside
+    except KeyboardInterrupt:  # a second signal, or a Ctrl-C outside the handler's reach: keep what is saved
+        signum = stop.signum or signal.SIGINT
+        stopped("interrupted", interrupted_at_step=step, signal=signal.Signals(signum).name)
+        raise TrainingInterrupted(signum, step, last_saved) from None
     finally:
         bar.close()
-        rows = log.read()
-        if rows:
-            plot_losses(rows, os.path.join(out_dir, "loss.png"), title=title)
+        _plot_quietly(log, os.path.join(out_dir, "loss.png"), title)
         ckpt.close()
 
     timed_steps = total - start_timed
@@ -204,5 +298,16 @@ def fit(
         f"{unit}_per_s": timed_steps * units_per_batch / elapsed if timed_steps > 0 else None,
         "last_checkpoint": last_saved,
     }
-    write_json(os.path.join(out_dir, "summary.json"), summary)
+    write_json(summary_path, summary)
     return gather(state)
+
+
+def _plot_quietly(log: MetricsLog, path: str, title: str) -> None:
+    """The loss plot is a convenience: failing to draw it (disk full ...) must not hide why the run
+    stopped, so it becomes a warning line."""
+    try:
+        rows = log.read()
+        if rows:
+            plot_losses(rows, path, title=title)
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: could not write {path}: {exc}", file=sys.stderr, flush=True)

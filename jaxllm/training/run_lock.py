@@ -1,0 +1,103 @@
+"""One run per output directory: an exclusive lock file, ``<out>/.lock``.
+
+The first process of a run takes an ``fcntl.flock`` on the file and writes who holds it (pid,
+host, start time, command); a second run on the same directory is refused at once with that
+holder named. The kernel drops the lock when the process exits, however it exits, so a killed
+run never leaves a stale lock. Only process 0 locks: the processes of one multi-host run share
+their output directory. Locks are per process and re-entrant (a script that locks its ``--out``
+and then calls ``fit`` on it holds one lock).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+import sys
+
+LOCK_FILE = ".lock"
+
+_held: dict[str, int] = {}  # realpath of the directory -> open file descriptor holding its lock
+
+
+class RunDirectoryBusy(ValueError):
+    """Another live run holds the output directory."""
+
+
+def _process_index() -> int:
+    """This process's index in a multi-host run, known before or after ``jax.distributed`` starts."""
+    import jax
+
+    if jax.distributed.is_initialized():
+        return jax.process_index()
+    try:
+        return int(os.environ.get("JAX_PROCESS_ID") or 0)
+    except ValueError:
+        return 0
+
+
+def check_output_dir(out_dir: str | os.PathLike) -> str:
+    """Create ``out_dir`` if needed; ``ValueError`` naming the path and the cause when it is a file
+    or cannot be created or written (read-only file system, no permission)."""
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir} is a file, not a directory: choose a directory for the run's outputs")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"--out {out_dir} is not writable: {exc.strerror or exc}") from exc
+    return out_dir
+
+
+def lock_run_dir(out_dir: str | os.PathLike, *, process_index: int | None = None) -> None:
+    """Take the run lock on ``out_dir`` (created if missing) for this process, or raise
+    ``RunDirectoryBusy`` naming the run that holds it. A no-op on processes other than 0 and when
+    this process already holds it."""
+    out_dir = check_output_dir(out_dir)
+    if (process_index if process_index is not None else _process_index()) != 0:
+        return
+    key = os.path.realpath(out_dir)
+    if key in _held:
+        return
+    path = os.path.join(out_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise RunDirectoryBusy(f"{out_dir} is in use by another run ({holder}): wait for it to end, "
+                               "or choose another --out") from None
+    except OSError:
+        os.close(fd)
+        raise
+    info = {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    _held[key] = fd
+
+
+def unlock_run_dir(out_dir: str | os.PathLike) -> None:
+    """Release this process's lock on ``out_dir`` (if held); the lock file stays, unlocked."""
+    fd = _held.pop(os.path.realpath(os.fspath(out_dir)), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info:
+        return "holder unknown"
+    return (f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}: "
+            f"{info.get('command', '')}".rstrip(": "))
