@@ -18,6 +18,12 @@ def test_adamw_requires_explicit_weight_decay():
     ({"lr": 0.0, "weight_decay": 0.0}, "lr must be > 0"),
     ({"schedule": "warmup_cosine", "weight_decay": 0.0}, "needs total_steps"),
     ({"warmup_steps": 20, "total_steps": 10, "weight_decay": 0.0}, "exceeds total_steps"),
+    # optax's cosine needs a step after the warmup: refused here, in our words, not in optax's
+    ({"schedule": "warmup_cosine", "warmup_steps": 10, "total_steps": 10, "weight_decay": 0.0},
+     r"warmup_cosine needs warmup_steps \(10\) < total_steps \(10\)"),
+    ({"warmup_steps": -1, "weight_decay": 0.0}, "warmup_steps must be >= 0"),
+    ({"clip_norm": 0.0, "weight_decay": 0.0}, "clip_norm must be > 0"),
+    ({"weight_decay": -0.1}, "weight_decay and momentum must be >= 0"),
 ])
 def test_bad_optimizer_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

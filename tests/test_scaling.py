@@ -29,13 +29,28 @@ def test_minimal_sweep_writes_csv_and_plot(load_script, tmp_path):
     assert os.path.getsize(out / "scaling.png") > 1000
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--devices", "0"], "--devices needs integers >= 1"),
-    (["--batch", "8,x"], "--batch takes comma-separated integers"),
-    (["--sizes", "huge"], "--sizes must be among"),
-    (["--peak-flops", "-1"], "--peak-flops must be > 0"),
+@pytest.mark.parametrize("flags, message", [  # refused while parsing: argparse names the flag, exit 2
+    (["--devices", "0"], "argument --devices: needs integers >= 1, got '0'"),
+    (["--batch", "8,x"], "argument --batch: takes comma-separated integers, got '8,x'"),
+    (["--peak-flops", "-1"], "argument --peak-flops: must be > 0, got -1"),
+    (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
 ])
-def test_bad_flags_are_refused(load_script, tmp_path, flags, message):
+def test_bad_flags_are_refused(load_script, tmp_path, capsys, flags, message):
+    scaling = load_script("scaling")
+    with pytest.raises(SystemExit) as exc:
+        scaling.main(flags + ["--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message} (see ") and "\n" not in err, err
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sizes", "huge"], "--sizes must be among"),
+    (["--sizes", ","], "--sizes names no size"),
+])
+def test_bad_sizes_are_refused(load_script, tmp_path, flags, message):
     scaling = load_script("scaling")
     with pytest.raises(ValueError, match=message):
         scaling.main(flags + ["--out", str(tmp_path)])

@@ -79,8 +79,8 @@ def test_help(name):
 
 def test_bad_flags_give_one_clear_line(tmp_path):
     out = run_script("train/logreg.py", "--out", str(tmp_path), "--lr", "-1")
-    assert out.returncode == 2
-    assert out.stderr.strip() == "error: lr must be > 0, got -1.0"
+    assert out.returncode == 2  # refused by the flag's type while parsing, before any work
+    assert out.stderr.strip() == "error: argument --lr: must be > 0, got -1 (see logreg.py --help)"
     out = run_script("train/logreg.py", "--out", str(tmp_path), "--optimizer", "adamw", "--weight-decay", "0.01",
                      "--batch-size", "50")
     assert out.returncode == 2 and "batch_size must be in [1, 12]" in out.stderr

@@ -177,12 +177,13 @@ def make_parser():
     parser.add_argument("--format", choices=cdata.FORMATS, default="vader")
     parser.add_argument("--labels", nargs="+", default=None, help="sms format: the label names, class 0 first")
     parser.add_argument("--mode", choices=("lora", "last-block", "head", "full"), default="lora")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / rank)")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--rank", type=cli.positive_int, default=16, help="LoRA rank")
+    parser.add_argument("--alpha", type=cli.positive_float, default=16.0, help="LoRA alpha (scale alpha / rank)")
+    parser.add_argument("--max-length", type=cli.positive_int, default=None,
                         help="tokens per text (default: the longest training text, capped at the context)")
-    parser.add_argument("--dropout", type=float, default=None, help="GPT-2 bases: drop rate (default 0.0, the book's)")
-    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--dropout", type=cli.fraction_below_1, default=None,
+                        help="GPT-2 bases: drop rate (default 0.0, the book's)")
+    parser.add_argument("--eval-batch-size", type=cli.positive_int, default=64)
     parser.add_argument("--predict", nargs="+", default=None, metavar="TEXT",
                         help="classify these texts with the classifier saved in --out (no training)")
     return parser
@@ -206,8 +207,6 @@ def main(argv=None) -> dict:
     args.lr = lr
     schedule, warmup = DEFAULT_SCHEDULE.get(mode, ("constant", 0))
     args.schedule = schedule if args.schedule is None else args.schedule
-    if args.eval_batch_size < 1:
-        raise ValueError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
     strategy = cli.strategy(args)  # checks --batch-size against the devices and --accum-steps now
 
     base = load_base(args.base)

@@ -27,15 +27,15 @@ def _lm_module():
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default="runs/lm", help="a train/lm.py output directory")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--step", type=cli.non_negative_int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--prompt", default="ROMEO:\n")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40, help="0 for none")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=200)
+    p.add_argument("--temperature", type=cli.non_negative_float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=cli.non_negative_int, default=40, help="0 for none")
+    p.add_argument("--top-p", type=cli.positive_fraction, default=None, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=cli.non_negative_int, default=0)
     args = p.parse_args(argv)
     config, params, encoding, step = load_run(args.run, args.step)
     prompt, continuation = _lm_module().sample_text(

@@ -143,16 +143,15 @@ def main(argv=None) -> dict:
                         help="a train/lm.py output directory or a local Hugging Face GPT-2 directory")
     parser.add_argument("--data", default=str(SHIPPED_PATH), help="Alpaca-format JSON list of records")
     parser.add_argument("--mask-prompt", action="store_true", help="score only the response tokens")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--max-length", type=cli.int_in(2), default=None,
                         help="tokens per training row (default: the context the base was trained at)")
-    parser.add_argument("--dropout", type=float, default=None,
+    parser.add_argument("--dropout", type=cli.fraction_below_1, default=None,
                         help="GPT-2 bases: drop rate while fine-tuning (default: the base's; the book uses 0.0)")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="response length limit for the test records")
-    parser.add_argument("--eval-batch-size", type=int, default=32, help="rows per validation / generation batch")
+    parser.add_argument("--max-new-tokens", type=cli.positive_int, default=48,
+                        help="response length limit for the test records")
+    parser.add_argument("--eval-batch-size", type=cli.positive_int, default=32,
+                        help="rows per validation / generation batch")
     args = cli.parse_args(parser, argv)
-    for name in ("max_new_tokens", "eval_batch_size", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     records = load_instructions(args.data)  # bad data fails before the base is loaded
     train_records, test_records, val_records = split_instructions(records, seed=args.seed)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 
 import jax
@@ -49,6 +50,11 @@ from jaxllm.training.metrics import update_json
 from jaxllm.training.precision import mixed_precision
 
 PRESETS = {"decoder": ("burkov", "tiny", "llama"), "gpt2": ("tiny", "gpt2_124m", "gpt2_medium")}
+ALL_PRESETS = tuple(dict.fromkeys(p for names in PRESETS.values() for p in names))  # --preset's choices
+# the config fields the size flags set, so a config's own error can name the flags behind it
+FIELD_FLAGS = {"d_model": "--d-model", "emb_dim": "--d-model", "num_layers": "--layers", "n_layers": "--layers",
+               "num_heads": "--heads", "n_heads": "--heads", "head_dim": "--heads", "drop_rate": "--dropout",
+               "max_len": "--context", "context_length": "--context"}
 
 
 def build_config(model: str, preset: str, vocab_size: int, context: int, *, d_model: int | None = None,
@@ -67,7 +73,12 @@ def build_config(model: str, preset: str, vocab_size: int, context: int, *, d_mo
     else:
         config = getattr(gpt2, preset)(vocab_size=vocab_size, context_length=context)
         sizes = {"emb_dim": d_model, "n_layers": layers, "n_heads": heads, "drop_rate": dropout}
-    return config.replace(**{k: v for k, v in sizes.items() if v is not None})
+    try:
+        return config.replace(**{k: v for k, v in sizes.items() if v is not None})
+    except ValueError as err:  # e.g. --heads that does not divide --d-model: say which flags to change
+        flags = [f for field, f in FIELD_FLAGS.items() if re.search(rf"\b{field}\b", str(err))]
+        raise ValueError(f"{err} (--model {model} --preset {preset}; check "
+                         f"{', '.join(dict.fromkeys(flags)) or 'the size flags'})") from None
 
 
 def make_logits_fn(config):
@@ -154,35 +165,41 @@ def main(argv=None) -> dict:
     parser.set_defaults(clip_norm=1.0, schedule="warmup_cosine", warmup_steps=100, eval_every=576)
     parser.add_argument("--text", nargs="+", default=None, help="text files to use instead of Shakespeare")
     parser.add_argument("--model", choices=tuple(PRESETS), default="decoder")
-    parser.add_argument("--preset", default=None,
+    parser.add_argument("--preset", choices=ALL_PRESETS, default=None,
                         help="decoder: burkov|tiny|llama (default burkov); gpt2: tiny|gpt2_124m|gpt2_medium "
                              "(default tiny)")
-    parser.add_argument("--d-model", type=int, default=None, help="override the preset's model width")
-    parser.add_argument("--layers", type=int, default=None, help="override the preset's number of blocks")
-    parser.add_argument("--heads", type=int, default=None, help="override the preset's number of heads")
-    parser.add_argument("--dropout", type=float, default=None, help="GPT-2's drop rate (default: the preset's)")
+    parser.add_argument("--d-model", type=cli.positive_int, default=None, help="override the preset's model width")
+    parser.add_argument("--layers", type=cli.positive_int, default=None, help="override the preset's number of blocks")
+    parser.add_argument("--heads", type=cli.positive_int, default=None, help="override the preset's number of heads")
+    parser.add_argument("--dropout", type=cli.fraction_below_1, default=None,
+                        help="GPT-2's drop rate (default: the preset's)")
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="bpe")
-    parser.add_argument("--vocab-size", type=int, default=512, help="size of the trained BPE (bpe tokenizer)")
-    parser.add_argument("--context", type=int, default=128, help="tokens per training and validation window")
-    parser.add_argument("--stride", type=int, default=None, help="training window stride (default: --context)")
-    parser.add_argument("--eval-batch-size", type=int, default=32, help="validation windows per batch")
-    parser.add_argument("--sample-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--vocab-size", type=cli.bpe_vocab_size, default=512,
+                        help="size of the trained BPE (bpe tokenizer)")
+    parser.add_argument("--context", type=cli.positive_int, default=128,
+                        help="tokens per training and validation window")
+    parser.add_argument("--stride", type=cli.positive_int, default=None,
+                        help="training window stride (default: --context)")
+    parser.add_argument("--eval-batch-size", type=cli.positive_int, default=32, help="validation windows per batch")
+    parser.add_argument("--sample-tokens", type=cli.positive_int, default=200, help="length of sample.txt")
+    parser.add_argument("--temperature", type=cli.non_negative_float, default=0.8, help="0: greedy")
+    parser.add_argument("--top-k", type=cli.positive_int, default=40)
     args = cli.parse_args(parser, argv)
     strategy = cli.strategy(args)  # checks --batch-size against the devices and --accum-steps now
     preset = args.preset or ("burkov" if args.model == "decoder" else "tiny")
-    if args.context < 1 or args.eval_batch_size < 1:
-        raise ValueError("--context and --eval-batch-size must be >= 1")
+    # the model from the flags alone (the tokenizer's size stands in for the vocabulary until the
+    # data is ready): --model/--preset and --d-model/--heads/... that do not fit fail before any data work
+    config = build_config(args.model, preset, args.vocab_size, args.context, d_model=args.d_model,
+                          layers=args.layers, heads=args.heads, dropout=args.dropout)
+    if args.remat:
+        config = config.replace(remat=True)
+    stride = args.context if args.stride is None else args.stride
 
     data = prepare_lm_data(args.text, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seed=args.seed,
                            out_dir=args.out, reuse_tokenizer=args.resume)
     print(describe(data.report))
-    config = build_config(args.model, preset, data.vocab_size, args.context, d_model=args.d_model,
-                          layers=args.layers, heads=args.heads, dropout=args.dropout)
-    if args.remat:
-        config = config.replace(remat=True)
-    windows = lm_windows(data.train_ids, args.context, args.stride or args.context, vocab_size=data.vocab_size)
+    config = config.replace(vocab_size=data.vocab_size)
+    windows = lm_windows(data.train_ids, args.context, stride, vocab_size=data.vocab_size)
     val_batches = eval_windows(data.val_ids, args.context, args.eval_batch_size)  # fails before training
     batches = ArrayBatches(windows, args.batch_size, seed=args.seed)
     params = config.build().init(jax.random.PRNGKey(args.seed), config.example_input())["params"]
@@ -202,7 +219,7 @@ def main(argv=None) -> dict:
     opt_config = cli.optimizer_config(args, total)
     optimizer = make_optimizer(opt_config)
     run = run_config(config, opt_config, batch_size=args.batch_size, seed=args.seed, context=args.context,
-                     stride=args.stride or args.context, text=args.text, tokenizer=args.tokenizer,
+                     stride=stride, text=args.text, tokenizer=args.tokenizer,
                      vocab_size=data.vocab_size, **({"dtype": args.dtype} if args.dtype != "float32" else {}))
     title = f"{args.model} LM ({preset})"
     loss_fn = mixed_precision(make_loss_fn(config), args.dtype)  # float32: unchanged

@@ -22,16 +22,18 @@ from jaxllm.training.metrics import MetricsLog, write_json
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/ngram")
     p.add_argument("--text", nargs="+", default=None, help="text files to use instead of Shakespeare")
-    p.add_argument("--seed", type=int, default=0, help="seed for the split and the sample")
+    p.add_argument("--seed", type=cli.non_negative_int, default=0, help="seed for the split and the sample")
     p.add_argument("--tokenizer", choices=TOKENIZERS, default="bpe")
-    p.add_argument("--vocab-size", type=int, default=512, help="size of the trained BPE (bpe tokenizer); same default as rnn_lm.py")
-    p.add_argument("--order", type=int, default=4, help="n-gram order of the Kneser-Ney model (4 scores best on Shakespeare)")
-    p.add_argument("--discount", type=float, default=0.75)
-    p.add_argument("--book-n", type=int, default=5, help="n of the book's count model")
-    p.add_argument("--sample-tokens", type=int, default=200)
+    p.add_argument("--vocab-size", type=cli.bpe_vocab_size, default=512,
+                   help="size of the trained BPE (bpe tokenizer); same default as rnn_lm.py")
+    p.add_argument("--order", type=cli.positive_int, default=4,
+                   help="n-gram order of the Kneser-Ney model (4 scores best on Shakespeare)")
+    p.add_argument("--discount", type=cli.positive_fraction, default=0.75, help="Kneser-Ney discount, in (0, 1]")
+    p.add_argument("--book-n", type=cli.positive_int, default=5, help="n of the book's count model")
+    p.add_argument("--sample-tokens", type=cli.positive_int, default=200, help="length of sample.txt")
     args = p.parse_args(argv)
 
     data = prepare_lm_data(args.text, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seed=args.seed,

@@ -36,16 +36,20 @@ def main(argv=None) -> dict:
     parser.set_defaults(clip_norm=1.0, schedule="warmup_cosine", warmup_steps=100)
     parser.add_argument("--text", nargs="+", default=None, help="text files to use instead of Shakespeare")
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="bpe")
-    parser.add_argument("--vocab-size", type=int, default=512, help="size of the trained BPE (bpe tokenizer)")
-    parser.add_argument("--context", type=int, default=64, help="tokens per training window")
-    parser.add_argument("--stride", type=int, default=None, help="window stride (default: --context)")
-    parser.add_argument("--emb-dim", type=int, default=256, help="embedding = hidden size (the book uses 128)")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--eval-streams", type=int, default=16, help="parallel pieces of the validation text")
-    parser.add_argument("--sample-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--vocab-size", type=cli.bpe_vocab_size, default=512,
+                        help="size of the trained BPE (bpe tokenizer)")
+    parser.add_argument("--context", type=cli.positive_int, default=64, help="tokens per training window")
+    parser.add_argument("--stride", type=cli.positive_int, default=None, help="window stride (default: --context)")
+    parser.add_argument("--emb-dim", type=cli.positive_int, default=256,
+                        help="embedding = hidden size (the book uses 128)")
+    parser.add_argument("--layers", type=cli.positive_int, default=2)
+    parser.add_argument("--eval-streams", type=cli.positive_int, default=16,
+                        help="parallel pieces of the validation text")
+    parser.add_argument("--sample-tokens", type=cli.positive_int, default=200, help="length of sample.txt")
+    parser.add_argument("--temperature", type=cli.non_negative_float, default=0.8, help="0: greedy")
     args = cli.parse_args(parser, argv)
     strategy = cli.strategy(args)  # checks --batch-size against the devices and --accum-steps now
+    stride = args.context if args.stride is None else args.stride
 
     data = prepare_lm_data(args.text, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seed=args.seed,
                            out_dir=args.out, reuse_tokenizer=args.resume)
@@ -53,7 +57,7 @@ def main(argv=None) -> dict:
     if data.val_ids.size <= args.eval_streams:  # fail now, not after the first epoch
         raise ValueError(f"the validation split has {data.val_ids.size} tokens; validation needs more than "
                          f"--eval-streams ({args.eval_streams})")
-    windows = lm_windows(data.train_ids, args.context, args.stride or args.context, vocab_size=data.vocab_size)
+    windows = lm_windows(data.train_ids, args.context, stride, vocab_size=data.vocab_size)
     batches = ArrayBatches(windows, args.batch_size, seed=args.seed)
     config = rnn.RNNConfig(vocab_size=data.vocab_size, emb_dim=args.emb_dim, num_layers=args.layers)
     forward = rnn.make_forward(config)
@@ -74,7 +78,7 @@ def main(argv=None) -> dict:
     optimizer = make_optimizer(opt_config)
     loss_fn = lm_cross_entropy(lambda p, tokens: model.apply({"params": p}, tokens)[0])
     run = run_config(config, opt_config, batch_size=args.batch_size, seed=args.seed, context=args.context,
-                     stride=args.stride or args.context, text=args.text, tokenizer=args.tokenizer,
+                     stride=stride, text=args.text, tokenizer=args.tokenizer,
                      vocab_size=data.vocab_size)
     train_step = strategy.train_step(loss_fn, optimizer, accum_steps=args.accum_steps)
     state = fit(TrainState.create(params, optimizer, jax.random.PRNGKey(args.seed + 1)), train_step, batches,

@@ -38,7 +38,7 @@ import optax
 
 from jaxllm.models import gpt2, transformer
 from jaxllm.training import TrainState
-from jaxllm.training import distributed
+from jaxllm.training import cli, distributed
 from jaxllm.training.memory import lm_loss_fn
 from jaxllm.training.parallel import STRATEGIES, make_strategy
 from jaxllm.training.precision import mixed_precision
@@ -69,53 +69,39 @@ def build_config(model: str, size: str, vocab_size: int, context: int, remat: bo
     raise ValueError(f"--model must be gpt2 or decoder, got {model!r}")
 
 
-def int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} needs integers >= 1, got {text!r}")
-    return values
-
-
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--devices", default="1,2,4", help="device counts to sweep (comma-separated)")
-    p.add_argument("--batch", default="8,16", help="global batch sizes (rows per step, comma-separated)")
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", type=cli.int_list(1), default="1,2,4", help="device counts to sweep (comma-separated)")
+    p.add_argument("--batch", type=cli.int_list(1), default="8,16",
+                   help="global batch sizes (rows per step, comma-separated)")
     p.add_argument("--sizes", default="tiny,small", help=f"model sizes among {', '.join(SIZES)}")
     p.add_argument("--model", choices=("decoder", "gpt2"), default="decoder")
-    p.add_argument("--context", type=int, default=128, help="tokens per row")
-    p.add_argument("--vocab-size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per point")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one")
+    p.add_argument("--context", type=cli.positive_int, default=128, help="tokens per row")
+    p.add_argument("--vocab-size", type=cli.positive_int, default=512)
+    p.add_argument("--steps", type=cli.positive_int, default=10, help="timed steps per point")
+    p.add_argument("--warmup", type=cli.non_negative_int, default=2, help="untimed steps after the compiling one")
     p.add_argument("--parallel", choices=("auto", *STRATEGIES), default="auto",
                    help="device strategy (auto: single on 1 device, sharded on several)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--remat", action="store_true", help="recompute transformer blocks in the backward pass")
-    p.add_argument("--peak-flops", type=float, default=None,
+    p.add_argument("--peak-flops", type=cli.positive_float, default=None,
                    help="peak FLOP/s of ONE device (e.g. 989e12 for an H100's dense bf16) for the MFU column")
     p.add_argument("--out", default="runs/scaling", help="directory for scaling.csv and scaling.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # CPU: one device count
+    p.add_argument("--seed", type=cli.non_negative_int, default=0)
+    p.add_argument("--worker", type=cli.positive_int, default=None, help=argparse.SUPPRESS)  # CPU: one device count
     distributed.add_flags(p)
     return p
 
 
 def check_args(args) -> None:
-    args.device_counts = int_list(args.devices, "--devices")
-    args.batches = int_list(args.batch, "--batch")
+    """What the flags' types cannot say alone: the sizes named (numbers are checked while parsing)."""
+    args.device_counts, args.batches = args.devices, args.batch
     args.size_names = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    if not args.size_names:
+        raise ValueError(f"--sizes names no size (choose among {tuple(SIZES)})")
     for size in args.size_names:
         if size not in SIZES:
             raise ValueError(f"--sizes must be among {tuple(SIZES)}, got {size!r}")
-    for name in ("context", "vocab_size", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.peak_flops is not None and args.peak_flops <= 0:
-        raise ValueError(f"--peak-flops must be > 0, got {args.peak_flops}")
 
 
 def measure_point(args, size: str, config, devices, batch: int) -> dict:
@@ -276,6 +262,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from jaxllm.training.cli import run
-
-    run(main)
+    cli.run(main)

@@ -12,34 +12,119 @@ from jaxllm.training.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from jaxllm.training.parallel import STRATEGIES, Strategy, make_strategy
 
 
+# --- typed flag values -----------------------------------------------------------------------
+# argparse ``type=`` validators: a bad value is refused while the flags are parsed, before any data
+# is read or anything written, as ``argument --steps: must be >= 1, got 0`` (exit 2). Every numeric
+# flag of every script uses one of these.
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An integer in ``[low, high]`` (no upper bound when ``high`` is None)."""
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = f"integer {bound}"  # argparse's fallback wording names the type
+    return parse
+
+
+def float_in(low: float, high: float | None = None, *, low_open: bool = False,
+             high_open: bool = False) -> Callable[[str], float]:
+    """A finite number above ``low`` (``low_open``: strictly) and, with ``high``, below it
+    (``high_open``: strictly). NaN and infinities are refused."""
+    if high is None:
+        bound = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        if (value <= low if low_open else value < low) or (
+                high is not None and (value >= high if high_open else value > high)):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = f"number {bound}"
+    return parse
+
+
+positive_int = int_in(1)  # epochs, steps, batch sizes, every-N, keep, sizes, context, stride, tokens
+non_negative_int = int_in(0)  # seeds, warmup steps, a checkpoint step
+positive_float = float_in(0.0, low_open=True)  # learning rate, clip norm, LoRA alpha, peak FLOP/s
+non_negative_float = float_in(0.0)  # weight decay, temperature
+fraction_below_1 = float_in(0.0, 1.0, high_open=True)  # [0, 1): dropout, momentum
+positive_fraction = float_in(0.0, 1.0, low_open=True)  # (0, 1]: top-p, a discount
+# train_bpe's minimum: the 256 byte tokens + <|endoftext|>
+BPE_MIN_VOCAB = 257
+bpe_vocab_size = int_in(BPE_MIN_VOCAB)
+
+
+def int_list(low: int = 1) -> Callable[[str], list[int]]:
+    """Comma-separated integers, each ``>= low`` (e.g. ``--devices 1,2,4``)."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes comma-separated integers, got {text!r}") from None
+        if not values or min(values) < low:
+            raise argparse.ArgumentTypeError(f"needs integers >= {low}, got {text!r}")
+        return values
+
+    parse.__name__ = f"comma-separated integers >= {low}"
+    return parse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the scripts' one-line errors: a refused flag prints ``error: argument --steps:
+    must be >= 1, got 0 (see lm.py --help)`` and exits 2, the form ``run`` gives errors found later
+    (the full usage stays in ``--help`` rather than burying the line that matters)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser(description: str, *, out: str, epochs: int, lr: float, optimizer: str = "adamw",
                 batch_size: int | None = None, weight_decay: float = 0.0, momentum: float = 0.0,
                 log_every: int = 10, precision: bool = True) -> argparse.ArgumentParser:
     """The shared flags. ``precision=False`` leaves out ``--dtype``/``--remat`` for a script that
     cannot honour them (better no flag than one silently ignored)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=out, help="output directory (metrics.jsonl, summary.json, loss.png, checkpoints/)")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, data order and splits")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for init, data order and splits")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, default=epochs, help="passes over the training set")
-    length.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="rows per step (default: full batch)"
+    length.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the training set")
+    length.add_argument("--steps", type=positive_int, default=None, help="optimiser steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, help="rows per step (default: full batch)"
                    if batch_size is None else "rows per step")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=optimizer)
-    p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=weight_decay,
+    p.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate")
+    p.add_argument("--weight-decay", type=non_negative_float, default=weight_decay,
                    help="decoupled for adamw, L2 added to the gradient for sgd/adam")
-    p.add_argument("--momentum", type=float, default=momentum, help="sgd momentum")
+    p.add_argument("--momentum", type=fraction_below_1, default=momentum, help="sgd momentum, in [0, 1)")
     p.add_argument("--schedule", choices=SCHEDULES, default="constant")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--clip-norm", type=float, default=None, help="clip gradients to this global norm")
-    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (and at the end)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=0,
+                   help="linear warmup from 0 to --lr; at most the run's steps - 1 (longer is clamped, with a note)")
+    p.add_argument("--clip-norm", type=positive_float, default=None, help="clip gradients to this global norm")
+    p.add_argument("--eval-every", type=positive_int, default=None, help="evaluate every N steps (and at the end)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None,
+                   help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="delete a previous run's outputs in --out first (otherwise they are kept and the run refused)")
-    p.add_argument("--log-every", type=int, default=log_every, help="fetch and log metrics every N steps")
+    p.add_argument("--log-every", type=positive_int, default=log_every, help="fetch and log metrics every N steps")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_parallel_flags(p, precision=precision)
     return p
@@ -57,7 +142,7 @@ def add_parallel_flags(p: argparse.ArgumentParser, *, precision: bool = True) ->
                    help="device strategy: single | sharded (jit + NamedSharding, batch split, params replicated) "
                         "| fsdp (params and optimiser state split too) | shard_map (per-device code, explicit "
                         "psum) | pmap (classic, maintenance mode); auto = sharded on several devices, else single")
-    g.add_argument("--accum-steps", type=int, default=1,
+    g.add_argument("--accum-steps", type=positive_int, default=1,
                    help="split each batch (--batch-size is the global batch per optimiser step) into this many "
                         "micro-batches and accumulate their gradients: the same update, 1/k the activation memory")
     if not precision:
@@ -116,12 +201,30 @@ def total_steps(args, steps_per_epoch: int) -> int:
 
 def optimizer_config(args, total: int) -> OptimizerConfig:
     """The run's optimiser. ``total_steps`` only matters to a decaying schedule; leaving it out of a
-    constant one lets ``--resume --steps N`` extend such a run (the config is checked on resume)."""
+    constant one lets ``--resume --steps N`` extend such a run (the config is checked on resume).
+
+    A warmup as long as the run or longer (the scripts' default warmup on a short ``--steps`` run)
+    is not an error: it is clamped to ``total - 1`` steps, so the last step trains at the peak
+    ``--lr`` (and a cosine decay keeps at least one step), and one ``note:`` line says so. With
+    ``--epochs`` the total is known only after the data is prepared, hence here."""
+    if total < 1 and args.schedule != "constant":
+        raise ValueError(f"--schedule {args.schedule} needs the run's length, but the run has {total} steps "
+                         "(is --batch-size larger than the training set?)")
+    warmup = clamp_warmup(args.warmup_steps, total)
     return OptimizerConfig(
         name=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
-        schedule=args.schedule, warmup_steps=args.warmup_steps, clip_norm=args.clip_norm,
+        schedule=args.schedule, warmup_steps=warmup, clip_norm=args.clip_norm,
         total_steps=total if args.schedule != "constant" else None,
     )
+
+
+def clamp_warmup(warmup: int, total: int) -> int:
+    """``warmup`` or, when the run (``total`` steps) is not longer than it, ``total - 1`` with a note."""
+    if warmup and total >= 1 and warmup >= total:
+        print(f"note: --warmup-steps {warmup} clamped to {total - 1} (the run has {total} step"
+              f"{'s' if total != 1 else ''})")
+        return total - 1
+    return warmup
 
 
 

@@ -49,8 +49,18 @@ class OptimizerConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.schedule == "warmup_cosine" and not self.total_steps:
             raise ValueError("the warmup_cosine schedule needs total_steps")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.total_steps and self.warmup_steps > self.total_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds total_steps ({self.total_steps})")
+        if self.schedule == "warmup_cosine" and self.warmup_steps >= self.total_steps:
+            # optax's cosine part needs at least one step (its own error names decay_steps)
+            raise ValueError(f"warmup_cosine needs warmup_steps ({self.warmup_steps}) < total_steps "
+                             f"({self.total_steps}) to leave the decay a step")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}")
+        if (self.weight_decay or 0.0) < 0 or self.momentum < 0:
+            raise ValueError(f"weight_decay and momentum must be >= 0, got {self.weight_decay} and {self.momentum}")
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
