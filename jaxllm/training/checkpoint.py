@@ -141,6 +141,7 @@ class Checkpointer:
             if jax.process_index() == 0:  # the step has committed on every process: record its files
                 self._write_checksums(step)
         except Exception as exc:
+            _ignore_abandoned_orbax_callbacks()
             self._remove_partial(step)
             cause = _root_cause(exc)
             raise CheckpointWriteError(f"cannot write checkpoint step {step} to {self.directory}: {cause}") from exc
@@ -230,6 +231,7 @@ class Checkpointer:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             )["state"]
         except Exception as exc:
+            _ignore_abandoned_orbax_callbacks()
             # files verified intact: the model differs; unverifiable (saved without checksums): maybe damage
             verified = os.path.exists(os.path.join(self.step_dir(step), CHECKSUMS))
             error = CheckpointError if verified else _Damaged
@@ -307,3 +309,21 @@ def _quiet_orbax():
         yield
     finally:
         logger.setLevel(level)
+
+
+def _ignore_abandoned_orbax_callbacks() -> None:
+    """After a failed read or write, orbax closes its event loop while tensorstore still completes
+    the other pending operations; their callbacks then fail with "Event loop is closed" and Python
+    prints each as an unraisable exception (a traceback per file, after the real error was
+    reported). Drop exactly those; anything else still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import MetricsLog, plot_losses, update_json, write_json
-from jaxllm.training.run_lock import lock_run_dir
+from jaxllm.training.run_lock import lock_run_dir, unlock_run_dir
 from jaxllm.training.state import TrainState
 
 
@@ -147,7 +147,19 @@ def fit(
     total = steps if steps is not None else epochs * train_data.steps_per_epoch
     if total < 1:
         raise ValueError(f"nothing to train: {total} steps")
-    lock_run_dir(out_dir)
+    took_lock = lock_run_dir(out_dir)
+    try:
+        return _fit(state, train_step, train_data, total=total, out_dir=out_dir, eval_fn=eval_fn,
+                    eval_every=eval_every, checkpoint_every=checkpoint_every, keep=keep, resume=resume,
+                    config=config, log_every=log_every, progress=progress, units_per_batch=units_per_batch,
+                    unit=unit, title=title, place=place, gather=gather)
+    finally:
+        if took_lock:
+            unlock_run_dir(out_dir)
+
+
+def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, checkpoint_every, keep, resume,
+         config, log_every, progress, units_per_batch, unit, title, place, gather) -> TrainState:
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
     summary_path = os.path.join(out_dir, "summary.json")
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=keep, config=config)
@@ -259,9 +271,10 @@ def fit(
                     t0 = time.perf_counter()
                     start_timed = step
                 bar.update(1)
-                save_now = step % checkpoint_every == 0 or step == total or stop.signum is not None
+                interrupted = stop.signum is not None  # read once: a signal may arrive at any moment
+                save_now = step % checkpoint_every == 0 or step == total or interrupted
                 eval_now = eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total)
-                eval_now = eval_now and stop.signum is None
+                eval_now = eval_now and not interrupted
                 if step % log_every == 0 or save_now or eval_now:
                     flush(step)
                 t_before = time.perf_counter()
@@ -273,7 +286,7 @@ def fit(
                 if save_now:
                     last_saved = save(step, one_device)
                 t_aside += time.perf_counter() - t_before
-                if stop.signum is not None:
+                if interrupted:
                     stopped("interrupted", interrupted_at_step=step, signal=signal.Signals(stop.signum).name)
                     raise TrainingInterrupted(stop.signum, step, last_saved)
         elapsed = time.perf_counter() - t0 - t_aside

@@ -5,7 +5,8 @@ host, start time, command); a second run on the same directory is refused at onc
 holder named. The kernel drops the lock when the process exits, however it exits, so a killed
 run never leaves a stale lock. Only process 0 locks: the processes of one multi-host run share
 their output directory. Locks are per process and re-entrant (a script that locks its ``--out``
-and then calls ``fit`` on it holds one lock).
+and then calls ``fit`` on it holds one lock; ``fit`` releases a lock it took itself when it returns,
+the scripts keep theirs until they exit).
 """
 
 from __future__ import annotations
@@ -55,16 +56,16 @@ def check_output_dir(out_dir: str | os.PathLike) -> str:
     return out_dir
 
 
-def lock_run_dir(out_dir: str | os.PathLike, *, process_index: int | None = None) -> None:
+def lock_run_dir(out_dir: str | os.PathLike, *, process_index: int | None = None) -> bool:
     """Take the run lock on ``out_dir`` (created if missing) for this process, or raise
-    ``RunDirectoryBusy`` naming the run that holds it. A no-op on processes other than 0 and when
-    this process already holds it."""
+    ``RunDirectoryBusy`` naming the run that holds it. Returns whether this call took it (False on
+    processes other than 0 and when this process already holds it)."""
     out_dir = check_output_dir(out_dir)
     if (process_index if process_index is not None else _process_index()) != 0:
-        return
+        return False
     key = os.path.realpath(out_dir)
     if key in _held:
-        return
+        return False
     path = os.path.join(out_dir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -82,6 +83,7 @@ def lock_run_dir(out_dir: str | os.PathLike, *, process_index: int | None = None
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
     _held[key] = fd
+    return True
 
 
 def unlock_run_dir(out_dir: str | os.PathLike) -> None:

@@ -1,0 +1,105 @@
+"""Faults as a user of the scripts meets them: Ctrl-C/SIGTERM, a full disk, an unusable --out, a
+run that blows up, --resume with nothing to resume. One `error:`/`interrupted:` line, the right
+exit code, no traceback, nothing lost."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from jaxllm.models.linear import LinearConfig
+from jaxllm.training import Checkpointer, OptimizerConfig, TrainingDiverged, TrainState, make_optimizer
+from jaxllm.training.run_lock import unlock_run_dir
+from jaxllm.training.supervised import init_params
+
+FAST = ["--no-progress"]
+
+
+def script(name, *args, file_size_limit=None):
+    command = [sys.executable, str(ROOT / "train" / f"{name}.py"), *args]
+    if file_size_limit is not None:  # writes past the limit fail with EFBIG, as on a full disk
+        command = ["bash", "-c", f'trap "" XFSZ; ulimit -f {file_size_limit // 1024}; exec "$@"', "bash", *command]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_script_with_a_checkpoint_and_one_line(tmp_path, signum):
+    proc = script("logreg", "--out", str(tmp_path), "--steps", "1000000", "--log-every", "50", *FAST)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "metrics.jsonl").exists():  # training has started
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["status"] == "interrupted" and summary["signal"] == signal.Signals(signum).name
+    step = summary["last_checkpoint"]
+    assert step == summary["interrupted_at_step"] > 0
+    lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and f"checkpoint step {step} holds the run" in lines[0]
+    assert lines[0].endswith(f"resume with: python {ROOT / 'train' / 'logreg.py'} --out {tmp_path} "
+                             "--steps 1000000 --log-every 50 --no-progress --resume")
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [step]
+
+
+def test_a_full_disk_is_one_error_line_and_keeps_the_earlier_checkpoints(load_script, tmp_path):
+    args = ["--out", str(tmp_path), "--dataset", "digits", "--checkpoint-every", "2", *FAST]
+    load_script("cnn").main([*args, "--steps", "2"])
+    unlock_run_dir(tmp_path)  # as when that run's process ends
+    checkpoint = tmp_path / "checkpoints" / "2"
+    sizes = {p: os.path.getsize(p) for p in checkpoint.rglob("*") if p.is_file()}
+    limit = max(sizes.values()) // 2  # the checkpoint cannot be written, the metrics and the plot can
+    assert limit > max(os.path.getsize(tmp_path / name) for name in ("metrics.jsonl", "loss.png"))
+    proc = script("cnn", *args, "--steps", "4", "--resume", file_size_limit=limit)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and "ERROR" not in err
+    assert err.strip().splitlines()[-1] == (f"error: cannot write checkpoint step 4 to {tmp_path / 'checkpoints'}: "
+                                            "File too large (errno 27)")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # no orbax tmp dir left
+    assert {p: os.path.getsize(p) for p in checkpoint.rglob("*") if p.is_file()} == sizes
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [2]
+
+
+def test_an_unusable_out_is_refused_before_any_work(load_script, tmp_path, capsys):
+    linreg = load_script("linreg")
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ValueError, match=f"--out {tmp_path / 'file'} is a file, not a directory"):
+        linreg.main(["--out", str(tmp_path / "file"), *FAST])
+    with pytest.raises(ValueError, match=f"--out {tmp_path / 'file' / 'run'} is not writable: Not a directory"):
+        linreg.main(["--out", str(tmp_path / "file" / "run"), *FAST])
+    with pytest.raises(ValueError, match=f"--resume: there is no checkpoint to resume from in {tmp_path / 'new'}"):
+        linreg.main(["--out", str(tmp_path / "new"), "--resume", *FAST])
+    assert os.listdir(tmp_path / "new") == [".lock"]
+
+
+def test_a_run_that_blows_up_keeps_only_finite_checkpoints(load_script, tmp_path):
+    linreg = load_script("linreg")
+    with pytest.raises(TrainingDiverged, match="at step [0-9]+; training stopped") as err:
+        linreg.main(["--out", str(tmp_path), "--optimizer", "sgd", "--lr", "1e6", "--steps", "20",
+                     "--checkpoint-every", "1", *FAST])
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        steps = ckpt.all_steps()
+        assert steps and steps[-1] == err.value.last_checkpoint
+        for step in steps:
+            meta = ckpt.read_meta(step)
+            assert meta["step"] == step
+    template = TrainState.create(init_params(LinearConfig(num_inputs=1, num_outputs=1), 0),
+                                 make_optimizer(OptimizerConfig("sgd", lr=1e6)), jax.random.PRNGKey(0))
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        restored, _ = ckpt.restore(template)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(restored))
