@@ -37,10 +37,18 @@ def sample_logits(logits, key, *, temperature: float = 0.0, top_k: int | None = 
     always kept, so ``p`` below the top probability keeps exactly one token and ``p = 1`` keeps
     all. (This is the usual convention, not the Burkov book's, which drops the crossing token.)
     A token is kept iff the mass of the tokens strictly ahead of it in the sorted order is < p.
-    ``top_p`` must lie in (0, 1]; ``None`` disables it.
+    ``top_p`` must lie in (0, 1]; ``None`` disables it. ``temperature`` must be >= 0 and ``top_k``
+    an integer in ``[1, vocab]``: these are Python values (static arguments of a jitted caller),
+    checked when the call is traced.
     """
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if not temperature >= 0:  # NaN too
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None:
+        vocab = logits.shape[-1]
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= vocab:
+            raise ValueError(f"top_k must be an integer in [1, {vocab}] (the vocabulary size), got {top_k}")
     if temperature == 0.0:
         return jnp.argmax(logits, -1).astype(jnp.int32)
     logits = logits / temperature
@@ -156,13 +164,21 @@ def _generate(forward, params, tokens, lengths, cache, key, *, max_new_tokens, t
     return out, step
 
 
+def context_limit(model) -> int | None:
+    """The longest prompt + generation a model config takes by default: its ``context_limit``
+    (GPT-2: ``context_length``; the RoPE transformer: ``max_len``), else its ``max_len``, else
+    None (no limit, e.g. the Elman RNN)."""
+    limit = getattr(model, "context_limit", None)
+    return getattr(model, "max_len", None) if limit is None else limit
+
+
 def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, key, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              max_len: int | None = None, forward: Callable | None = None,
              init_cache: Callable | None = None) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns the new tokens per row.
 
-    ``model`` is a model config (``vocab_size``, ``build()``, ``max_len``), e.g. a
+    ``model`` is a model config (``vocab_size``, ``build()``, ``context_limit`` or ``max_len``), e.g. a
     ``TransformerConfig``. By default the forward is ``config.build().apply({"params": params},
     tokens, cache=cache)`` and the cache comes from ``config.init_cache(batch, max_len)`` if the
     config has that method, else from the module-level ``init_cache(config, batch, max_len)`` of
@@ -172,8 +188,11 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, ke
     ``init_cache(config, batch, max_len) -> cache``; the cache must carry ``lengths int32[B]``
     with the transformer's semantics (write at ``lengths[b]``, attend to slots up to one's own).
 
-    ``max_len`` (default ``model.max_len``) is the cache length; every prompt must satisfy
-    ``len(prompt) + max_new_tokens <= max_len``. Ragged prompts are right-padded (with id 0) and
+    ``max_len`` (default ``context_limit(model)``: GPT-2's ``context_length``, the transformer's
+    ``max_len``) is the cache length; a GPT-2 cache may not be longer than ``context_length`` (its
+    learned positions). Every prompt must satisfy ``len(prompt) + max_new_tokens <= max_len``,
+    else ``ValueError``: nothing is cut here (``train/lm.py``'s ``sample_text`` announces its
+    cuts). Ragged prompts are right-padded (with id 0) and
     prefilled in one call; then each row's ``lengths`` is set to its real length, so the pads are
     never attended to (causal) and get overwritten. Decoding runs in one jitted
     ``lax.while_loop`` carrying the cache; step ``i`` samples with ``fold_in(key, i)`` (one key
@@ -199,11 +218,23 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, ke
         if not len(prompt):
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
         rows.append(check_token_ids(prompt, vocab_size, name=f"prompt {i} ids").reshape(-1))
-    max_len = model.max_len if max_len is None else max_len
+    limit = context_limit(model)
+    if max_len is None:
+        if limit is None:
+            raise ValueError(f"{type(model).__name__} has no context_limit or max_len: pass max_len=")
+        max_len = limit
+    elif not isinstance(max_len, (int, np.integer)) or max_len < 1:
+        raise ValueError(f"max_len must be an integer >= 1, got {max_len}")
+    positions = getattr(model, "context_length", None)  # GPT-2's learned position table: a hard limit
+    if positions is not None and max_len > positions:
+        raise ValueError(f"max_len {max_len} exceeds the model's context_length of {positions} (its learned "
+                         "positions; past them the lookup would be clamped silently)")
     longest = max(len(r) for r in rows)
     if longest + max_new_tokens > max_len:
+        what = " (the model's context limit)" if max_len == limit else ""
         raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
-                         f"{longest + max_new_tokens} exceeds the cache length max_len {max_len}")
+                         f"{longest + max_new_tokens} exceeds the cache length max_len {max_len}{what}: "
+                         "shorten the prompt or generate fewer tokens")
 
     forward = _default_forward(model) if forward is None else forward
     init_cache = _lookup_init_cache(model) if init_cache is None else init_cache

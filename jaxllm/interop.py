@@ -144,7 +144,9 @@ _HF_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|(^|\.)rotary_emb\.inv
 def load_hf_state_dict(source) -> dict[str, np.ndarray]:
     """A local HF checkpoint directory (``model.safetensors`` or ``pytorch_model.bin``, the latter
     read with ``torch.load(..., weights_only=True)``), a single such file, or an already-loaded
-    mapping -> ``{key: numpy array}``. Sharded checkpoints are not supported. Nothing downloads."""
+    mapping -> ``{key: numpy array}``. Sharded checkpoints are not supported. Nothing downloads.
+    A truncated or corrupt file, or a pickle holding anything but tensors (refused by the
+    weights-only unpickler before anything in it runs), raises ``ValueError`` naming the file."""
     import os
 
     if isinstance(source, Mapping):
@@ -159,12 +161,29 @@ def load_hf_state_dict(source) -> dict[str, np.ndarray]:
             raise FileNotFoundError(f"{source}: no model.safetensors or pytorch_model.bin "
                                     "(sharded checkpoints are not supported)")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except SafetensorError as exc:  # truncated or not a safetensors file
+            raise ValueError(f"{path} is not a valid safetensors file: {exc}") from exc
+    import pickle
+
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: a pickle that would import or call anything else is refused, never run
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = re.search(r"Unsupported global: GLOBAL (\S+)|WeightsUnpickler error: ([^\n]+)", str(exc))
+        reason = f" (it wants {reason.group(1)})" if reason and reason.group(1) else (
+            f" ({reason.group(2).strip()})" if reason else "")
+        raise ValueError(f"{path} is not a weights-only PyTorch checkpoint{reason}: refused, nothing in it "
+                         "was run") from exc
+    except (RuntimeError, EOFError, KeyError, ValueError) as exc:  # truncated or not a torch.save file
+        raise ValueError(f"{path} is not a valid PyTorch checkpoint (truncated or corrupt?): {exc!r}") from exc
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     return {k: _as_numpy(v) for k, v in state.items()}
 
 

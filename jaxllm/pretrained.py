@@ -47,9 +47,21 @@ def load_base(path: str | os.PathLike, step: int | None = None) -> Base:
         config, params = load_hf_gpt2(path)
         from jaxllm.data.tokenizer import gpt2_encoding
 
-        return Base(config, params, gpt2_encoding(), f"hf:{path}")
+        encoding = gpt2_encoding()
+        check_vocab_fits(encoding, config, f"GPT-2's tokenizer (used for {path})", os.path.join(path, "config.json"))
+        return Base(config, params, encoding, f"hf:{path}")
     raise ValueError(f"{path} is neither a train/lm.py run (tokenizer.json + checkpoints/) nor a Hugging Face "
                      "model directory (config.json + model.safetensors or pytorch_model.bin)")
+
+
+def check_vocab_fits(encoding, config, tokenizer_name: str, model_name: str) -> None:
+    """Every id the tokenizer can produce must have a row in the model's embedding: ``ValueError``
+    naming both sizes and both files otherwise (an id past the table would be clamped silently
+    under jit)."""
+    ids = encoding.max_token_value + 1
+    if ids > config.vocab_size:
+        raise ValueError(f"the tokenizer {tokenizer_name} has {ids} token ids but the model in {model_name} embeds "
+                         f"only {config.vocab_size} (vocab_size): they do not belong together")
 
 
 def gpt2_config_from_hf(hf: dict, **changes):
@@ -79,7 +91,7 @@ def load_run(run_dir: str, step: int | None = None):
 
     The whole train state of the chosen checkpoint (latest by default) is restored into a template
     of the same shapes (zeros shaped by ``jax.eval_shape``, so no initialiser runs); only its params
-    are returned.
+    are returned. A tokenizer with more ids than the model's ``vocab_size`` is refused.
     """
     import orbax.checkpoint as ocp
 
@@ -108,6 +120,8 @@ def load_run(run_dir: str, step: int | None = None):
         if "model" not in run or "optimizer" not in run:
             raise ValueError(f"checkpoint step {step} in {ckpt_dir} carries no run config (model and optimizer)")
         config = config_from_dict(run["model"])
+        encoding = load_encoding(tokenizer)
+        check_vocab_fits(encoding, config, tokenizer, f"checkpoint step {step} in {ckpt_dir}")
         optimizer = make_optimizer(OptimizerConfig(**run["optimizer"]))
 
         def template():
@@ -116,4 +130,4 @@ def load_run(run_dir: str, step: int | None = None):
 
         shapes = jax.eval_shape(template)  # zeros of the right shapes: no initialiser runs
         state, _ = ckpt.restore(jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), step)
-    return config, state.params, load_encoding(tokenizer), step
+    return config, state.params, encoding, step

@@ -102,3 +102,21 @@ def check_token_batch(tokens, vocab_size: int, *, max_time: int | None = None) -
     if max_time is not None and tokens.shape[1] > max_time:
         raise ValueError(f"{tokens.shape[1]} tokens exceed the context_length of {max_time}")
     return check_token_ids(tokens, vocab_size, name="tokens")
+
+
+def check_concrete_token_ids(tokens, vocab_size: int, *, name: str = "tokens") -> None:
+    """A model's ``__call__`` check: concrete token ids must be integers in ``[0, vocab_size)``.
+
+    Traced ids (inside ``jit``, ``vmap``, ``eval_shape``...) are the caller's promise and pass
+    unchecked: compiled code cannot raise on values, and XLA silently clamps (or, for a Flax
+    ``Embed``, returns NaN for) an out-of-range lookup. Concrete arrays are read on the host in their
+    own dtype, before any cast, so an int64 ``2**32 + 1`` is refused rather than wrapped to 1."""
+    import jax
+
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    ids = np.asarray(tokens)
+    if ids.size == 0 and np.issubdtype(ids.dtype, np.integer):
+        return
+    check_token_ids(ids, vocab_size, name=name)
+

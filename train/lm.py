@@ -40,7 +40,7 @@ from jaxllm.data.batches import ArrayBatches
 from jaxllm.data.lm_data import TOKENIZERS, describe, prepare_lm_data
 from jaxllm.data.tokenizer import decode_bytes, encode
 from jaxllm.data.windows import lm_windows
-from jaxllm.generate import generate
+from jaxllm.generate import context_limit, generate
 from jaxllm.models import gpt2, transformer
 from jaxllm.models.ngram import bits_per_char
 from jaxllm.training import TrainState, cli, fit, make_optimizer
@@ -135,19 +135,28 @@ def make_nll_sum(config):
 
 def sample_text(config, params, encoding, prompt: str, *, max_new_tokens: int, key, temperature: float = 0.8,
                 top_k: int | None = 40, top_p: float | None = None) -> tuple[str, str]:
-    """KV-cached sampling from ``prompt``; returns ``(prompt as decoded, continuation)``. GPT-2 keeps
-    prompt + new tokens within its ``context_length`` (its learned positions): the prompt is cut to
-    its last half-context tokens if needed and the new tokens to the room that is left."""
+    """KV-cached sampling from ``prompt``; returns ``(prompt as decoded, continuation)``.
+
+    Prompt + new tokens stay within the model's context limit (GPT-2's ``context_length``, its
+    learned positions; the decoder's ``max_len``). What does not fit is cut, and each cut is
+    announced with one ``note:`` line: a prompt that fills the whole context keeps its last
+    half-context tokens, then the new tokens are reduced to the room that is left."""
     ids = encode(encoding, prompt)
     if not ids:
         raise ValueError("the prompt is empty: it needs at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if isinstance(config, gpt2.GPT2Config):
-        limit = config.context_length
-        if len(ids) >= limit:
-            ids = ids[-max(1, limit // 2):]
-        max_new_tokens = min(max_new_tokens, limit - len(ids))
+    limit = context_limit(config)
+    if limit is not None and len(ids) + max_new_tokens > limit:
+        if len(ids) >= limit:  # no room for a single new token
+            keep = max(1, limit // 2)
+            print(f"note: the prompt was cut from {len(ids)} to its last {keep} tokens because the context is {limit}")
+            ids = ids[-keep:]
+        if len(ids) + max_new_tokens > limit:
+            room = limit - len(ids)
+            print(f"note: the new tokens were reduced from {max_new_tokens} to {room} because the context is "
+                  f"{limit} and the prompt holds {len(ids)}")
+            max_new_tokens = room
     if top_k is not None:
         top_k = min(top_k, config.vocab_size)
     new = generate(config, params, [ids], max_new_tokens=max_new_tokens, key=key, temperature=temperature,

@@ -43,7 +43,7 @@ import numpy as np
 from jaxllm.config import ModelConfig, register
 from jaxllm.nn.attention import KVCache, check_cache_room, keys_values_and_mask
 from jaxllm.nn.norms import LayerNorm
-from jaxllm.validate import check_token_batch
+from jaxllm.validate import check_concrete_token_ids, check_token_batch
 
 __all__ = ["GPT2Config", "GPT2", "KVCache", "init_cache", "check_cache_room", "make_forward",
            "gpt2_124m", "gpt2_medium", "tiny", "gelu_tanh"]
@@ -78,6 +78,12 @@ class GPT2Config(ModelConfig):
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+    @property
+    def context_limit(self) -> int:
+        """The longest prompt + generation: ``context_length``, the learned position table (a hard
+        limit: a KV cache may not be longer)."""
+        return self.context_length
 
     def build(self):
         return GPT2(self)
@@ -197,8 +203,12 @@ class GPT2(nn.Module):
 
     Without a cache, positions are ``0..T-1`` (T <= context_length). With one, the tokens
     continue each row at slot/position ``cache.lengths[b]`` and the returned cache has
-    ``lengths + T``. Ids and lengths are not checked here (compiled code cannot raise; XLA clamps
-    out-of-range lookups): use ``GPT2Config.validate_input`` and ``check_cache_room`` first.
+    ``lengths + T``. Concrete (non-traced) inputs are checked: token ids outside ``[0,
+    vocab_size)`` and a cache without room for the T tokens (``lengths + T`` past ``max_len`` or
+    ``context_length``) raise ``ValueError``. Inside ``jit`` (traced ids and lengths) they are the
+    caller's promise: compiled code cannot raise, and XLA silently clamps out-of-range lookups and
+    cache writes; check at the boundary there (``GPT2Config.validate_input``, ``check_cache_room``;
+    ``generate`` does both up front).
     Dropout runs only with ``deterministic=False`` and a ``dropout`` rng (``rngs={"dropout": k}``).
     """
 
@@ -208,6 +218,7 @@ class GPT2(nn.Module):
     def __call__(self, tokens, *, cache: KVCache | None = None, deterministic: bool = True):
         cfg = self.config
         deterministic = deterministic or cfg.drop_rate == 0.0 or not self.has_rng("dropout")
+        check_concrete_token_ids(tokens, cfg.vocab_size)  # before any cast; traced ids pass
         batch, t = tokens.shape
         normal = nn.initializers.normal(1.0)  # torch's nn.Embedding init
         tok_emb = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=normal, name="tok_emb")
@@ -219,6 +230,9 @@ class GPT2(nn.Module):
                 raise ValueError(f"cache must have k, v of shape [layers, batch, max_len, heads, head_dim]"
                                  f" = {expected} and lengths [{batch}], got {cache.k.shape}, "
                                  f"{cache.v.shape}, {cache.lengths.shape}")
+            # concrete lengths only (under jit the caller's promise); past the learned table the
+            # position lookup would be clamped silently
+            check_cache_room(cache, t, positions=cfg.context_length)
             positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         else:
             if t > cfg.context_length:  # static shapes: raises at trace time

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig, register
-from jaxllm.validate import check_token_batch
+from jaxllm.validate import check_concrete_token_ids, check_token_batch
 
 # The book's initialize_weights: xavier-uniform on every matrix, U(0, 1) on every vector.
 xavier_uniform = nn.initializers.xavier_uniform()
@@ -128,8 +128,10 @@ class RNNLanguageModel(nn.Module):
     -> (logits float32[batch, time, vocab], hidden float32[L, batch, D]).
 
     ``hidden`` is the whole cache: calling again with the returned hidden continues the sequence,
-    so chunked or token-by-token decoding equals the full-sequence forward. Token ids are not
-    checked here (compiled code cannot raise); use ``RNNConfig.validate_input`` at the boundary.
+    so chunked or token-by-token decoding equals the full-sequence forward. Concrete (non-traced)
+    token ids outside ``[0, vocab_size)`` raise ``ValueError``; inside ``jit`` they are the
+    caller's promise (compiled code cannot raise and XLA clamps the lookup): check at the boundary
+    there with ``RNNConfig.validate_input``.
     """
 
     config: RNNConfig
@@ -142,6 +144,7 @@ class RNNLanguageModel(nn.Module):
 
     def __call__(self, tokens, hidden=None):
         cfg = self.config
+        check_concrete_token_ids(tokens, cfg.vocab_size)  # before any cast; traced ids pass
         batch = tokens.shape[0]
         if hidden is None:
             hidden = cfg.init_hidden(batch)

@@ -47,7 +47,7 @@ from jaxllm.nn.init import torch_bias_init, torch_kernel_init
 from jaxllm.nn.attention import LAYOUTS, ROPE, KVCache, SelfAttention, check_cache_room
 from jaxllm.nn.mlp import ACTIVATIONS, FeedForward
 from jaxllm.nn.norms import RMSNorm
-from jaxllm.validate import check_token_batch
+from jaxllm.validate import check_concrete_token_ids, check_token_batch
 
 __all__ = ["TransformerConfig", "Transformer", "KVCache", "init_cache", "check_cache_room",
            "make_forward", "burkov", "tiny", "llama", "xavier_bound"]
@@ -102,6 +102,12 @@ class TransformerConfig(ModelConfig):
             raise ValueError(f"mlp_hidden must be >= 1, got {self.mlp_hidden}")
         if self.pad_index is not None and not 0 <= self.pad_index < self.vocab_size:
             raise ValueError(f"pad_index must lie in [0, {self.vocab_size - 1}], got {self.pad_index}")
+
+    @property
+    def context_limit(self) -> int:
+        """The longest prompt + generation by default: ``max_len``, the default KV-cache length
+        (RoPE itself has no limit, so a longer cache may be asked for explicitly)."""
+        return self.max_len
 
     @property
     def kv_heads(self) -> int:
@@ -191,9 +197,13 @@ class Transformer(nn.Module):
     given. With a cache: the tokens continue each row (keys/values written at slot
     ``cache.lengths[b]``, each token attends to all filled slots up to its own), positions default
     to ``lengths[b] + arange(T)``, and the returned cache has ``lengths + T``. So feeding a prompt
-    then tokens one at a time, or in chunks, gives the full forward's logits. Token ids are not
-    checked here (compiled code cannot raise); use ``TransformerConfig.validate_input`` at the
-    boundary, and ``check_cache_room`` before writing past ``max_len`` (XLA would clamp).
+    then tokens one at a time, or in chunks, gives the full forward's logits.
+
+    Concrete (non-traced) inputs are checked: token ids outside ``[0, vocab_size)`` and a cache
+    without room for the T tokens (``lengths + T > max_len``) raise ``ValueError``. Inside
+    ``jit`` (traced ids and lengths) they are the caller's promise: compiled code cannot raise, and
+    XLA silently clamps an out-of-range lookup or cache write. Check at the boundary there
+    (``TransformerConfig.validate_input``, ``check_cache_room``; ``generate`` does both up front).
     """
 
     config: TransformerConfig
@@ -213,6 +223,7 @@ class Transformer(nn.Module):
 
     def __call__(self, tokens, *, positions=None, cache: KVCache | None = None):
         cfg = self.config
+        check_concrete_token_ids(tokens, cfg.vocab_size)  # before any cast; traced ids pass
         batch, t = tokens.shape
         table = self.embedding.embedding
         lookup = table
@@ -228,6 +239,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"cache must have k, v of shape [layers, batch, max_len, kv_heads, head_dim]"
                                  f" = {expected} and lengths [{batch}], got {cache.k.shape}, "
                                  f"{cache.v.shape}, {cache.lengths.shape}")
+            check_cache_room(cache, t)  # concrete lengths only; under jit the caller's promise
             offset = cache.lengths[:, None]
         else:
             offset = jnp.zeros((batch, 1), jnp.int32)

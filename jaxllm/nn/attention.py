@@ -17,7 +17,8 @@ filled. A call with T new tokens writes their keys/values at slots ``lengths[b] 
 (one ``lax.dynamic_update_slice`` per row, vmapped) and each new token attends to every filled slot
 up to and including its own. There is no key-padding mask: as in the book, pad tokens are ordinary
 keys (the loss ignores pad targets). XLA clamps an out-of-bounds write instead of failing, so the
-caller must keep ``lengths + T <= max_len`` (checked on the host by ``check_cache_room``).
+caller must keep ``lengths + T <= max_len`` (checked on the host by ``check_cache_room``, which
+the models run whenever the lengths are concrete; under ``jit`` it is the caller's promise).
 
 Training (no cache) takes ``causal_attention``: heads moved to the front (``[B, H, T, dh]``, a
 copy of the small Q/K/V, not of the ``[T, T]`` scores), the 1/sqrt(dh) scale folded into Q, the
@@ -64,13 +65,25 @@ class KVCache:
         return self.k.shape[2]
 
 
-def check_cache_room(cache: KVCache, new_tokens: int) -> None:
-    """Host-side check (not for use under jit) that ``new_tokens`` more tokens fit every row."""
-    longest = int(np.max(np.asarray(cache.lengths))) if cache.lengths.size else 0
+def check_cache_room(cache: KVCache, new_tokens: int, *, positions: int | None = None) -> None:
+    """Host-side check that ``new_tokens`` more tokens fit every row: ``lengths[b] + new_tokens <=
+    max_len`` (and ``<= positions`` when the model has only that many positions, GPT-2's learned
+    table). The models' ``__call__`` runs it whenever ``cache.lengths`` is concrete; traced lengths
+    (under ``jit``) pass unchecked, as the caller's promise, since XLA would clamp the write."""
+    if new_tokens > cache.max_len:  # static: whatever the lengths (the message keys_values_and_mask gives)
+        raise ValueError(f"KV cache overflow: {new_tokens} tokens do not fit a KV cache of max_len {cache.max_len}")
+    if isinstance(cache.lengths, jax.core.Tracer):
+        return
+    lengths = np.asarray(cache.lengths)
+    longest = int(lengths.max()) if lengths.size else 0
     if longest + new_tokens > cache.max_len:
         raise ValueError(
-            f"KV cache overflow: a row holds {longest} of {cache.max_len} positions and "
-            f"{new_tokens} more were given")
+            f"KV cache overflow: a row holds {longest} of {cache.max_len} positions (the cache's "
+            f"max_len) and {new_tokens} more were given")
+    if positions is not None and longest + new_tokens > positions:
+        raise ValueError(
+            f"KV cache overflow: a row holds {longest} tokens and {new_tokens} more were given, past the "
+            f"model's {positions} positions (context_length)")
 
 
 def write_rows(buffer, new, offsets):

@@ -391,16 +391,23 @@ def save_lora(path, params, cfg: LoRAConfig) -> None:
 
 def load_lora(path, base_params) -> tuple[dict, LoRAConfig]:
     """A ``save_lora`` file + base params -> ``(params_with_lora, cfg)``. Every adapter's weight
-    must exist in ``base_params`` with a matching shape, else ``ValueError`` naming the adapter."""
-    from safetensors import safe_open
+    must exist in ``base_params`` with a matching shape, else ``ValueError`` naming the adapter; a
+    truncated or foreign file raises ``ValueError`` naming the file."""
+    from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such LoRA file")
-    with safe_open(path, framework="numpy") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != _FORMAT or "lora_config" not in metadata:
-            raise ValueError(f"{path} is not a LoRA file written by save_lora (no '{_FORMAT}' metadata)")
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    cfg = LoRAConfig.from_dict(json.loads(metadata["lora_config"]))
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != _FORMAT or "lora_config" not in metadata:
+                raise ValueError(f"{path} is not a LoRA file written by save_lora (no '{_FORMAT}' metadata)")
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as exc:  # truncated or not a safetensors file
+        raise ValueError(f"{path} is not a valid LoRA (safetensors) file: {exc}") from exc
+    try:
+        cfg = LoRAConfig.from_dict(json.loads(metadata["lora_config"]))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{path} has an unreadable LoRA config in its metadata: {exc}") from exc
     return attach_lora(base_params, state, rank=cfg.rank), cfg
