@@ -61,8 +61,8 @@ def test_a_full_disk_is_one_error_line_and_keeps_the_earlier_checkpoints(load_sc
     unlock_run_dir(tmp_path)  # as when that run's process ends
     checkpoint = tmp_path / "checkpoints" / "2"
     sizes = {p: os.path.getsize(p) for p in checkpoint.rglob("*") if p.is_file()}
-    limit = max(sizes.values()) // 2  # the checkpoint cannot be written, the metrics and the plot can
-    assert limit > max(os.path.getsize(tmp_path / name) for name in ("metrics.jsonl", "loss.png"))
+    limit = max(sizes.values()) // 2  # the checkpoint cannot be written, the metrics can (the plot may not)
+    assert limit > 4 * os.path.getsize(tmp_path / "metrics.jsonl")
     proc = script("cnn", *args, "--steps", "4", "--resume", file_size_limit=limit)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err

@@ -49,13 +49,11 @@ def trained_context(base) -> int:
     """The context the base was trained at: a run's ``data.context`` from its checkpoint meta,
     else GPT-2's ``context_length`` (an HF base), else the decoder's default cache length."""
     if base.source.startswith("run:"):
-        import orbax.checkpoint as ocp
-
         from jaxllm.training.checkpoint import Checkpointer
 
         run_dir, step = base.source[len("run:"):].rsplit("@", 1)
         with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
-            meta = ckpt.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            meta = ckpt.read_meta(int(step))
         context = ((meta.get("config") or {}).get("data") or {}).get("context")
         if context:
             return int(context)

@@ -112,6 +112,7 @@ class Checkpointer:
         self.config = config
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointWriteError(f"cannot keep checkpoints in {self.directory}: it is a file, not a directory")
+        _ignore_abandoned_orbax_callbacks()  # before any read or write: the callbacks fire during it
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -141,7 +142,6 @@ class Checkpointer:
             if jax.process_index() == 0:  # the step has committed on every process: record its files
                 self._write_checksums(step)
         except Exception as exc:
-            _ignore_abandoned_orbax_callbacks()
             self._remove_partial(step)
             cause = _root_cause(exc)
             raise CheckpointWriteError(f"cannot write checkpoint step {step} to {self.directory}: {cause}") from exc
@@ -231,7 +231,6 @@ class Checkpointer:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             )["state"]
         except Exception as exc:
-            _ignore_abandoned_orbax_callbacks()
             # files verified intact: the model differs; unverifiable (saved without checksums): maybe damage
             verified = os.path.exists(os.path.join(self.step_dir(step), CHECKSUMS))
             error = CheckpointError if verified else _Damaged

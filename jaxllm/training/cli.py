@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 from jaxllm.training.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from jaxllm.training.parallel import STRATEGIES, Strategy, make_strategy
+from jaxllm.training.run_lock import lock_run_dir
 
 
 # --- typed flag values -----------------------------------------------------------------------
@@ -173,10 +174,14 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "base
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
-    """Parse flags; with ``--overwrite``, remove only the files a previous run wrote in ``--out``."""
+    """Parse flags and claim ``--out`` before any work: it must be a writable directory that no
+    other live run holds (its run lock is taken here); with ``--overwrite``, remove only the files
+    a previous run wrote there; ``--resume`` needs a checkpoint to resume from."""
     args = parser.parse_args(argv)
     if args.overwrite and args.resume:
         parser.error("--overwrite and --resume contradict each other")
+    lock_run_dir(args.out)  # before deleting anything: a live run's files are not ours to remove
+    checkpoints = os.path.join(args.out, "checkpoints")
     if args.overwrite:
         for name in RUN_OUTPUTS:
             path = os.path.join(args.out, name)
@@ -184,7 +189,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-    elif not args.resume and _has_checkpoints(os.path.join(args.out, "checkpoints")):
+    elif args.resume and not _has_checkpoints(checkpoints):
+        raise ValueError(f"--resume: there is no checkpoint to resume from in {checkpoints} "
+                         "(run without --resume to start afresh)")
+    elif not args.resume and _has_checkpoints(checkpoints):
         # refuse before any work (or any file written), not only when fit() starts
         raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue that run, "
                          "--overwrite to replace it, or choose a new --out")
@@ -241,12 +249,42 @@ def length_kwargs(args) -> dict:
 
 
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run a script's ``main``; bad input, missing data or divergence exits 2 with one clear line."""
-    from jaxllm.data.tabular import DataUnavailable
-    from jaxllm.training.loop import TrainingDiverged
+    """Run a script's ``main`` as a command: bad input, missing data, divergence or a file that
+    cannot be written exits 2 with one ``error:`` line; SIGINT/SIGTERM exit 130/143 with one line
+    saying how to resume; never a traceback for these."""
+    import signal
 
+    from jaxllm.data.tabular import DataUnavailable
+    from jaxllm.training.loop import TrainingDiverged, TrainingInterrupted
+
+    def terminate(signum, frame):  # outside training (which saves first), SIGTERM ends quietly
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         main(argv)
-    except (ValueError, DataUnavailable, TrainingDiverged) as exc:
+    except (ValueError, DataUnavailable, TrainingDiverged, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except TrainingInterrupted as exc:
+        resume = (f"resume with: {resume_command(argv)}" if exc.last_checkpoint is not None
+                  else "no checkpoint yet: run the same command again to start over")
+        print(f"interrupted: {exc}; {resume}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt as exc:
+        print("interrupted outside the training loop: checkpoints already written are kept", file=sys.stderr)
+        sys.exit(143 if isinstance(exc, _Terminated) else 130)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop."""
+
+
+def resume_command(argv: Sequence[str] | None = None) -> str:
+    """The command line that continues this run: the same flags, ``--overwrite`` dropped, ``--resume`` added."""
+    import shlex
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["python", sys.argv[0], *args])
