@@ -89,15 +89,15 @@ def load_hf_gpt2(directory: str):
 def load_run(run_dir: str, step: int | None = None):
     """``(model config, params, encoding, step)`` of a ``train/lm.py`` output directory.
 
-    The whole train state of the chosen checkpoint (latest by default) is restored into a template
-    of the same shapes (zeros shaped by ``jax.eval_shape``, so no initialiser runs); only its params
-    are returned. A tokenizer with more ids than the model's ``vocab_size`` is refused.
+    The whole train state of the chosen checkpoint is restored into a template of the same
+    shapes (zeros shaped by ``jax.eval_shape``, so no initialiser runs) built from the model and
+    optimiser config saved in it; only its params are returned. Without ``step``, the newest
+    intact checkpoint (a damaged newer one is skipped with a warning; see ``Checkpointer.restore``).
+    A tokenizer with more ids than the model's ``vocab_size`` is refused.
     """
-    import orbax.checkpoint as ocp
-
     from jaxllm.data.tokenizer import load_encoding
     from jaxllm.training import TrainState, make_optimizer
-    from jaxllm.training.checkpoint import Checkpointer, CheckpointError
+    from jaxllm.training.checkpoint import Checkpointer
     from jaxllm.training.optim import OptimizerConfig
 
     if not os.path.isdir(run_dir):
@@ -108,26 +108,26 @@ def load_run(run_dir: str, step: int | None = None):
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
         raise ValueError(f"{run_dir} holds no checkpoint (expected {ckpt_dir}/<step>)")
-    with Checkpointer(ckpt_dir) as ckpt:
-        step = ckpt.latest_step() if step is None else step
-        if step not in ckpt.all_steps():
-            raise ValueError(f"no checkpoint for step {step} in {ckpt_dir}; there are {ckpt.all_steps()}")
-        try:
-            meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as exc:
-            raise CheckpointError(f"checkpoint step {step} in {ckpt_dir} is unreadable: {exc}") from exc
+    encoding = load_encoding(tokenizer)
+    found = {}
+
+    def template(meta):
+        where = f"checkpoint step {meta.get('step')} in {ckpt_dir}"
         run = meta.get("config") or {}
         if "model" not in run or "optimizer" not in run:
-            raise ValueError(f"checkpoint step {step} in {ckpt_dir} carries no run config (model and optimizer)")
+            raise ValueError(f"{where} carries no run config (model and optimizer)")
         config = config_from_dict(run["model"])
-        encoding = load_encoding(tokenizer)
-        check_vocab_fits(encoding, config, tokenizer, f"checkpoint step {step} in {ckpt_dir}")
+        check_vocab_fits(encoding, config, tokenizer, where)
         optimizer = make_optimizer(OptimizerConfig(**run["optimizer"]))
 
-        def template():
+        def fresh():
             params = config.build().init(jax.random.PRNGKey(0), config.example_input())["params"]
             return TrainState.create(params, optimizer, jax.random.PRNGKey(0))
 
-        shapes = jax.eval_shape(template)  # zeros of the right shapes: no initialiser runs
-        state, _ = ckpt.restore(jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), step)
-    return config, state.params, encoding, step
+        found["config"] = config
+        shapes = jax.eval_shape(fresh)  # zeros of the right shapes: no initialiser runs
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    with Checkpointer(ckpt_dir) as ckpt:
+        state, meta = ckpt.restore_with(template, step)
+    return found["config"], state.params, encoding, int(meta["step"])

@@ -123,8 +123,8 @@ def test_sample_logits_refuses_negative_temperature_and_bad_top_k():
         jitted(logits, key, temperature=-1.0)
 
 
-def write_run(run_dir, config, encoding):
-    """A train/lm.py-style run directory by hand: tokenizer.json + checkpoints/0 with the run config."""
+def write_run(run_dir, config, encoding, steps=(0,)):
+    """A train/lm.py-style run directory by hand: tokenizer.json + checkpoints/<step> with the run config."""
     from jaxllm.data.tokenizer import save_encoding
     from jaxllm.training import TrainState, make_optimizer
     from jaxllm.training.checkpoint import Checkpointer, run_config
@@ -133,8 +133,22 @@ def write_run(run_dir, config, encoding):
     opt = OptimizerConfig(name="sgd", lr=0.1)
     state = TrainState.create(params_of(config), make_optimizer(opt), jax.random.PRNGKey(0))
     with Checkpointer(run_dir / "checkpoints", config=run_config(config, opt)) as ckpt:
-        ckpt.save(state)
+        for step in steps:
+            ckpt.save(state.replace(step=jax.numpy.int32(step)))
     save_encoding(encoding, run_dir / "tokenizer.json")
+
+
+def test_a_base_with_a_damaged_newest_checkpoint_loads_the_newest_intact_one(tmp_path, capsys):
+    from jaxllm.pretrained import load_base
+
+    config = GPT2.replace(vocab_size=256)
+    write_run(tmp_path, config, byte_encoding(), steps=(1, 2))
+    metadata = tmp_path / "checkpoints" / "2" / "state" / "_METADATA"
+    metadata.write_bytes(metadata.read_bytes().replace(b"params", b"paRams", 1))
+    base = load_base(str(tmp_path))
+    assert base.source == f"run:{tmp_path}@1"
+    assert "checkpoint step 2" in capsys.readouterr().err
+    assert (tmp_path / "checkpoints" / "2").exists()  # loading a base never moves a run's files
 
 
 def test_a_run_whose_tokenizer_outgrows_the_embedding_is_refused(tmp_path):
