@@ -14,6 +14,7 @@ from jaxllm.data import classification as cdata
 from jaxllm.models import classifier, gpt2, transformer
 from jaxllm.training import TrainState, make_train_step
 from jaxllm.training.freeze import count_params, freeze_optimizer, trainable_mask
+from parity import OUTPUT, assert_close
 
 GPT2_TINY = gpt2.tiny(vocab_size=97, context_length=16, drop_rate=0.0)
 DECODER_TINY = transformer.tiny(97)
@@ -71,7 +72,7 @@ def test_last_real_token_of_a_right_padded_row_equals_the_unpadded_row(lm_config
     got = classifier.last_token_logits(apply(params, tokens), lengths)
     for i, r in enumerate(rows):
         alone = apply(params, np.array([r], np.int32))[0, -1]  # no padding at all
-        np.testing.assert_allclose(got[i], alone, atol=1e-5)
+        assert_close(got[i], alone, OUTPUT, err_msg=f"row {i}: padded vs unpadded")
     # the book's position -1 would read a pad token for the shorter rows: different logits
     assert not np.allclose(apply(params, tokens)[0, -1], got[0], atol=1e-4)
 

@@ -14,6 +14,7 @@ pytest.importorskip("safetensors")
 from jaxllm import interop  # noqa: E402
 from jaxllm.models import gpt2, transformer  # noqa: E402
 from jaxllm.training.supervised import init_params  # noqa: E402
+from parity import OUTPUT, assert_close  # noqa: E402
 
 TOKENS = np.array([[1, 5, 96, 0, 42, 7, 7, 13, 2, 60, 31, 8],
                    [3, 3, 90, 11, 4, 17, 58, 0, 1, 95, 20, 64]], np.int32)
@@ -67,7 +68,7 @@ def test_gpt2_from_safetensors_dir(hf_gpt2, tmp_path, tie):
     config = gpt2_config(tie_embeddings=tie)
     params = interop.from_hf(config, tmp_path)
     ours, _ = gpt2.make_forward(config)(params, TOKENS)
-    np.testing.assert_allclose(np.asarray(ours), hf_logits(hf_gpt2, TOKENS), atol=1e-5, rtol=0)
+    assert_close(ours, hf_logits(hf_gpt2, TOKENS), OUTPUT, err_msg="ours vs Hugging Face logits")
 
 
 def test_gpt2_from_pytorch_bin_with_weights_only(hf_gpt2, tmp_path, monkeypatch):
@@ -84,7 +85,7 @@ def test_gpt2_from_pytorch_bin_with_weights_only(hf_gpt2, tmp_path, monkeypatch)
     params = interop.from_hf(config, tmp_path)
     assert seen == [True]
     ours, _ = gpt2.make_forward(config)(params, TOKENS)
-    np.testing.assert_allclose(np.asarray(ours), hf_logits(hf_gpt2, TOKENS), atol=1e-5, rtol=0)
+    assert_close(ours, hf_logits(hf_gpt2, TOKENS), OUTPUT, err_msg="ours vs Hugging Face logits")
 
 
 def test_gpt2_state_dict_with_or_without_prefix_and_buffers(hf_gpt2):
@@ -105,7 +106,7 @@ def test_llama_from_hf_matches_logits(hf_llama, tmp_path):
     config = llama_config()
     params = interop.from_hf(config, tmp_path)  # config.json is checked too
     ours, _ = transformer.make_forward(config)(params, TOKENS)
-    np.testing.assert_allclose(np.asarray(ours), hf_logits(hf_llama, TOKENS), atol=1e-5, rtol=0)
+    assert_close(ours, hf_logits(hf_llama, TOKENS), OUTPUT, err_msg="ours vs Hugging Face logits")
 
 
 def test_llama_to_hf_round_trip_is_strict_and_exact(hf_llama):
@@ -118,7 +119,7 @@ def test_llama_to_hf_round_trip_is_strict_and_exact(hf_llama):
     for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     ours, _ = transformer.make_forward(config)(params, TOKENS)
-    np.testing.assert_allclose(np.asarray(ours), hf_logits(fresh, TOKENS), atol=1e-5, rtol=0)
+    assert_close(ours, hf_logits(fresh, TOKENS), OUTPUT, err_msg="ours vs Hugging Face logits")
 
 
 def test_tied_llama(hf_llama):
@@ -131,7 +132,7 @@ def test_tied_llama(hf_llama):
     state = interop.to_hf_llama(config, params)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     ours, _ = transformer.make_forward(config)(params, TOKENS)
-    np.testing.assert_allclose(np.asarray(ours), hf_logits(model, TOKENS), atol=1e-5, rtol=0)
+    assert_close(ours, hf_logits(model, TOKENS), OUTPUT, err_msg="ours vs Hugging Face logits")
 
 
 @pytest.mark.parametrize("layout", ["per_head", "fused"])
@@ -143,7 +144,7 @@ def test_interleaved_to_rotate_half_keeps_logits(layout):
     tokens = TOKENS % 61
     a, _ = transformer.make_forward(config)(params, tokens)
     b, _ = transformer.make_forward(half)(moved, tokens)
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
+    assert_close(b, a, OUTPUT, err_msg="rotate_half on permuted weights vs interleaved")
     c, _ = transformer.make_forward(half)(params, tokens)  # without the permutation they differ
     assert np.abs(np.asarray(c) - np.asarray(a)).max() > 1e-3
 
@@ -158,7 +159,7 @@ def test_rope_scores_agree_after_permutation():
     ref = np.einsum("bthd,bshd->bhts", rope.rope_interleaved(q, cos, sin), rope.rope_interleaved(k, cos, sin))
     got = np.einsum("bthd,bshd->bhts", rope.rope_rotate_half(q[..., p], cos, sin),
                     rope.rope_rotate_half(k[..., p], cos, sin))
-    np.testing.assert_allclose(got, ref, atol=1e-5)
+    assert_close(got, ref, OUTPUT, err_msg="rope scores after permutation")
 
 
 def test_bad_inputs_are_named(hf_gpt2, hf_llama):

@@ -8,6 +8,7 @@ import pytest
 
 from jaxllm.models import rnn
 from jaxllm.training.lm_eval import streaming_nll
+from parity import OUTPUT, assert_close
 
 CONFIG = rnn.tiny(vocab_size=19)
 
@@ -25,7 +26,7 @@ def test_streaming_equals_full_forward(streams, chunk):
         logits, _ = forward(params, jnp.asarray(piece[None, :-1]))
         expected += float(optax.softmax_cross_entropy_with_integer_labels(logits[0], piece[1:]).sum())
     assert n == streams * per and scored == slice(1, streams * per + 1)
-    np.testing.assert_allclose(total, expected, rtol=1e-5)
+    assert_close(total, expected, OUTPUT, err_msg="streaming vs full-forward NLL")
 
 
 def test_too_few_tokens():

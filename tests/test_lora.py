@@ -25,7 +25,7 @@ from jaxllm.torch_ref import gpt2 as t_gpt2
 from jaxllm.torch_ref import lora as t_lora
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
 from jaxllm.training.freeze import count_params, stop_frozen_gradients
-from parity import GRAD_ATOL, GRAD_RTOL, OUT_ATOL, PARAM_ATOL, PARAM_RTOL, run_both_trajectories
+from parity import GRAD, OUTPUT, TRAJECTORY, assert_close, run_both_trajectories
 
 CONFIG = g.tiny(num_classes=2, qkv_bias=True, vocab_size=97, context_length=16, drop_rate=0.0)
 RANK, ALPHA = 4, 8.0  # scale 2: a wrong scale cannot hide behind alpha / r = 1
@@ -109,9 +109,8 @@ def test_logits_match_twin():
         expected = twin(torch.from_numpy(x).long()).numpy()
     got = np.asarray(LORA_LOGITS(params, jnp.asarray(x)))
     assert got.shape == (4, 16, 2)
-    np.testing.assert_allclose(got, expected, atol=OUT_ATOL, rtol=0)
-    np.testing.assert_allclose(np.asarray(LORA_LOGITS_EAGER(params, jnp.asarray(x))), expected,
-                               atol=OUT_ATOL, rtol=0)
+    assert_close(got, expected, OUTPUT, err_msg="lora logits (jitted)")
+    assert_close(LORA_LOGITS_EAGER(params, jnp.asarray(x)), expected, OUTPUT, err_msg="lora logits (eager)")
     # the adapters matter: the base model alone is far off
     base = np.asarray(base_logits_fn()(lora.without_lora(params), jnp.asarray(x)))
     assert np.abs(base - expected).max() > 1e-2
@@ -123,13 +122,13 @@ def test_lora_gradients_match_twin():
     (loss, _), grads = jax.jit(jax.value_and_grad(class_loss(LORA_LOGITS), has_aux=True))(params, batch, None)
     t_loss = torch_class_loss(twin, batch)
     t_loss.backward()
-    np.testing.assert_allclose(float(loss), t_loss.item(), rtol=1e-5)
+    assert_close(float(loss), t_loss.item(), OUTPUT, err_msg="lora loss")
     expected = {n: p.grad.numpy() for n, p in twin.named_parameters() if p.requires_grad}
     assert len(expected) == 2 * DENSE_MODULES and all(".lora." in n for n in expected)
     got = t_lora.lora_to_torch(CONFIG, grads)
     for name, value in expected.items():
         assert np.abs(value).max() > 0, name
-        np.testing.assert_allclose(got[name].numpy(), value, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=name)
+        assert_close(got[name].numpy(), value, GRAD, err_msg=name)
 
 
 def test_ten_step_adamw_trajectory_trains_only_lora():
@@ -146,15 +145,14 @@ def test_ten_step_adamw_trajectory_trains_only_lora():
     state, jax_losses, torch_losses = run_both_trajectories(make_train_step(loss_fn, optimizer), state, twin,
                                                             torch_opt, torch_class_loss, batches)
 
-    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-4, atol=1e-6)
+    assert_close(jax_losses, torch_losses, TRAJECTORY, err_msg="lora losses over 10 AdamW steps")
     final = t_lora.lora_to_torch(CONFIG, state.params)
     for name, value in twin.state_dict().items():
         if name.endswith(t_gpt2.MASK_SUFFIX):
             continue
         if ".lora." in name:  # trained, in step
             assert not torch.equal(value, start_torch[name]), name
-            np.testing.assert_allclose(final[name].numpy(), value.numpy(), rtol=PARAM_RTOL, atol=PARAM_ATOL,
-                                       err_msg=name)
+            assert_close(final[name].numpy(), value.numpy(), TRAJECTORY, err_msg=name)
         else:  # frozen: bit-for-bit unchanged in both frameworks
             assert torch.equal(value, start_torch[name]), name
     base_now, base_start = lora.without_lora(state.params), lora.without_lora(start_jax)
@@ -191,9 +189,9 @@ def test_merge_and_unmerge():
     merged = lora.merge(params, LORA)
     assert lora.lora_state(merged) == {}
     assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(lora.without_lora(params))
-    np.testing.assert_allclose(np.asarray(base_logits_fn()(merged, x)), np.asarray(LORA_LOGITS(params, x)),
-                               atol=OUT_ATOL, rtol=0)
+    assert_close(base_logits_fn()(merged, x), LORA_LOGITS(params, x), OUTPUT, err_msg="merged vs adapter logits")
     w = params["trf_blocks_1"]["ff"]["layers_0"]
+    # merge and unmerge are one matmul of K=r and one add: bit-identical / 1 ulp here, so tighter than OUTPUT
     np.testing.assert_allclose(merged["trf_blocks_1"]["ff"]["layers_0"]["kernel"],
                                np.asarray(w["kernel"]) + 2.0 * np.asarray(w["lora_A"]) @ np.asarray(w["lora_B"]),
                                rtol=1e-6, atol=1e-6)
@@ -336,9 +334,9 @@ def test_decoder_raw_weight_adapters():
     reference = numpy_merge(params, cfg.scale)
     expected = np.asarray(base_logits(unflatten(reference), x))
     assert np.abs(expected - np.asarray(base_logits(base, x))).max() > 1e-2
-    np.testing.assert_allclose(np.asarray(with_lora(params, x)), expected, atol=OUT_ATOL, rtol=1e-5)
+    assert_close(with_lora(params, x), expected, OUTPUT, err_msg="adapters vs numpy-merged weights")
     merged = lora.merge(params, cfg)
-    for name, value in reference.items():
+    for name, value in reference.items():  # one matmul of K=r and one add: tighter than OUTPUT
         np.testing.assert_allclose(np.asarray(merged_leaf(merged, name)), value, rtol=1e-6, atol=1e-6, err_msg=name)
 
     # Gradients: dA = scale * dW B^T and dB = scale * A^T dW, with dW the base model's gradient at
@@ -350,16 +348,12 @@ def test_decoder_raw_weight_adapters():
 
     grads = jax.jit(jax.grad(lambda p: stop_frozen_gradients(loss_fn, lora.lora_mask(p))(p, x, None)[0]))(params)
     d_merged = jax.jit(jax.grad(lambda p: jnp.sum(decoder_logits(p, x) * probe)))(unflatten(reference))
-    def close(got, want, name):  # entries that cancel to ~0 get an atol scaled to the tensor's size
-        np.testing.assert_allclose(got, want, rtol=GRAD_RTOL, atol=max(GRAD_ATOL, GRAD_RTOL * np.abs(want).max()),
-                                   err_msg=name)
-
     for name in sorted(weights):
         dw = np.asarray(merged_leaf(d_merged, name), np.float64)
         a = np.asarray(merged_leaf(params, name + "_lora_A"), np.float64)
         b = np.asarray(merged_leaf(params, name + "_lora_B"), np.float64)
-        close(merged_leaf(grads, name + "_lora_A"), cfg.scale * dw @ b.T, name)
-        close(merged_leaf(grads, name + "_lora_B"), cfg.scale * a.T @ dw, name)
+        assert_close(merged_leaf(grads, name + "_lora_A"), cfg.scale * dw @ b.T, GRAD, err_msg=f"{name} dA")
+        assert_close(merged_leaf(grads, name + "_lora_B"), cfg.scale * a.T @ dw, GRAD, err_msg=f"{name} dB")
         assert float(jnp.abs(merged_leaf(grads, name)).max()) == 0.0
     assert all(float(jnp.abs(v).max()) == 0.0 for v in jax.tree_util.tree_leaves(lora.without_lora(grads)))
 

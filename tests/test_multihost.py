@@ -87,6 +87,8 @@ def result(proc: subprocess.Popen) -> dict:
 
 
 def test_two_processes_reproduce_one_process_with_four_devices(tmp_path):
+    from parity import TRAJECTORY, assert_close  # here, not in the workers: it imports torch
+
     address = f"127.0.0.1:{free_port()}"
     workers = [spawn(2, {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
                          "CHECKPOINT_DIR": str(tmp_path / "ckpt")})
@@ -104,8 +106,9 @@ def test_two_processes_reproduce_one_process_with_four_devices(tmp_path):
     for process_id, r in enumerate(results):
         assert r["process"] == process_id and r["processes"] == 2 and r["devices"] == 4
         assert r["rows"] == [ROWS // 2] * STEPS  # each process fed only its half
-        assert r["losses"] == pytest.approx(reference["losses"], rel=1e-5)
-        assert r["checksum"] == pytest.approx(reference["checksum"], rel=1e-5)
+        assert_close(r["losses"], reference["losses"], TRAJECTORY, err_msg=f"process {process_id}: losses")
+        # sum of |params|: within TRAJECTORY whenever every param is
+        assert_close(r["checksum"], reference["checksum"], TRAJECTORY, err_msg=f"process {process_id}: checksum")
     assert reference["losses"][-1] != reference["losses"][0]  # it trained
 
     # the two processes wrote one checkpoint; this one-device process restores it
@@ -123,7 +126,7 @@ def test_two_processes_reproduce_one_process_with_four_devices(tmp_path):
         assert ckpt.all_steps() == [STEPS]
         state, _ = ckpt.restore(template)
     checksum = float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree_util.tree_leaves(state.params)))
-    assert checksum == pytest.approx(results[0]["checksum"], rel=1e-6)
+    assert checksum == pytest.approx(results[0]["checksum"], rel=1e-6)  # the same params, restored: no rounding
 
 
 def test_settings_come_from_arguments_or_the_environment():

@@ -16,9 +16,7 @@ from jaxllm.training.losses import softmax_cross_entropy
 from jaxllm.training.parallel import STRATEGIES
 from jaxllm.training.supervised import init_params, make_apply
 from jaxllm.models.mlp import MLPConfig
-
-LOSS_RTOL = 1e-5
-PARAM_RTOL, PARAM_ATOL = 1e-4, 1e-6
+from parity import TRAJECTORY, assert_close
 
 MULTI = [(model, name, accum) for model, runs in multidevice.RUNS.items() for name, accum in runs
          if name != "single"]
@@ -33,19 +31,24 @@ def params_of(arrays, prefix):
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
-def assert_same_params(arrays, prefix, reference, *, rtol=PARAM_RTOL, atol=PARAM_ATOL):
+def assert_same_params(arrays, prefix, reference, *, exact_ish=False):
+    """Params after the same steps: TRAJECTORY when the strategies compute differently;
+    ``exact_ish`` (rtol 1e-6, atol 1e-7) when they run the very same compiled step (fit, resume)."""
     got, want = params_of(arrays, prefix), params_of(arrays, reference)
     assert want and set(got) == set(want), f"{prefix}: param names differ"
     for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=atol, err_msg=f"{prefix}{name}")
+        if exact_ish:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7, err_msg=f"{prefix}{name}")
+        else:
+            assert_close(got[name], want[name], TRAJECTORY, err_msg=f"{prefix}{name}")
 
 
 @pytest.mark.parametrize("model,name,accum", MULTI, ids=[f"{m}-{n}-accum{a}" for m, n, a in MULTI])
 def test_four_devices_match_one(results, model, name, accum):
     arrays, info = results
     tag, ref = f"{model}/{name}/{accum}", f"{model}/single/1"
-    np.testing.assert_allclose(arrays[f"{tag}/losses"], arrays[f"{ref}/losses"], rtol=LOSS_RTOL)
-    np.testing.assert_allclose(arrays[f"{tag}/grad_norms"], arrays[f"{ref}/grad_norms"], rtol=1e-4)
+    assert_close(arrays[f"{tag}/losses"], arrays[f"{ref}/losses"], TRAJECTORY, err_msg=f"{tag} losses")
+    assert_close(arrays[f"{tag}/grad_norms"], arrays[f"{ref}/grad_norms"], TRAJECTORY, err_msg=f"{tag} grad norms")
     assert arrays[f"{tag}/targets"] == arrays[f"{ref}/targets"]  # the count is summed, not averaged
     assert_same_params(arrays, f"{tag}/params", f"{ref}/params")
     assert all(shape == [] for shape in info[f"{tag}/metric_shapes"])  # plain scalars, also from pmap
@@ -65,7 +68,7 @@ def test_the_runs_are_not_trivially_equal(results):
     for model in multidevice.RUNS:
         losses = arrays[f"{model}/single/1/losses"]
         assert np.ptp(losses) > 1e-3  # five different batches, a moving model
-        assert arrays[f"{model}/single/1/moved"] > 100 * PARAM_ATOL  # largest change of a param
+        assert arrays[f"{model}/single/1/moved"] > 1e-4  # largest change of a param
 
 
 @pytest.mark.parametrize("name", ["sharded", "fsdp", "shard_map", "pmap"])
@@ -75,7 +78,7 @@ def test_eval_step_matches_one_device(results, name):
     for metric in ("loss", "accuracy", "targets"):
         got, want = arrays[f"{model}/{name}/1/eval/{metric}"], arrays[f"{model}/single/1/eval/{metric}"]
         # params differ at float tolerance between strategies; the metrics follow them
-        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=metric)
+        assert_close(got, want, TRAJECTORY, err_msg=f"{name} eval {metric}")
 
 
 @pytest.mark.parametrize("name", ["single", "sharded", "fsdp", "shard_map", "pmap"])
@@ -84,23 +87,24 @@ def test_fit_runs_every_strategy(results, name):
     numbers as calling the step by hand."""
     arrays, _ = results
     tag = f"{multidevice.FIT_MODEL}/{name}/1"
+    # the very same compiled step as by hand: tighter than the policy (it allows for a different computation)
     np.testing.assert_allclose(arrays[f"fit/{name}/losses"], arrays[f"{tag}/losses"], rtol=1e-6)
     assert list(arrays[f"fit/{name}/eval_steps"]) == [2, 4, 5]
-    assert_same_params(arrays, f"fit/{name}/params", f"{tag}/params", rtol=1e-6, atol=1e-7)
+    assert_same_params(arrays, f"fit/{name}/params", f"{tag}/params", exact_ish=True)
 
 
 @pytest.mark.parametrize("name", multidevice.RESUMED)
 def test_resumed_fit_continues_the_same_run(results, name):
     arrays, _ = results
     tag = f"{multidevice.FIT_MODEL}/{name}/1"
-    assert_same_params(arrays, f"resume/{name}/params", f"{tag}/params", rtol=1e-6, atol=1e-7)
+    assert_same_params(arrays, f"resume/{name}/params", f"{tag}/params", exact_ish=True)
 
 
 def test_lm_script_under_pmap_with_accumulation_matches_one_device(results):
     _, info = results
     single, pmap = info["lm/single"], info["lm/pmap_accum2"]
     assert single["status"] == pmap["status"] == "finished" and pmap["last_checkpoint"] == 4
-    assert pmap["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+    assert_close(pmap["val_loss"], single["val_loss"], TRAJECTORY, err_msg="val_loss after 4 steps")
 
 
 def test_batches_that_do_not_divide_are_refused(results):
@@ -147,6 +151,8 @@ def test_every_strategy_runs_on_one_device(name):
     step = strategy.train_step(loss_fn, optimizer)
     placed = strategy.place(state)
     ref_state = jax.tree_util.tree_map(np.array, state)  # the donated state cannot be reused
+    # one device: every strategy runs the plain step's operations (bit-identical here), so these
+    # checks stay tighter than tests/parity.py's TRAJECTORY, which allows for a different computation
     for batch in data:
         placed, metrics = step(placed, batch)
         ref_state, ref_metrics = reference(ref_state, batch)

@@ -18,8 +18,7 @@ from jaxllm.torch_ref import gpt2 as t_gpt2
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
 from jaxllm.training.losses import lm_cross_entropy
 from parity import run_both_trajectories
-from parity import (GRAD_ATOL, GRAD_RTOL, OUT_ATOL, PARAM_ATOL, PARAM_RTOL, assert_same_tensors,
-                    to_numpy_state, torch_grads)
+from parity import GRAD, OUTPUT, TRAJECTORY, assert_close, assert_same_tensors, to_numpy_state, torch_grads
 
 CONFIG = g.GPT2Config(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
                       qkv_bias=False)
@@ -75,10 +74,9 @@ def test_logits_match(qkv_bias):
     assert logits.shape == (3, 16, 97) and cache is None
     with torch.no_grad():
         expected = twin(torch.from_numpy(x).long()).numpy()
-    np.testing.assert_allclose(np.asarray(logits), expected, atol=OUT_ATOL, rtol=0)
+    assert_close(logits, expected, OUTPUT, err_msg="gpt2 logits")
     assert g.make_forward(config) is g.make_forward(config)
-    np.testing.assert_allclose(np.asarray(g.make_forward(config)(params, jnp.asarray(x))[0]), expected,
-                               atol=OUT_ATOL, rtol=0)
+    assert_close(g.make_forward(config)(params, jnp.asarray(x))[0], expected, OUTPUT, err_msg="gpt2 jitted logits")
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
@@ -89,8 +87,8 @@ def test_gradients_match(qkv_bias):
     (loss, _), grads = jax.value_and_grad(lm_cross_entropy(apply_logits(config)), has_aux=True)(params, batch, None)
     t_loss = torch_loss(twin, batch)
     t_loss.backward()
-    np.testing.assert_allclose(float(loss), t_loss.item(), rtol=1e-5)
-    assert_same_tensors(grads, torch_grads(twin), rtol=GRAD_RTOL, atol=GRAD_ATOL, what="gpt2 grads")
+    assert_close(float(loss), t_loss.item(), OUTPUT, err_msg="gpt2 loss")
+    assert_same_tensors(grads, torch_grads(twin), GRAD, what="gpt2 grads")
 
 
 def test_ten_step_adamw_trajectory_matches():
@@ -105,9 +103,9 @@ def test_ten_step_adamw_trajectory_matches():
     torch_opt = torch.optim.AdamW(twin.parameters(), lr=4e-4, weight_decay=0.1)
     state, jax_losses, torch_losses = run_both_trajectories(step, state, twin, torch_opt, torch_loss, batches)
 
-    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-4, atol=1e-6)
+    assert_close(jax_losses, torch_losses, TRAJECTORY, err_msg="gpt2 losses over 10 AdamW steps")
     assert jax_losses[-1] < jax_losses[0]
-    assert_same_tensors(state.params, t_gpt2.drop_masks(to_numpy_state(twin)), rtol=PARAM_RTOL, atol=PARAM_ATOL,
+    assert_same_tensors(state.params, t_gpt2.drop_masks(to_numpy_state(twin)), TRAJECTORY,
                         what="gpt2 params after 10 AdamW steps")
 
 
@@ -123,7 +121,7 @@ def test_cached_decoding_equals_full_forward():
     for t in range(4, 16):
         logits, cache = forward(params, x[:, t:t + 1], cache)
         pieces.append(logits)
-    np.testing.assert_allclose(np.concatenate(pieces, 1), np.asarray(full), atol=OUT_ATOL, rtol=0)
+    assert_close(np.concatenate(pieces, 1), full, OUTPUT, err_msg="prompt + one token at a time vs full")
     assert cache.k.shape == (2, 2, 16, 4, 8)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [16, 16])
     with pytest.raises(ValueError, match="overflow"):
@@ -133,7 +131,7 @@ def test_cached_decoding_equals_full_forward():
     for lo, hi in [(0, 1), (1, 5), (5, 6), (6, 10), (10, 14), (14, 15), (15, 16)]:
         logits, cache = forward(params, x[:, lo:hi], cache)
         pieces.append(logits)
-    np.testing.assert_allclose(np.concatenate(pieces, 1), np.asarray(full), atol=OUT_ATOL, rtol=0)
+    assert_close(np.concatenate(pieces, 1), full, OUTPUT, err_msg="uneven chunks vs full")
 
 
 def test_bad_inputs_and_configs_are_refused():

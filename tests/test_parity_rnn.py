@@ -17,8 +17,7 @@ from jaxllm.torch_ref import rnn as t_rnn
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
 from jaxllm.training.losses import lm_cross_entropy
 from parity import run_both_trajectories
-from parity import (GRAD_ATOL, GRAD_RTOL, OUT_ATOL, PARAM_ATOL, PARAM_RTOL, assert_same_tensors,
-                    to_numpy_state, torch_grads)
+from parity import GRAD, OUTPUT, TRAJECTORY, assert_close, assert_same_tensors, to_numpy_state, torch_grads
 
 PAD = 1
 CONFIG = rnn.RNNConfig(vocab_size=13, emb_dim=8, num_layers=2, pad_index=PAD)
@@ -69,8 +68,8 @@ def test_logits_and_hidden_match():
     logits, hidden = CONFIG.build().apply({"params": params}, jnp.asarray(x))
     t_logits, t_hidden = twin(torch.from_numpy(x).long())
     assert logits.shape == (4, 7, CONFIG.vocab_size) and hidden.shape == (2, 4, CONFIG.emb_dim)
-    np.testing.assert_allclose(np.asarray(logits), t_logits.detach().numpy(), atol=OUT_ATOL, rtol=0)
-    np.testing.assert_allclose(np.asarray(hidden), t_hidden.detach().numpy(), atol=OUT_ATOL, rtol=0)
+    assert_close(logits, t_logits.detach().numpy(), OUTPUT, err_msg="rnn logits")
+    assert_close(hidden, t_hidden.detach().numpy(), OUTPUT, err_msg="rnn hidden state")
 
 
 def test_gradients_match_and_pad_row_gets_none():
@@ -82,8 +81,8 @@ def test_gradients_match_and_pad_row_gets_none():
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None)
     t_loss = torch_loss(twin, batch)
     t_loss.backward()
-    np.testing.assert_allclose(float(loss), t_loss.item(), rtol=1e-5)
-    assert_same_tensors(grads, torch_grads(twin), rtol=GRAD_RTOL, atol=GRAD_ATOL, what="rnn gradients")
+    assert_close(float(loss), t_loss.item(), OUTPUT, err_msg="rnn loss")
+    assert_same_tensors(grads, torch_grads(twin), GRAD, what="rnn gradients")
 
     emb_grad = np.asarray(grads["embedding"]["embedding"])
     assert np.all(emb_grad[PAD] == 0) and np.all(twin.embedding.weight.grad[PAD].numpy() == 0)
@@ -106,9 +105,8 @@ def test_ten_step_adamw_trajectory_matches():
     torch_opt = torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.01)
     state, jax_losses, torch_losses = run_both_trajectories(step, state, twin, torch_opt, torch_loss, batches)
 
-    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-4, atol=1e-6)
-    assert_same_tensors(state.params, to_numpy_state(twin), rtol=PARAM_RTOL, atol=PARAM_ATOL,
-                        what="rnn params after 10 AdamW steps")
+    assert_close(jax_losses, torch_losses, TRAJECTORY, err_msg="rnn losses over 10 AdamW steps")
+    assert_same_tensors(state.params, to_numpy_state(twin), TRAJECTORY, what="rnn params after 10 AdamW steps")
 
 
 def test_streaming_equals_full_sequence():
@@ -117,21 +115,21 @@ def test_streaming_equals_full_sequence():
     x = jnp.asarray(make_batch(np.random.default_rng(5), time=9)["inputs"])
     full, full_hidden = model.apply({"params": params}, x)
     assert rnn.make_forward(CONFIG) is rnn.make_forward(CONFIG)  # cached: one jit cache entry
-    np.testing.assert_allclose(np.asarray(rnn.make_forward(CONFIG)(params, x)[0]), np.asarray(full), atol=OUT_ATOL)
+    assert_close(rnn.make_forward(CONFIG)(params, x)[0], full, OUTPUT, err_msg="jitted vs eager logits")
 
     step = rnn.make_step(CONFIG)
     hidden, per_token = None, []
     for t in range(x.shape[1]):
         logits, hidden = step(params, x[:, t], hidden)
         per_token.append(logits)
-    np.testing.assert_allclose(np.stack(per_token, 1), np.asarray(full), atol=OUT_ATOL, rtol=0)
-    np.testing.assert_allclose(np.asarray(hidden), np.asarray(full_hidden), atol=OUT_ATOL, rtol=0)
+    assert_close(np.stack(per_token, 1), full, OUTPUT, err_msg="per-token vs full logits")
+    assert_close(hidden, full_hidden, OUTPUT, err_msg="per-token vs full hidden state")
 
     hidden, chunks = None, []
     for lo, hi in [(0, 4), (4, 5), (5, 9)]:
         logits, hidden = model.apply({"params": params}, x[:, lo:hi], hidden)
         chunks.append(logits)
-    np.testing.assert_allclose(np.concatenate(chunks, 1), np.asarray(full), atol=OUT_ATOL, rtol=0)
+    assert_close(np.concatenate(chunks, 1), full, OUTPUT, err_msg="chunked vs full logits")
 
     with pytest.raises(ValueError, match="num_layers, batch, emb_dim"):
         model.apply({"params": params}, x, jnp.zeros((1, 4, CONFIG.emb_dim)))

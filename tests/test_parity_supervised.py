@@ -19,8 +19,7 @@ from jaxllm.torch_ref import cnn as t_cnn, linear as t_linear, mlp as t_mlp
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
 from jaxllm.training.losses import LOSSES
 from jaxllm.training.supervised import make_apply
-from parity import (GRAD_ATOL, GRAD_RTOL, OUT_ATOL, PARAM_ATOL, PARAM_RTOL, assert_same_tensors,
-                    to_numpy_state, torch_grads)
+from parity import GRAD, OUTPUT, TRAJECTORY, assert_close, assert_same_tensors, to_numpy_state, torch_grads
 
 TORCH_LOSSES = {
     "softmax": lambda out, y: torch.nn.functional.cross_entropy(out, y.long()),
@@ -75,14 +74,14 @@ def test_outputs_and_gradients_match(name):
 
     out_jax = make_apply(family.config)(params, jnp.asarray(x))
     out_torch = twin(torch.from_numpy(x))
-    np.testing.assert_allclose(np.asarray(out_jax), out_torch.detach().numpy(), atol=OUT_ATOL, rtol=0)
+    assert_close(out_jax, out_torch.detach().numpy(), OUTPUT, err_msg=f"{name} outputs")
 
     loss_fn = LOSSES[family.loss](make_apply(family.config))
     (loss_jax, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, {"x": x, "y": y}, None)
     loss_torch = TORCH_LOSSES[family.loss](out_torch, torch.from_numpy(y))
     loss_torch.backward()
-    np.testing.assert_allclose(float(loss_jax), loss_torch.item(), rtol=1e-5)
-    assert_same_tensors(grads, torch_grads(twin), rtol=GRAD_RTOL, atol=GRAD_ATOL, what=f"{name} gradients")
+    assert_close(float(loss_jax), loss_torch.item(), OUTPUT, err_msg=f"{name} loss")
+    assert_same_tensors(grads, torch_grads(twin), GRAD, what=f"{name} gradients")
 
 
 OPTIMIZERS = {
@@ -152,9 +151,8 @@ def test_ten_step_trajectory_matches(name, opt_name):
         torch_opt.step()
         torch_losses.append(loss.item())
 
-    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-4, atol=1e-6)
-    assert_same_tensors(state.params, to_numpy_state(twin), rtol=PARAM_RTOL, atol=PARAM_ATOL,
-                        what=f"{name}/{opt_name} params after 10 steps")
+    assert_close(jax_losses, torch_losses, TRAJECTORY, err_msg=f"{name}/{opt_name} losses over 10 steps")
+    assert_same_tensors(state.params, to_numpy_state(twin), TRAJECTORY, what=f"{name}/{opt_name} params after 10 steps")
 
 
 def test_logistic_probabilities_match_the_books_sigmoid_model():
@@ -163,7 +161,8 @@ def test_logistic_probabilities_match_the_books_sigmoid_model():
     params = interop.from_torch(linear.LogisticConfig(2), book_model.state_dict())
     x = np.random.default_rng(0).standard_normal((5, 2)).astype(np.float32) * 30
     probs = linear.predict_proba(make_apply(linear.LogisticConfig(2))(params, x))
-    np.testing.assert_allclose(np.asarray(probs), book_model(torch.from_numpy(x))[:, 0].detach().numpy(), atol=1e-6)
+    assert_close(probs, book_model(torch.from_numpy(x))[:, 0].detach().numpy(), OUTPUT,
+                 err_msg="logistic probabilities")
 
 
 def test_five_steps_by_hand_match():
@@ -175,7 +174,7 @@ def test_five_steps_by_hand_match():
     W_j, b_j, losses_j = fit_by_hand(x, y, W0, b0, lr=0.05, epochs=30)
     W_t, b_t, losses_t = t_linear.fit_by_hand(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(W0),
                                               torch.from_numpy(b0), lr=0.05, epochs=30)
-    np.testing.assert_allclose(losses_j, losses_t, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(W_j), W_t.numpy(), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(b_j), b_t.numpy(), rtol=1e-5)
+    assert_close(losses_j, losses_t, TRAJECTORY, err_msg="by-hand losses over 30 epochs")
+    assert_close(W_j, W_t.numpy(), TRAJECTORY, err_msg="by-hand W after 30 epochs")
+    assert_close(b_j, b_t.numpy(), TRAJECTORY, err_msg="by-hand b after 30 epochs")
     assert losses_j[-1] < 0.1 * losses_j[0]

@@ -7,6 +7,7 @@ import pytest
 
 from jaxllm.models import gpt2, transformer
 from jaxllm.training.memory import lm_loss_fn
+from parity import GRAD, OUTPUT, assert_close
 
 CONFIGS = {
     "gpt2": gpt2.tiny(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1),
@@ -45,11 +46,12 @@ def test_remat_keeps_params_and_gives_same_loss_and_grads(name):
     assert grad_remat.cost_analysis()["flops"] > grad.cost_analysis()["flops"]
     loss, grads = grad(params)
     loss_remat, grads_remat = grad_remat(params)
-    np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+    assert_close(loss_remat, loss, OUTPUT, err_msg="remat vs plain loss")
     flat, flat_remat = jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_remat)
     assert any(float(jnp.abs(g).max()) > 0 for g in flat)
-    for g, g_remat in zip(flat, flat_remat):
-        np.testing.assert_allclose(g_remat, g, rtol=1e-4, atol=1e-6)
+    names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(grads)[0]]
+    for name, g, g_remat in zip(names, flat, flat_remat):
+        assert_close(g_remat, g, GRAD, err_msg=f"remat vs plain gradient {name}")
 
 
 def test_remat_is_saved_with_the_config():

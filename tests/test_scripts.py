@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from parity import TRAJECTORY, assert_close
 
 FAST = ["--no-progress"]
 
@@ -26,7 +27,7 @@ def test_linreg_recovers_w_and_b_both_ways(load_script, tmp_path):
     summary = load_script("linreg").main(["--out", str(tmp_path), *FAST])
     for fit in (summary, summary["by_hand"]):
         assert abs(fit["W"] - 2) < 0.1 and abs(fit["b"] - 1) < 0.1
-    assert summary["W"] == pytest.approx(summary["by_hand"]["W"], rel=1e-5)
+    assert_close(summary["W"], summary["by_hand"]["W"], TRAJECTORY, err_msg="W: optax vs by-hand gradient descent")
 
 
 def test_mlp_beats_the_bar_with_baseline_beside_it(load_script, tmp_path):
