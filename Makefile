@@ -40,7 +40,7 @@ scaling: $(STAMP)
 	$(BIN)/python train/scaling.py --out runs/scaling
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=10 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=10 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

@@ -1,11 +1,78 @@
 import importlib.util
+import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # tests/parity.py helpers
+
+# Most tests check behaviour on tiny models, where XLA's optimising compile costs far more than
+# running the program: they compile with jax_disable_most_optimizations (LLVM at -O0, no expensive
+# passes; about 1.6x less CPU for the suite). Modules and tests marked `optimized` -- the parity
+# tests, whose tolerances are about the rounding of the code users run, and the few tests that train
+# for real -- compile as users do. The environment variable reaches the subprocesses (scripts,
+# notebooks, forced-device workers) too.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+# One directory per test session, shared by the xdist workers and every process they start
+# (created by the first process to import this file -- pytest itself, before the workers -- and
+# removed by it at the end):
+# * a persistent XLA compilation cache: a test that builds the same tiny model as another (or a
+#   notebook kernel, a script run in a subprocess) loads the compiled program instead of
+#   compiling it again;
+# * results computed once per session for several test files (tests/multidevice.py).
+_SESSION_DIR = None
+if "JAXLLM_TEST_SESSION_DIR" not in os.environ:
+    _SESSION_DIR = tempfile.mkdtemp(prefix="jaxllm-tests-")
+    os.environ["JAXLLM_TEST_SESSION_DIR"] = _SESSION_DIR
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_SESSION_DIR, "xla-cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "optimized: compile with XLA's default optimisations (parity tests, real training)")
+
+
+def pytest_unconfigure(config):
+    if _SESSION_DIR is not None and not hasattr(config, "workerinput"):
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+def _compile_optimized(optimized: bool) -> None:
+    """Switch the compiler mode; a switch clears JAX's caches, so no function compiled in one mode
+    is reused in the other (the mode is not part of jit's cache key)."""
+    import jax
+
+    disable = not optimized
+    if jax.config.values["jax_disable_most_optimizations"] != disable:
+        jax.config.update("jax_disable_most_optimizations", disable)
+        jax.clear_caches()
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1" if disable else "0"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_compiler_mode(request):
+    """The module's mode, set before its other (module-scoped) fixtures run."""
+    _compile_optimized(request.node.get_closest_marker("optimized") is not None)
+
+
+@pytest.fixture(autouse=True)
+def test_compiler_mode(request, module_compiler_mode):
+    """A test marked on its own (one that trains for real in a module that does not) gets its mode."""
+    _compile_optimized(request.node.get_closest_marker("optimized") is not None)
+
+
+@pytest.fixture(scope="session")
+def multidevice_results():
+    """The 4-forced-device runs of tests/multidevice.py (test_parallel.py and test_accumulation.py
+    share them: computed once per session, whichever worker asks first)."""
+    import multidevice
+
+    return multidevice.results(4)
 
 
 @pytest.fixture

@@ -250,17 +250,28 @@ def run_lm_script(info: dict, out_dir: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def results(devices: int = 4) -> tuple[dict, dict]:
-    """Run this file in a subprocess with ``devices`` forced CPU devices (once per test session)
-    and return ``(arrays, info)``: the npz as a dict of numpy arrays, and the JSON."""
+    """Run this file in a subprocess with ``devices`` forced CPU devices and return ``(arrays,
+    info)``: the npz as a dict of numpy arrays, and the JSON. Once per test session: with
+    ``JAXLLM_TEST_SESSION_DIR`` set (tests/conftest.py), the first pytest-xdist worker to ask runs
+    it under a file lock and the others read its results."""
+    import fcntl
+
     import numpy as np
 
-    out = tempfile.mkdtemp(prefix="jaxllm_multidevice_")
-    atexit.register(shutil.rmtree, out, True)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--devices", str(devices), "--out", out],
-                          capture_output=True, text=True, env=env, timeout=1800)
-    if proc.returncode:
-        raise RuntimeError(f"tests/multidevice.py failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    shared = os.environ.get("JAXLLM_TEST_SESSION_DIR")
+    if shared:
+        out = os.path.join(shared, f"multidevice-{devices}")
+    else:
+        out = tempfile.mkdtemp(prefix="jaxllm_multidevice_")
+        atexit.register(shutil.rmtree, out, True)
+    with open(f"{out}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(out, "results.json")):
+            env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--devices", str(devices), "--out", out],
+                                  capture_output=True, text=True, env=env, timeout=1800)
+            if proc.returncode:
+                raise RuntimeError(f"tests/multidevice.py failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
     with np.load(os.path.join(out, "results.npz")) as npz:
         arrays = {k: npz[k] for k in npz.files}
     with open(os.path.join(out, "results.json")) as f:

@@ -24,9 +24,12 @@ from jaxllm import interop
 #
 # with (rtol, atol) per kind of result:
 #   * OUTPUT -- one forward (logits, hidden states, cached vs full decoding): tens of chained
-#     ops of K <= a few thousand terms -> about 1e-6 of the scale, so 1e-5 of both leaves a 10x
-#     margin (the LoRA logits that broke the old pure atol=1e-5 differ by 1.5e-5 relative on an
-#     AVX-512 Xeon: 2.1e-5 on an entry of 1.4 in a tensor of RMS ~2.6, 0.3 of this bound);
+#     ops of K <= a few thousand terms, and a trained-looking network amplifies what enters it:
+#     measured against a float64 run, the LoRA GPT-2 test's fp32 logits are off by 1.3e-5 of
+#     their RMS in PyTorch and 2.6e-6 in JAX (each module's own rounding is <= 3e-6 of its scale;
+#     the large adapters grow it block by block). So two implementations may differ by ~1.5e-5 of
+#     the scale: rtol = atol = 2e-5. (That test's worst entry, 2.1e-5 on a logit of 1.4 with RMS
+#     1.45, broke the old pure atol=1e-5 on an AVX-512 Xeon and uses 0.36 of this bound.)
 #   * GRAD -- one backward: twice the chain plus reductions over batch x time, and softmax /
 #     normalisation backwards subtract nearly equal terms: rtol 1e-4, atol 1e-5 of the scale;
 #   * TRAJECTORY -- losses and parameters after N optimiser steps: the GRAD error of every step,
@@ -35,7 +38,9 @@ from jaxllm import interop
 # SCALE_FLOOR: a tensor whose RMS is far below its terms' size (a gradient that cancels to ~0, a
 # bias gradient summing softmax gradients) is noise of those terms; 0.1 is the smallest term size
 # these models produce (initial weights ~ 0.02-1, activations ~ 1), so its atol floor is 1e-6 -- the
-# old fixed gradient atol. The same bounds hold with jax_default_matmul_precision="highest" on a GPU.
+# old fixed gradient atol. A GPU with jax_default_matmul_precision="highest" rounds like this too
+# (fp32 FMAs, another reduction order); the last H100 run passed the old fixed tolerances, this
+# policy has not been run on a GPU yet.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +49,7 @@ class Tolerance:
     atol: float  # times the scale of the expected tensor
 
 
-OUTPUT = Tolerance(rtol=1e-5, atol=1e-5)
+OUTPUT = Tolerance(rtol=2e-5, atol=2e-5)
 GRAD = Tolerance(rtol=1e-4, atol=1e-5)
 TRAJECTORY = Tolerance(rtol=1e-4, atol=1e-5)
 SCALE_FLOOR = 0.1

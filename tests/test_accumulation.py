@@ -19,9 +19,9 @@ from jaxllm.training.supervised import init_params, make_apply
 from parity import TRAJECTORY, assert_close
 
 
-@pytest.fixture(scope="module")
-def results():
-    return multidevice.results(4)
+@pytest.fixture
+def results(multidevice_results):
+    return multidevice_results
 
 
 def model_params(arrays, prefix):

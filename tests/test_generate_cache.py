@@ -10,6 +10,8 @@ import pytest
 from jaxllm.generate import generate, sample_logits
 from jaxllm.models import gpt2, transformer
 
+pytestmark = pytest.mark.optimized  # parity: compiled as users run it (see conftest.py)
+
 VOCAB = 29
 BURKOV = transformer.tiny(VOCAB)
 LLAMA = transformer.llama(VOCAB, d_model=32, num_heads=4, num_kv_heads=2, mlp_hidden=48, max_len=40)

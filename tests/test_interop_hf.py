@@ -16,6 +16,8 @@ from jaxllm.models import gpt2, transformer  # noqa: E402
 from jaxllm.training.supervised import init_params  # noqa: E402
 from parity import OUTPUT, assert_close  # noqa: E402
 
+pytestmark = pytest.mark.optimized  # parity: compiled as users run it (see conftest.py)
+
 TOKENS = np.array([[1, 5, 96, 0, 42, 7, 7, 13, 2, 60, 31, 8],
                    [3, 3, 90, 11, 4, 17, 58, 0, 1, 95, 20, 64]], np.int32)
 

@@ -27,6 +27,8 @@ from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_tr
 from jaxllm.training.freeze import count_params, stop_frozen_gradients
 from parity import GRAD, OUTPUT, TRAJECTORY, assert_close, run_both_trajectories
 
+pytestmark = pytest.mark.optimized  # parity: compiled as users run it (see conftest.py)
+
 CONFIG = g.tiny(num_classes=2, qkv_bias=True, vocab_size=97, context_length=16, drop_rate=0.0)
 RANK, ALPHA = 4, 8.0  # scale 2: a wrong scale cannot hide behind alpha / r = 1
 LORA = lora.raschka(RANK, ALPHA)

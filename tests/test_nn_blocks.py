@@ -10,6 +10,8 @@ from jaxllm.nn.norms import LayerNorm, RMSNorm
 from jaxllm.nn.rope import interleaved_to_half, rope_angles, rope_interleaved, rope_rotate_half
 from parity import OUTPUT, assert_close
 
+pytestmark = pytest.mark.optimized  # parity: compiled as users run it (see conftest.py)
+
 
 def burkov_rope(x, base=10000.0):
     """Burkov ch. 4's rope(), transcribed: x (batch, seq, dim), positions 0..seq-1."""

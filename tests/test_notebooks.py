@@ -7,6 +7,7 @@ the outputs of a full run, match their sources in ``notebooks/cells/`` and are l
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def test_smoke_source_rewrites_only_marked_lines():
     assert smoke_source(source) == "# sizes\nSTEPS = 3\nLR = 1e-3\nSIZES = (2, 4)\nNOTE = 1  # a comment"
 
 
-SMOKE_KERNELS = 2  # notebooks run at once, each in its own kernel: XLA compiles on one core per kernel
+# notebooks run at once, each in its own kernel (XLA compiles on one core per kernel); under
+# pytest-xdist the other cores already run other workers
+SMOKE_KERNELS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 
 
 @pytest.fixture(scope="module")

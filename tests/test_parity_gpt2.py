@@ -20,6 +20,8 @@ from jaxllm.training.losses import lm_cross_entropy
 from parity import run_both_trajectories
 from parity import GRAD, OUTPUT, TRAJECTORY, assert_close, assert_same_tensors, to_numpy_state, torch_grads
 
+pytestmark = pytest.mark.optimized  # parity: compiled as users run it (see conftest.py)
+
 CONFIG = g.GPT2Config(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
                       qkv_bias=False)
 

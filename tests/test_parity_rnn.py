@@ -19,6 +19,8 @@ from jaxllm.training.losses import lm_cross_entropy
 from parity import run_both_trajectories
 from parity import GRAD, OUTPUT, TRAJECTORY, assert_close, assert_same_tensors, to_numpy_state, torch_grads
 
+pytestmark = pytest.mark.optimized  # parity: compiled as users run it (see conftest.py)
+
 PAD = 1
 CONFIG = rnn.RNNConfig(vocab_size=13, emb_dim=8, num_layers=2, pad_index=PAD)
 

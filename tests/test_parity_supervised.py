@@ -21,6 +21,8 @@ from jaxllm.training.losses import LOSSES
 from jaxllm.training.supervised import make_apply
 from parity import GRAD, OUTPUT, TRAJECTORY, assert_close, assert_same_tensors, to_numpy_state, torch_grads
 
+pytestmark = pytest.mark.optimized  # parity: compiled as users run it (see conftest.py)
+
 TORCH_LOSSES = {
     "softmax": lambda out, y: torch.nn.functional.cross_entropy(out, y.long()),
     "binary": lambda out, y: torch.nn.functional.binary_cross_entropy_with_logits(out[:, 0], y.float()),

@@ -20,6 +20,8 @@ from jaxllm.training.losses import lm_cross_entropy
 from parity import run_both_trajectories
 from parity import GRAD, OUTPUT, TRAJECTORY, assert_close, assert_same_tensors, to_numpy_state, torch_grads
 
+pytestmark = pytest.mark.optimized  # parity: compiled as users run it (see conftest.py)
+
 PAD = 1
 CONFIG = tr.TransformerConfig(vocab_size=13, d_model=16, num_heads=2, num_layers=2, pad_index=PAD, max_len=32)
 LLAMA_GQA = tr.llama(13, d_model=32, num_heads=4, num_kv_heads=2, num_layers=2, mlp_hidden=48, max_len=32,

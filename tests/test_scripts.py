@@ -37,6 +37,7 @@ def test_mlp_beats_the_bar_with_baseline_beside_it(load_script, tmp_path):
     assert (tmp_path / "baseline" / "summary.json").exists()
 
 
+@pytest.mark.optimized  # 10 epochs of real training: optimised code runs them faster than it compiles
 def test_cnn_on_the_mnist_subset_held_out_split(load_script, tmp_path):
     summary = load_script("cnn").main(["--out", str(tmp_path), *FAST])
     assert summary["dataset"] == "mnist" and summary["test_examples"] == 1000

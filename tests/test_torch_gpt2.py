@@ -11,6 +11,8 @@ from jaxllm.data.tokenizer import gpt2_encoding
 from jaxllm.torch_ref import gpt2
 from parity import OUTPUT, assert_close
 
+pytestmark = pytest.mark.optimized  # parity: compiled as users run it (see conftest.py)
+
 TINY = {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
         "drop_rate": 0.1, "qkv_bias": False}
 
