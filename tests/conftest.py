@@ -37,6 +37,24 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "optimized: compile with XLA's default optimisations (parity tests, real training)")
 
 
+# Under --dist loadfile, xdist hands out whole files in collection order: the longest first keeps
+# both workers busy to the end; test_accumulation reads the multidevice runs that test_parallel
+# starts, so it goes last rather than wait on their lock.
+RUN_FIRST = ("test_notebooks.py", "test_parallel.py", "test_scripts.py", "test_checkpoint_devices.py",
+             "test_multihost.py", "test_bench.py", "test_classify.py")
+RUN_LAST = ("test_accumulation.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        if name in RUN_FIRST:
+            return RUN_FIRST.index(name)
+        return len(RUN_FIRST) + (1 if name in RUN_LAST else 0)
+
+    items.sort(key=rank)  # stable: the order within a file and among the rest is kept
+
+
 def pytest_unconfigure(config):
     if _SESSION_DIR is not None and not hasattr(config, "workerinput"):
         shutil.rmtree(_SESSION_DIR, ignore_errors=True)
