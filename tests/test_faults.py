@@ -103,3 +103,13 @@ def test_a_run_that_blows_up_keeps_only_finite_checkpoints(load_script, tmp_path
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         restored, _ = ckpt.restore(template)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(restored))
+
+
+def test_a_full_disk_under_the_metrics_log_names_the_file(tmp_path):
+    proc = script("logreg", "--out", str(tmp_path), "--steps", "400", "--log-every", "10", *FAST,
+                  file_size_limit=4096)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"error: [Errno 27] cannot write {tmp_path / 'metrics.jsonl'}: "
+                                            "File too large")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ class MetricsLog:
     def append(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
-        with open(self.path, "a") as f:
+        with naming_the_file(self.path), open(self.path, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
 
@@ -38,10 +39,27 @@ class MetricsLog:
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write atomically: a reader never sees half a file."""
     tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=float)
-        f.write("\n")
-    os.replace(tmp, path)
+    with naming_the_file(path):
+        try:
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=2, sort_keys=True, default=float)
+                f.write("\n")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+@contextlib.contextmanager
+def naming_the_file(path):
+    """A failed write (disk full, quota, read-only) says which file: ``f.write`` raises an OSError
+    that names only the cause."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, f"cannot write {os.fspath(path)}: {exc.strerror or exc}") from exc
 
 
 def _ema(values, alpha: float) -> list[float]:
