@@ -2,17 +2,22 @@
 ``DecoderBlock``, ``DecoderLanguageModel``, ``initialize_weights``.
 
 Written as the book writes them, with the book's parameter names, shapes and x@W layouts
-(REFERENCE.md, "Decoder language model (ch. 4)"), so the book's state dicts load with
+(docs/models.md, "Decoder language model (Burkov ch. 4)"), so the book's state dicts load with
 ``strict=True`` and ``jaxllm.interop`` maps them to ``jaxllm.models.transformer`` by rule.
 
-Assumed (not checked against the book's published file): submodules are created in the natural
-order -- ``embedding``, then ``layers`` (each: ``norm1``, ``attn`` = per-head ``heads`` list then
-``W_O``, ``norm2``, ``mlp`` = ``W_1, B_1, W_2, B_2``), then ``output`` -- parameters are allocated
-with ``torch.empty`` (no random draws) and ``initialize_weights`` walks ``named_modules()`` in
-that order. Only ``nn.Embedding``'s own construction and ``initialize_weights`` consume torch's
-RNG, so ``torch.manual_seed(s)`` + ``from_config`` is deterministic.
+Initial weights are drawn as the book draws them, so ``torch.manual_seed(s)`` + ``from_config``
+gives the book's starting ``state_dict`` (``tests/test_torch_transformer_init.py``). Modules are
+built in the book's order -- ``embedding`` (``nn.Embedding``'s constructor draws N(0, 1) and zeroes
+the pad row), then ``layers`` (each: ``norm1``, ``attn`` = per-head ``heads`` each ``W_Q, W_K,
+W_V``, then ``W_O``, ``norm2``, ``mlp`` = ``W_1, B_1, W_2, B_2``), then ``output`` -- and every
+raw matrix and bias is created with ``torch.rand`` as in the book, consuming draws that
+``initialize_weights`` then overwrites. ``initialize_weights`` walks ``model.modules()`` in
+pre-order: the model itself first (``output``), then the embedding, then per block the attention
+module before its heads (``W_O``, then each head's ``W_Q, W_K, W_V``), then the MLP (``W_1``,
+``W_2``; biases zeroed). RMSNorm scales are ``torch.ones`` (no draw).
 
-One extension over the book: ``forward(x)`` is the book's; nothing else is added (no cache).
+Beyond the book only ``from_config`` is added (the twin of a Flax config, initialised as the book
+does); ``forward(x)`` is the book's, with no cache.
 """
 
 from __future__ import annotations
@@ -56,9 +61,9 @@ class AttentionHead(nn.Module):
 
     def __init__(self, emb_dim, d_h):
         super().__init__()
-        self.W_Q = nn.Parameter(torch.empty(emb_dim, d_h))
-        self.W_K = nn.Parameter(torch.empty(emb_dim, d_h))
-        self.W_V = nn.Parameter(torch.empty(emb_dim, d_h))
+        self.W_Q = nn.Parameter(torch.rand(emb_dim, d_h))
+        self.W_K = nn.Parameter(torch.rand(emb_dim, d_h))
+        self.W_V = nn.Parameter(torch.rand(emb_dim, d_h))
         self.d_h = d_h
 
     def forward(self, x, mask):
@@ -77,7 +82,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         d_h = emb_dim // num_heads
         self.heads = nn.ModuleList([AttentionHead(emb_dim, d_h) for _ in range(num_heads)])
-        self.W_O = nn.Parameter(torch.empty(emb_dim, emb_dim))
+        self.W_O = nn.Parameter(torch.rand(emb_dim, emb_dim))
 
     def forward(self, x, mask):
         return torch.cat([head(x, mask) for head in self.heads], dim=-1) @ self.W_O
@@ -88,10 +93,10 @@ class MLP(nn.Module):
 
     def __init__(self, emb_dim):
         super().__init__()
-        self.W_1 = nn.Parameter(torch.empty(emb_dim, emb_dim * 4))
-        self.B_1 = nn.Parameter(torch.empty(emb_dim * 4))
-        self.W_2 = nn.Parameter(torch.empty(emb_dim * 4, emb_dim))
-        self.B_2 = nn.Parameter(torch.empty(emb_dim))
+        self.W_1 = nn.Parameter(torch.rand(emb_dim, emb_dim * 4))
+        self.B_1 = nn.Parameter(torch.rand(emb_dim * 4))
+        self.W_2 = nn.Parameter(torch.rand(emb_dim * 4, emb_dim))
+        self.B_2 = nn.Parameter(torch.rand(emb_dim))
 
     def forward(self, x):
         return torch.relu(x @ self.W_1 + self.B_1) @ self.W_2 + self.B_2
@@ -122,7 +127,7 @@ class DecoderLanguageModel(nn.Module):
             raise ValueError(f"emb_dim {emb_dim} is not divisible by num_heads {num_heads}")
         self.embedding = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_idx)
         self.layers = nn.ModuleList([DecoderBlock(emb_dim, num_heads) for _ in range(num_blocks)])
-        self.output = nn.Parameter(torch.empty(emb_dim, vocab_size))
+        self.output = nn.Parameter(torch.rand(emb_dim, vocab_size))
 
     def forward(self, x):
         x = self.embedding(x)
