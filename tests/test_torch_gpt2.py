@@ -18,7 +18,7 @@ TINY = {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_
 
 
 def expected_shapes(cfg):
-    """REFERENCE.md's table, 'GPT model (ch. 4)'."""
+    """docs/models.md's table, 'GPT model (Raschka ch. 4)'."""
     V, C, D = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"]
     shapes = {"tok_emb.weight": (V, D), "pos_emb.weight": (C, D)}
     for i in range(cfg["n_layers"]):

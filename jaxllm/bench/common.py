@@ -1,6 +1,6 @@
 """What every benchmark suite shares: interleaved timing, statistics, the machine, tables, JSON.
 
-Timing rules (DESIGN.md, "Performance"):
+Timing rules (docs/design.md, "How to measure"):
 
 * every case is a zero-argument callable that does one unit of work and waits for it
   (``jax.block_until_ready`` / ``loss.item()``), so wall time is the work's time;

@@ -3,9 +3,9 @@ book writes them, plus the name mapping to ``jaxllm.nn.lora``'s parameter tree.
 
     y = linear(x) + (alpha / rank) * (x @ A @ B)      A (in, r) kaiming-uniform(a=sqrt(5)), B (r, out) zeros
 
-The scale is ``alpha / rank`` as in REFERENCE.md (and the book's current code; the first
-printing multiplied by ``alpha`` alone). kaiming-uniform with a = sqrt(5) on the ``(in, r)`` tensor
-has fan_in = r, so ``A ~ U(+-1/sqrt(r))``.
+The scale is ``alpha / rank`` as in docs/models.md, "LoRA (Raschka app. E)" (and the book's
+current code; the first printing multiplied by ``alpha`` alone). kaiming-uniform with a = sqrt(5)
+on the ``(in, r)`` tensor has fan_in = r, so ``A ~ U(+-1/sqrt(r))``.
 
 Names: a Linear ``X`` becomes ``X.linear.weight/.bias`` and ``X.lora.A/.B``. In Flax (see
 ``jaxllm.nn.lora``): ``X/kernel`` (= ``X.linear.weight`` transposed), ``X/bias``, ``X/lora_A``
