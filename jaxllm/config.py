@@ -7,6 +7,7 @@ names its family and can be turned back into the right model without guessing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, ClassVar
 
@@ -33,6 +34,21 @@ class ModelConfig:
         """A zero input of the right shape and dtype, for ``init`` and shape inference."""
         raise NotImplementedError
 
+    def init(self, key) -> Any:
+        """Fresh parameters from ``key``: the one way every model here is initialised (one
+        compiled init per config)."""
+        return _jitted_init(self)(key)
+
+    def apply(self, params, inputs, **kwargs) -> Any:
+        """The model's output for ``inputs`` (``build().apply`` on ``{"params": params}``)."""
+        return self.build().apply({"params": params}, inputs, **kwargs)
+
+    def param_shapes(self) -> Any:
+        """The parameter tree with ``jax.ShapeDtypeStruct`` leaves (nothing is computed)."""
+        import jax
+
+        return jax.eval_shape(self.init, jax.random.PRNGKey(0))
+
     def to_dict(self) -> dict[str, Any]:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
@@ -43,6 +59,14 @@ class ModelConfig:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+
+@functools.lru_cache(maxsize=None)  # configs are frozen and hashable: one jitted init each
+def _jitted_init(config: ModelConfig):
+    import jax
+
+    module = config.build()
+    return jax.jit(lambda key: module.init(key, config.example_input())["params"])
 
 
 def config_from_dict(data: dict[str, Any]) -> ModelConfig:

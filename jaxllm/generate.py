@@ -6,18 +6,18 @@ then optionally to the nucleus (``top_p``: the smallest probability-sorted prefi
 reaches p, the crossing token included, never fewer than one token).
 ``generate`` decodes a batch of ragged prompts from any KV-cached decoder: one padded prefill,
 then every new token costs one cached step, the whole loop inside one jitted ``lax.while_loop``.
-``sample_recurrent`` decodes from any model that exposes a one-token step with a carried
-state (the Elman RNN's hidden state): the prompt is read once, then every new token costs
-one step, all inside one ``lax.scan``.
+``sample_recurrent`` decodes from a model whose cache is a carried state (the Elman RNN's
+hidden state): the prompt is read once, then every new token costs one step, all inside one
+``lax.scan``. Both take the model's config and use only the language-model interface
+(``jaxllm.models.lm``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-from functools import lru_cache, partial
-from typing import Callable
+from functools import partial
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,27 +65,29 @@ def sample_logits(logits, key, *, temperature: float = 0.0, top_k: int | None = 
     return jax.random.categorical(key, logits, -1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("step_fn", "max_new_tokens", "temperature", "top_k"))
-def _decode(step_fn, params, last_logits, carry, key, *, max_new_tokens, temperature, top_k):
+@partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
+def _decode_recurrent(model, params, prompt, key, *, max_new_tokens, temperature, top_k):
+    """prompt int32[1, t] -> int32[1, max_new_tokens]: the prompt read once, then one step a token."""
+    logits, carry = model.forward(params, prompt, model.init_cache(prompt.shape[0]))
+
     def body(state, key_t):
         logits, carry = state
         token = sample_logits(logits, key_t, temperature=temperature, top_k=top_k)
-        logits, carry = step_fn(params, token, carry)
-        return (logits, carry), token
+        logits, carry = model.forward(params, token[:, None], carry)
+        return (logits[:, -1], carry), token
 
     keys = jax.random.split(key, max_new_tokens)
-    _, tokens = jax.lax.scan(body, (last_logits, carry), keys)
+    _, tokens = jax.lax.scan(body, (logits[:, -1], carry), keys)
     return tokens.T  # [batch, max_new_tokens]
 
 
-def sample_recurrent(prefill_fn: Callable, step_fn: Callable, params, prompt: list[int], *, vocab_size: int,
-                     max_new_tokens: int, key, temperature: float = 1.0, top_k: int | None = None) -> list[int]:
-    """Continue ``prompt`` by ``max_new_tokens`` tokens.
-
-    ``prefill_fn(params, tokens int32[1, t]) -> (logits float[1, t, vocab], carry)`` reads the
-    prompt; ``step_fn(params, token int32[1], carry) -> (logits float[1, vocab], carry)``
-    advances one token. ``step_fn`` must be hashable (a module-level function) for the jit cache.
-    """
+def sample_recurrent(model, params, prompt: list[int], *, max_new_tokens: int, key, temperature: float = 1.0,
+                     top_k: int | None = None) -> list[int]:
+    """Continue ``prompt`` by ``max_new_tokens`` tokens with a model whose cache is a carried state
+    (the Elman RNN: ``model.forward(params, tokens, carry) -> (logits, carry)``,
+    ``model.init_cache(batch)``): the prompt is read once, then every new token costs one step,
+    all inside one ``lax.scan``."""
+    vocab_size = model.vocab_size
     if not len(prompt):
         raise ValueError("the prompt must hold at least one token")
     prompt = check_token_ids(prompt, vocab_size, name="prompt ids")
@@ -95,47 +97,31 @@ def sample_recurrent(prefill_fn: Callable, step_fn: Callable, params, prompt: li
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    logits, carry = prefill_fn(params, jnp.asarray(prompt[None, :], jnp.int32))
-    tokens = _decode(step_fn, params, logits[:, -1], carry, key, max_new_tokens=max_new_tokens,
-                     temperature=float(temperature), top_k=top_k)
+    tokens = _decode_recurrent(model, params, jnp.asarray(prompt[None, :], jnp.int32), key,
+                               max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k)
     return [int(t) for t in jax.device_get(tokens)[0]]
 
 
-@lru_cache(maxsize=None)  # one function per config, so the jit cache of ``_generate`` hits
-def _default_forward(config):
-    model = config.build()
+@flax.struct.dataclass
+class DecodeState:
+    """What the decode loop carries from one token to the next."""
 
-    def forward(params, tokens, *, cache):
-        return model.apply({"params": params}, tokens, cache=cache)
-
-    return forward
-
-
-def _lookup_init_cache(config):
-    """``config.init_cache(batch, max_len)`` if the config has it, else the module-level
-    ``init_cache(config, batch, max_len)`` of the module that defines the config's class."""
-    method = getattr(config, "init_cache", None)
-    if callable(method):
-        return lambda cfg, batch, max_len: method(batch, max_len)
-    fn = getattr(sys.modules.get(type(config).__module__), "init_cache", None)
-    if fn is None:
-        raise ValueError(f"no init_cache found for {type(config).__name__}: pass init_cache=")
-    return fn
+    step: jax.Array  # int32[]: tokens emitted so far
+    token: jax.Array  # int32[B]: the last token of each row
+    cache: Any  # the model's KV cache, updated in place
+    done: jax.Array  # bool[B]: rows that emitted EOS
+    out: jax.Array  # int32[B, max_new_tokens]: the new tokens
 
 
-def _with_lengths(cache, lengths):
-    if hasattr(cache, "replace"):  # flax.struct.dataclass
-        return cache.replace(lengths=lengths)
-    return dataclasses.replace(cache, lengths=lengths)
-
-
-@partial(jax.jit, static_argnames=("forward", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
-def _generate(forward, params, tokens, lengths, cache, key, *, max_new_tokens, temperature, top_k, top_p,
-              eos_id):
-    """tokens int32[B, P] (right-padded), lengths int32[B] -> (new int32[B, N], steps run)."""
+@partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"),
+         donate_argnames=("cache",))
+def _generate(model, params, tokens, lengths, cache, key, *, max_new_tokens, temperature, top_k, top_p, eos_id):
+    """tokens int32[B, P] (right-padded), lengths int32[B] -> (new int32[B, N], steps run, the
+    cache after them). The cache is donated and returned, so the whole loop runs in its buffers:
+    each decode step writes its keys/values in place."""
     batch = tokens.shape[0]
-    logits, cache = forward(params, tokens, cache=cache)  # prefill writes slots 0..P-1 of every row
-    cache = _with_lengths(cache, lengths)  # pad slots >= len_b are overwritten by the next writes
+    logits, cache = model.forward(params, tokens, cache)  # prefill writes slots 0..P-1 of every row
+    cache = cache.replace(lengths=lengths)  # pad slots >= len_b are overwritten by the next writes
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, vocab]
 
     def pick(logits, step, done):
@@ -146,59 +132,40 @@ def _generate(forward, params, tokens, lengths, cache, key, *, max_new_tokens, t
             done = done | (token == eos_id)
         return token, done
 
-    out = jnp.zeros((batch, max_new_tokens), jnp.int32)
     token, done = pick(last, 0, jnp.zeros((batch,), bool))
-    out = out.at[:, 0].set(token)
+    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
 
-    def cond(state):
-        step, _, _, done, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
+    def cond(state: DecodeState):
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
-    def body(state):
-        step, token, cache, done, out = state
-        logits, cache = forward(params, token[:, None], cache=cache)
-        token, done = pick(logits[:, -1], step, done)
-        return step + 1, token, cache, done, out.at[:, step].set(token)
+    def body(state: DecodeState) -> DecodeState:
+        logits, cache = model.forward(params, state.token[:, None], state.cache)
+        token, done = pick(logits[:, -1], state.step, state.done)
+        return DecodeState(state.step + 1, token, cache, done, state.out.at[:, state.step].set(token))
 
-    step, _, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, done, out))
-    return out, step
-
-
-def context_limit(model) -> int | None:
-    """The longest prompt + generation a model config takes by default: its ``context_limit``
-    (GPT-2: ``context_length``; the RoPE transformer: ``max_len``), else its ``max_len``, else
-    None (no limit, e.g. the Elman RNN)."""
-    limit = getattr(model, "context_limit", None)
-    return getattr(model, "max_len", None) if limit is None else limit
+    final = jax.lax.while_loop(cond, body, DecodeState(jnp.int32(1), token, cache, done, out))
+    return final.out, final.step, final.cache
 
 
 def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, key, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             max_len: int | None = None, forward: Callable | None = None,
-             init_cache: Callable | None = None) -> list[list[int]]:
+             max_len: int | None = None) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns the new tokens per row.
 
-    ``model`` is a model config (``vocab_size``, ``build()``, ``context_limit`` or ``max_len``), e.g. a
-    ``TransformerConfig``. By default the forward is ``config.build().apply({"params": params},
-    tokens, cache=cache)`` and the cache comes from ``config.init_cache(batch, max_len)`` if the
-    config has that method, else from the module-level ``init_cache(config, batch, max_len)`` of
-    the config's module (``jaxllm.models.transformer.init_cache``). Any other KV-cached decoder
-    plugs in through ``forward(params, tokens int32[B, T], *, cache) -> (logits float[B, T, V],
-    cache)`` (a module-level / cached, hashable function: it is a static jit argument) and
-    ``init_cache(config, batch, max_len) -> cache``; the cache must carry ``lengths int32[B]``
-    with the transformer's semantics (write at ``lengths[b]``, attend to slots up to one's own).
+    ``model`` is a language-model config (``jaxllm.models.lm``: ``forward``, ``init_cache``,
+    ``context_limit``), e.g. a ``TransformerConfig`` or a ``GPT2Config``.
 
-    ``max_len`` (default ``context_limit(model)``: GPT-2's ``context_length``, the transformer's
+    ``max_len`` (default ``model.context_limit``: GPT-2's ``context_length``, the transformer's
     ``max_len``) is the cache length; a GPT-2 cache may not be longer than ``context_length`` (its
     learned positions). Every prompt must satisfy ``len(prompt) + max_new_tokens <= max_len``,
     else ``ValueError``: nothing is cut here (``train/lm.py``'s ``sample_text`` announces its
-    cuts). Ragged prompts are right-padded (with id 0) and
-    prefilled in one call; then each row's ``lengths`` is set to its real length, so the pads are
-    never attended to (causal) and get overwritten. Decoding runs in one jitted
-    ``lax.while_loop`` carrying the cache; step ``i`` samples with ``fold_in(key, i)`` (one key
-    for the batch; rows draw independently). Sampling follows ``sample_logits`` (greedy at
-    ``temperature == 0``). With ``eos_id``, a row stops at its first EOS: its list ends with that
-    EOS (included), and the loop stops once every row is done.
+    cuts). Ragged prompts are right-padded (with id 0) and prefilled in one call; then each row's
+    ``lengths`` is set to its real length, so the pads are never attended to (causal) and get
+    overwritten. Decoding runs in one jitted ``lax.while_loop`` carrying a ``DecodeState``, the cache
+    updated in place; step ``i`` samples with ``fold_in(key, i)`` (one key for the batch; rows draw
+    independently). Sampling follows ``sample_logits`` (greedy at ``temperature == 0``). With
+    ``eos_id``, a row stops at its first EOS: its list ends with that EOS (included), and the loop
+    stops once every row is done.
     """
     vocab_size = model.vocab_size
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -218,34 +185,28 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, ke
         if not len(prompt):
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
         rows.append(check_token_ids(prompt, vocab_size, name=f"prompt {i} ids").reshape(-1))
-    limit = context_limit(model)
+    limit = model.context_limit
     if max_len is None:
         if limit is None:
-            raise ValueError(f"{type(model).__name__} has no context_limit or max_len: pass max_len=")
+            raise ValueError(f"{type(model).__name__} has no context limit: pass max_len=")
         max_len = limit
     elif not isinstance(max_len, (int, np.integer)) or max_len < 1:
         raise ValueError(f"max_len must be an integer >= 1, got {max_len}")
-    positions = getattr(model, "context_length", None)  # GPT-2's learned position table: a hard limit
-    if positions is not None and max_len > positions:
-        raise ValueError(f"max_len {max_len} exceeds the model's context_length of {positions} (its learned "
-                         "positions; past them the lookup would be clamped silently)")
     longest = max(len(r) for r in rows)
     if longest + max_new_tokens > max_len:
         what = " (the model's context limit)" if max_len == limit else ""
         raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
                          f"{longest + max_new_tokens} exceeds the cache length max_len {max_len}{what}: "
                          "shorten the prompt or generate fewer tokens")
+    cache = model.init_cache(len(rows), int(max_len))  # refuses a cache past GPT-2's learned positions
 
-    forward = _default_forward(model) if forward is None else forward
-    init_cache = _lookup_init_cache(model) if init_cache is None else init_cache
     tokens = np.zeros((len(rows), longest), np.int32)
     for b, r in enumerate(rows):
         tokens[b, :len(r)] = r
     lengths = np.array([len(r) for r in rows], np.int32)
-    cache = init_cache(model, len(rows), max_len)
-    out, _ = _generate(forward, params, jnp.asarray(tokens), jnp.asarray(lengths), cache, key,
-                       max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=top_k,
-                       top_p=None if top_p is None else float(top_p), eos_id=eos_id)
+    out, _, _ = _generate(model, params, jnp.asarray(tokens), jnp.asarray(lengths), cache, key,
+                          max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=top_k,
+                          top_p=None if top_p is None else float(top_p), eos_id=eos_id)
     result = []
     for row in np.asarray(jax.device_get(out)).tolist():
         if eos_id is not None and eos_id in row:

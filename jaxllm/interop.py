@@ -1,7 +1,7 @@
 """PyTorch state dicts <-> Flax params, by rule rather than by per-model tables.
 
-The Flax models name their parameters after the twin's ``state_dict`` (DESIGN.md), so one
-rule maps every family:
+The Flax models name their parameters after the twin's ``state_dict`` (docs/design.md,
+"Functional conventions"), so one rule maps every family:
 
 * module path: Flax ``trf_blocks_0/att`` <-> torch ``trf_blocks.0.att`` (a list index that Flax
   writes as ``name_N`` is torch's ``name.N``); a bare index (``0``) is an ``nn.Sequential`` slot;
@@ -30,9 +30,7 @@ _LIST_ITEM = re.compile(r"^(.+)_(\d+)$")
 
 def param_shapes(config) -> Params:
     """The Flax parameter tree of ``config`` as ``jax.ShapeDtypeStruct`` leaves."""
-    model = config.build()
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), config.example_input()))
-    return variables["params"]
+    return config.param_shapes()
 
 
 def torch_key(path: tuple[str, ...]) -> str:
@@ -131,11 +129,13 @@ def to_torch(config, params: Params) -> dict[str, "Any"]:
 # --------------------------------------------------------------------------------------------
 # Hugging Face checkpoints (GPT-2, Llama) <-> Flax params.
 #
-# Hugging Face names do not follow the twins' rule, so each family has a table of
-# (Flax path, HF key, how the tensor maps): "same" (HF GPT-2's Conv1D weights are already x@W),
-# "T" (nn.Linear (out, in) -> x@W (in, out)) or ("split", j, n) (column block j of n: GPT-2's
-# fused c_attn). The Flax tree of the config still drives the check, so a missing, unexpected or
-# mis-shaped tensor is named by its HF key. torch / safetensors / transformers load lazily.
+# Hugging Face names do not follow the twins' rule, so each language-model config carries its
+# mapping (jaxllm.models.lm): ``hf_param_table()`` lists (Flax path, HF key, how the tensor maps):
+# "same" (HF GPT-2's Conv1D weights are already x@W), "T" (nn.Linear (out, in) -> x@W (in, out))
+# or ("split", j, n) (column block j of n: GPT-2's fused c_attn); ``hf_state_in`` /
+# ``hf_state_out`` handle tying and prefixes; ``hf_mismatches`` compares configs. What is here
+# applies them by rule. The Flax tree of the config still drives the check, so a missing,
+# unexpected or mis-shaped tensor is named by its HF key. torch / safetensors load lazily.
 # --------------------------------------------------------------------------------------------
 
 _HF_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|(^|\.)rotary_emb\.inv_freq$")
@@ -204,116 +204,11 @@ def _read_hf_config(source, hf_config) -> dict | None:
     return None
 
 
-def _hf_rope_theta(hf: dict):
-    if "rope_theta" in hf and hf["rope_theta"] is not None:
-        return hf["rope_theta"]
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") not in ("default", None):
-        raise ValueError(f"HF rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
-    return rope.get("rope_theta")
-
-
 def _check_hf_config(config, hf: dict | None) -> None:
     """Raise ``ValueError`` naming every field where ``config`` and the HF config differ."""
-    from jaxllm.models.gpt2 import GPT2Config
-    from jaxllm.models.transformer import TransformerConfig
-
-    problems = []
-
-    def want(name, ours, theirs, close=False):
-        if theirs is None:
-            return
-        same = np.isclose(float(ours), float(theirs), rtol=1e-6, atol=0) if close else ours == theirs
-        if not same:
-            problems.append(f"{name}: ours {ours!r}, HF {theirs!r}")
-
-    if isinstance(config, GPT2Config):
-        if not config.qkv_bias:
-            problems.append("qkv_bias: HF GPT-2 has Q/K/V biases, so the config needs qkv_bias=True")
-        if hf is not None:
-            want("vocab_size", config.vocab_size, hf.get("vocab_size"))
-            want("context_length (n_positions)", config.context_length, hf.get("n_positions"))
-            want("emb_dim (n_embd)", config.emb_dim, hf.get("n_embd"))
-            want("n_heads (n_head)", config.n_heads, hf.get("n_head"))
-            want("n_layers (n_layer)", config.n_layers, hf.get("n_layer"))
-            want("layer_norm_epsilon", 1e-5, hf.get("layer_norm_epsilon"), close=True)
-            if hf.get("n_inner") not in (None, 4 * config.emb_dim):
-                problems.append(f"n_inner: ours {4 * config.emb_dim}, HF {hf['n_inner']}")
-            act = hf.get("activation_function", "gelu_new")
-            if act not in ("gelu_new", "gelu_pytorch_tanh"):
-                problems.append(f"activation_function: ours tanh GELU (gelu_new), HF {act!r}")
-            for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-                if hf.get(flag):
-                    problems.append(f"{flag}=True is not supported")
-            if hf.get("scale_attn_weights") is False:
-                problems.append("scale_attn_weights=False is not supported")
-    elif isinstance(config, TransformerConfig):
-        layout = dict(qkv_layout="fused", rope="rotate_half", mlp="swiglu", use_bias=False, final_norm=True)
-        for name, value in layout.items():
-            if getattr(config, name) != value:
-                problems.append(f"{name}: the Llama layout needs {value!r}, got {getattr(config, name)!r}")
-        if hf is not None:
-            want("vocab_size", config.vocab_size, hf.get("vocab_size"))
-            want("d_model (hidden_size)", config.d_model, hf.get("hidden_size"))
-            want("num_heads (num_attention_heads)", config.num_heads, hf.get("num_attention_heads"))
-            want("kv_heads (num_key_value_heads)", config.kv_heads,
-                 hf.get("num_key_value_heads") or hf.get("num_attention_heads"))
-            want("num_layers (num_hidden_layers)", config.num_layers, hf.get("num_hidden_layers"))
-            want("mlp_hidden (intermediate_size)", config.hidden_dim, hf.get("intermediate_size"))
-            want("norm_eps (rms_norm_eps)", config.norm_eps, hf.get("rms_norm_eps"), close=True)
-            want("rope_base (rope_theta)", config.rope_base, _hf_rope_theta(hf), close=True)
-            want("head_dim", config.head_dim, hf.get("head_dim"))
-            want("tie_embeddings (tie_word_embeddings)", config.tie_embeddings, hf.get("tie_word_embeddings"))
-            want("hidden_act", "silu", hf.get("hidden_act"))
-            for flag in ("attention_bias", "mlp_bias"):
-                if hf.get(flag):
-                    problems.append(f"{flag}=True is not supported")
-    else:
-        raise TypeError(f"no Hugging Face mapping for {type(config).__name__}")
+    problems = config.hf_mismatches(hf)
     if problems:
         raise ValueError(f"{type(config).__name__} does not match the HF checkpoint: " + "; ".join(problems))
-
-
-def _hf_table(config) -> list[tuple[tuple[str, ...], str, Any]]:
-    """(Flax path, HF key, transform) for every Flax parameter of ``config``."""
-    from jaxllm.models.gpt2 import GPT2Config
-
-    table = []
-    if isinstance(config, GPT2Config):
-        table += [(("tok_emb", "embedding"), "wte.weight", "same"),
-                  (("pos_emb", "embedding"), "wpe.weight", "same")]
-        for i in range(config.n_layers):
-            b, h = f"trf_blocks_{i}", f"h.{i}"
-            for j, name in enumerate(("W_query", "W_key", "W_value")):
-                table += [((b, "att", name, "kernel"), f"{h}.attn.c_attn.weight", ("split", j, 3)),
-                          ((b, "att", name, "bias"), f"{h}.attn.c_attn.bias", ("split", j, 3))]
-            table += [((b, "att", "out_proj", "kernel"), f"{h}.attn.c_proj.weight", "same"),
-                      ((b, "att", "out_proj", "bias"), f"{h}.attn.c_proj.bias", "same"),
-                      ((b, "ff", "layers_0", "kernel"), f"{h}.mlp.c_fc.weight", "same"),
-                      ((b, "ff", "layers_0", "bias"), f"{h}.mlp.c_fc.bias", "same"),
-                      ((b, "ff", "layers_2", "kernel"), f"{h}.mlp.c_proj.weight", "same"),
-                      ((b, "ff", "layers_2", "bias"), f"{h}.mlp.c_proj.bias", "same")]
-            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                table += [((b, ours, "scale"), f"{h}.{theirs}.weight", "same"),
-                          ((b, ours, "shift"), f"{h}.{theirs}.bias", "same")]
-        table += [(("final_norm", "scale"), "ln_f.weight", "same"),
-                  (("final_norm", "shift"), "ln_f.bias", "same")]
-        if not config.tie_embeddings:
-            table.append((("out_head", "kernel"), "lm_head.weight", "T"))
-        return table
-    table.append((("embedding", "embedding"), "model.embed_tokens.weight", "same"))
-    for i in range(config.num_layers):
-        b, h = f"layers_{i}", f"model.layers.{i}"
-        for ours, theirs in (("W_Q", "q_proj"), ("W_K", "k_proj"), ("W_V", "v_proj"), ("W_O", "o_proj")):
-            table.append(((b, "attn", ours), f"{h}.self_attn.{theirs}.weight", "T"))
-        for ours, theirs in (("W_1", "gate_proj"), ("W_3", "up_proj"), ("W_2", "down_proj")):
-            table.append(((b, "mlp", ours), f"{h}.mlp.{theirs}.weight", "T"))
-        table += [((b, "norm1", "scale"), f"{h}.input_layernorm.weight", "same"),
-                  ((b, "norm2", "scale"), f"{h}.post_attention_layernorm.weight", "same")]
-    table.append((("final_norm", "scale"), "model.norm.weight", "same"))
-    if not config.tie_embeddings:
-        table.append((("output",), "lm_head.weight", "T"))
-    return table
 
 
 def _apply(transform, value: np.ndarray) -> np.ndarray:
@@ -329,43 +224,25 @@ def _apply(transform, value: np.ndarray) -> np.ndarray:
 
 
 def from_hf(config, source, *, hf_config=None, strict: bool = True) -> Params:
-    """A local Hugging Face checkpoint -> Flax params for ``config``.
+    """A local Hugging Face checkpoint -> Flax params for ``config``, a language-model config with a
+    Hugging Face mapping (``GPT2Config`` with ``qkv_bias=True`` for ``GPT2LMHeadModel``, a
+    llama-layout ``TransformerConfig`` for ``LlamaForCausalLM``).
 
-    ``config``: a ``GPT2Config`` (HF ``GPT2LMHeadModel``; needs ``qkv_bias=True``) or a Llama-layout
-    ``TransformerConfig`` (``transformer.llama(...)``; HF ``LlamaForCausalLM``). ``source``: a
-    directory holding ``model.safetensors`` or ``pytorch_model.bin`` (``torch.load`` with
-    ``weights_only=True``), one such file, or a loaded state dict (torch tensors or numpy). The HF
-    config (``hf_config``, or ``config.json`` beside the weights when present) is checked field by
-    field against ``config``. GPT-2 keys may carry the ``transformer.`` prefix or not; its
-    ``attn.bias`` / ``attn.masked_bias`` buffers are ignored. HF ties GPT-2's ``lm_head`` to
-    ``wte``: an untied ``config`` gets ``lm_head.weight`` (transposed) when the checkpoint has it,
-    else ``wte``; a tied one drops ``lm_head.weight`` (it must then equal the embedding). Raises
-    ``ValueError`` naming every missing key, every unexpected key (when ``strict``), and any
-    tensor whose shape does not fit.
+    ``source``: a directory holding ``model.safetensors`` or ``pytorch_model.bin`` (``torch.load``
+    with ``weights_only=True``), one such file, or a loaded state dict (torch tensors or numpy).
+    The HF config (``hf_config``, or ``config.json`` beside the weights when present) is checked
+    field by field against ``config``. The config's ``hf_state_in`` handles prefixes and tying
+    (GPT-2 keys may carry ``transformer.``; HF ties GPT-2's ``lm_head`` to ``wte``: an untied
+    ``config`` gets ``lm_head.weight`` when the checkpoint has it, else ``wte``; a tied one drops
+    ``lm_head.weight``, which must then equal the embedding); buffers (``attn.bias``,
+    ``rotary_emb.inv_freq``) are ignored. Raises ``ValueError`` naming every missing key, every
+    unexpected key (when ``strict``), and any tensor whose shape does not fit.
     """
-    from jaxllm.models.gpt2 import GPT2Config
-
     _check_hf_config(config, _read_hf_config(source, hf_config))
     state = {k: v for k, v in load_hf_state_dict(source).items() if not _HF_IGNORED.search(k)}
-    gpt2 = isinstance(config, GPT2Config)
-    if gpt2:
-        state = {k.removeprefix("transformer."): v for k, v in state.items()}
-        if "lm_head.weight" in state and "wte.weight" in state and config.tie_embeddings:
-            if not np.array_equal(state["lm_head.weight"], state["wte.weight"]):
-                raise ValueError("lm_head.weight differs from wte.weight, so the checkpoint is untied: "
-                                 "use tie_embeddings=False")
-            state.pop("lm_head.weight")
-        if not config.tie_embeddings and "lm_head.weight" not in state and "wte.weight" in state:
-            state["lm_head.weight"] = state["wte.weight"]  # HF GPT-2 ties; safetensors drops the copy
-    elif config.tie_embeddings and "lm_head.weight" in state:
-        if "model.embed_tokens.weight" in state and not np.array_equal(
-                state["lm_head.weight"], state["model.embed_tokens.weight"]):
-            raise ValueError("lm_head.weight differs from model.embed_tokens.weight, so the checkpoint "
-                             "is untied: use tie_embeddings=False")
-        state.pop("lm_head.weight")
-
+    state = config.hf_state_in(state)
     paths, shapes, treedef = _paths(param_shapes(config))
-    table = {path: (key, transform) for path, key, transform in _hf_table(config)}
+    table = {path: (key, transform) for path, key, transform in config.hf_param_table()}
     needed = {key for key, _ in table.values()}
     missing = sorted(k for k in needed if k not in state)
     unexpected = sorted(set(state) - needed) if strict else []
@@ -383,28 +260,42 @@ def from_hf(config, source, *, hf_config=None, strict: bool = True) -> Params:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def to_hf_llama(config, params: Params) -> dict[str, np.ndarray]:
-    """Flax params of a Llama-layout ``TransformerConfig`` -> ``{HF key: numpy array}`` in
-    ``LlamaForCausalLM``'s names and layouts (with tied embeddings ``lm_head.weight`` is a copy of
-    ``model.embed_tokens.weight``, as HF's ``state_dict`` lists both). Load with ``model.load_state_dict({k: torch.from_numpy(v) ...}, strict=True)``."""
-    from jaxllm.models.transformer import TransformerConfig
-
-    if not isinstance(config, TransformerConfig):
-        raise TypeError(f"to_hf_llama needs a TransformerConfig, got {type(config).__name__}")
+def to_hf(config, params: Params) -> dict[str, np.ndarray]:
+    """Flax params -> ``{HF key: numpy array}`` in the names and layouts of the config's Hugging
+    Face model (``GPT2LMHeadModel``, ``LlamaForCausalLM``), as its ``state_dict`` lists them (a tied
+    head included). Load with ``model.load_state_dict({k: torch.from_numpy(v) ...}, strict=True)``;
+    ``config.to_hf_config()`` is the matching HF config."""
     _check_hf_config(config, None)
     paths, leaves, _ = _paths(params)
     flat = dict(zip(paths, leaves))
-    table = _hf_table(config)
+    table = config.hf_param_table()
     expected = {p for p, _, _ in table}
     if set(flat) != expected:
         raise ValueError(f"params do not match {type(config).__name__}: missing "
                          f"{sorted('/'.join(p) for p in expected - set(flat))}, unexpected "
                          f"{sorted('/'.join(p) for p in set(flat) - expected)}")
-    state = {key: np.array(_apply(transform, np.asarray(flat[path])), order="C", copy=True)
-             for path, key, transform in table}
-    if config.tie_embeddings:  # HF's state_dict lists the tied head too, so strict loading wants it
-        state["lm_head.weight"] = state["model.embed_tokens.weight"].copy()
-    return state
+    state = {}
+    for path, key, transform in table:
+        value = _unapply(transform, np.asarray(flat[path]))
+        state[key] = value if not isinstance(transform, tuple) else _join(state.get(key), value, transform)
+    return config.hf_state_out({k: np.array(v, order="C", copy=True) for k, v in state.items()})
+
+
+def _unapply(transform, value: np.ndarray) -> np.ndarray:
+    """The inverse of ``_apply`` for one Flax tensor (a split's block is placed by ``_join``)."""
+    if transform == "T":
+        return value.T if value.ndim == 2 else value
+    return value
+
+
+def _join(current, block: np.ndarray, transform) -> np.ndarray:
+    """Place column block j of n (``("split", j, n)``) into the fused HF tensor being built."""
+    _, j, n = transform
+    width = block.shape[-1]
+    if current is None:
+        current = np.zeros(block.shape[:-1] + (width * n,), block.dtype)
+    current[..., j * width:(j + 1) * width] = block
+    return current
 
 
 def interleaved_to_rotate_half_params(config, params: Params) -> Params:

@@ -1,16 +1,17 @@
 """Load a base language model from disk: a ``train/lm.py`` run directory or a local Hugging Face
-GPT-2 directory. Fine-tuning scripts (``train/classify.py``, ``train/instruct.py``) and
+model directory. Fine-tuning scripts (``train/classify.py``, ``train/instruct.py``) and
 ``train/generate.py`` start from here. Nothing downloads.
 
-``load_base(path) -> Base(config, params, encoding, source)``:
+``load_base(path) -> Base(config, params, encoding, source, context)``:
 
 * a run directory (``tokenizer.json`` + ``checkpoints/<step>``): the model config comes from the
-  run config saved in the checkpoint's metadata, the params from the chosen (latest) checkpoint,
-  the tokenizer from ``tokenizer.json``;
-* an HF directory (``config.json`` with ``model_type: gpt2`` and ``model.safetensors`` or
-  ``pytorch_model.bin``): a ``GPT2Config`` built from ``config.json`` (Q/K/V biases, untied head
-  filled from ``wte`` as HF ties it, dropout from ``resid_pdrop``), params via
-  ``interop.from_hf``, GPT-2's own BPE.
+  run config saved in the checkpoint's metadata, the params from the chosen (newest intact)
+  checkpoint, the tokenizer from ``tokenizer.json``, the context it was trained at from the run's
+  data settings;
+* an HF directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``): the config
+  class whose ``hf_model_type`` is the file's ``model_type`` builds the config
+  (``from_hf_config``), ``interop.from_hf`` the params; the tokenizer is the one that ships with
+  this package for that model type (GPT-2's BPE), the context the model's ``context_limit``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import tiktoken
 
-import jaxllm.models  # noqa: F401  (registers the model configs)
 from jaxllm.config import config_from_dict
+from jaxllm.models import hf_config_class
 
 
 class Base(NamedTuple):
@@ -32,24 +33,24 @@ class Base(NamedTuple):
     params: Any
     encoding: tiktoken.Encoding
     source: str  # "run:<dir>@<step>" or "hf:<dir>"
+    context: int  # the context the base was trained at: the default length of fine-tuning rows
 
 
 def load_base(path: str | os.PathLike, step: int | None = None) -> Base:
-    """A ``train/lm.py`` run directory or a local HF GPT-2 directory -> ``Base``."""
+    """A ``train/lm.py`` run directory or a local HF model directory -> ``Base``."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"no base model directory {path}: pass a train/lm.py output directory "
                          "(run `make demo` to make runs/lm) or a local Hugging Face GPT-2 directory")
     if os.path.isfile(os.path.join(path, "tokenizer.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
-        config, params, encoding, step = load_run(path, step)
-        return Base(config, params, encoding, f"run:{path}@{step}")
+        config, params, encoding, step, context = _load_run(path, step)
+        return Base(config, params, encoding, f"run:{path}@{step}", context)
     if os.path.isfile(os.path.join(path, "config.json")):
-        config, params = load_hf_gpt2(path)
-        from jaxllm.data.tokenizer import gpt2_encoding
-
-        encoding = gpt2_encoding()
-        check_vocab_fits(encoding, config, f"GPT-2's tokenizer (used for {path})", os.path.join(path, "config.json"))
-        return Base(config, params, encoding, f"hf:{path}")
+        config, params = load_hf(path)
+        encoding = _hf_encoding(config, path)
+        check_vocab_fits(encoding, config, f"{config.hf_tokenizer}'s tokenizer (used for {path})",
+                         os.path.join(path, "config.json"))
+        return Base(config, params, encoding, f"hf:{path}", config.context_limit)
     raise ValueError(f"{path} is neither a train/lm.py run (tokenizer.json + checkpoints/) nor a Hugging Face "
                      "model directory (config.json + model.safetensors or pytorch_model.bin)")
 
@@ -64,26 +65,24 @@ def check_vocab_fits(encoding, config, tokenizer_name: str, model_name: str) -> 
                          f"only {config.vocab_size} (vocab_size): they do not belong together")
 
 
-def gpt2_config_from_hf(hf: dict, **changes):
-    """HF ``GPT2Config`` fields -> our ``GPT2Config`` (Q/K/V biases on, head untied)."""
-    from jaxllm.models.gpt2 import GPT2Config
-
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"only Hugging Face GPT-2 directories are supported, got model_type {hf.get('model_type')!r}")
-    fields = dict(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
-                  n_heads=hf["n_head"], n_layers=hf["n_layer"], drop_rate=float(hf.get("resid_pdrop", 0.1)),
-                  qkv_bias=True)
-    return GPT2Config(**{**fields, **changes})
-
-
-def load_hf_gpt2(directory: str):
-    """``(GPT2Config, params)`` of a local HF GPT-2 directory."""
+def load_hf(directory: str):
+    """``(config, params)`` of a local HF model directory, by its ``config.json``'s ``model_type``."""
     from jaxllm.interop import from_hf
 
     with open(os.path.join(directory, "config.json")) as f:
         hf = json.load(f)
-    config = gpt2_config_from_hf(hf)
+    config = hf_config_class(hf.get("model_type")).from_hf_config(hf)
     return config, from_hf(config, directory, hf_config=hf)
+
+
+def _hf_encoding(config, directory: str) -> tiktoken.Encoding:
+    """The offline tokenizer of an HF model type (only GPT-2's BPE ships with this package)."""
+    if config.hf_tokenizer != "gpt2":
+        raise ValueError(f"{directory}: no offline tokenizer for Hugging Face {config.hf_model_type} models "
+                         "(only GPT-2's BPE ships with this package)")
+    from jaxllm.data.tokenizer import gpt2_encoding
+
+    return gpt2_encoding()
 
 
 def load_run(run_dir: str, step: int | None = None):
@@ -95,6 +94,10 @@ def load_run(run_dir: str, step: int | None = None):
     intact checkpoint (a damaged newer one is skipped with a warning; see ``Checkpointer.restore``).
     A tokenizer with more ids than the model's ``vocab_size`` is refused.
     """
+    return _load_run(run_dir, step)[:4]
+
+
+def _load_run(run_dir: str, step: int | None = None):
     from jaxllm.data.tokenizer import load_encoding
     from jaxllm.training import TrainState, make_optimizer
     from jaxllm.training.checkpoint import Checkpointer
@@ -120,14 +123,12 @@ def load_run(run_dir: str, step: int | None = None):
         check_vocab_fits(encoding, config, tokenizer, where)
         optimizer = make_optimizer(OptimizerConfig(**run["optimizer"]))
 
-        def fresh():
-            params = config.build().init(jax.random.PRNGKey(0), config.example_input())["params"]
-            return TrainState.create(params, optimizer, jax.random.PRNGKey(0))
-
         found["config"] = config
-        shapes = jax.eval_shape(fresh)  # zeros of the right shapes: no initialiser runs
+        shapes = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), config.param_shapes())
         return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     with Checkpointer(ckpt_dir) as ckpt:
         state, meta = ckpt.restore_with(template, step)
-    return found["config"], state.params, encoding, int(meta["step"])
+    config = found["config"]
+    context = ((meta.get("config") or {}).get("data") or {}).get("context") or config.context_limit
+    return config, state.params, encoding, int(meta["step"]), int(context)

@@ -87,7 +87,7 @@ def _init_params(config, seed: int):
     import jax
     import numpy as np
 
-    params = config.build().init(jax.random.PRNGKey(seed), config.example_input())["params"]
+    params = config.init(jax.random.PRNGKey(seed))
     return jax.tree_util.tree_map(np.asarray, params)
 
 

@@ -15,7 +15,6 @@ from jaxllm.models.mlp import MLPConfig
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_strategy, make_train_step
 from jaxllm.training.losses import mean_squared_error
 from jaxllm.training.step import evaluate, finish_sums, split_micro_batches, weighted_sums
-from jaxllm.training.supervised import init_params, make_apply
 from parity import TRAJECTORY, assert_close
 
 
@@ -66,12 +65,12 @@ def test_split_micro_batches_keeps_every_row_once_and_shards_local():
 
 def test_regression_loss_without_a_count_is_weighted_by_rows():
     config = MLPConfig(num_inputs=3, num_outputs=2, hidden=(5,))
-    loss_fn = mean_squared_error(make_apply(config))
+    loss_fn = mean_squared_error(config.apply)
     optimizer = make_optimizer(OptimizerConfig("sgd", lr=0.1, momentum=0.9))
     rng = np.random.default_rng(0)
     data = [{"x": rng.standard_normal((12, 3)).astype(np.float32), "y": rng.standard_normal((12, 2)).astype(np.float32)}
             for _ in range(3)]
-    start = TrainState.create(init_params(config, 0), optimizer, jax.random.PRNGKey(1))
+    start = TrainState.create(config.init(jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(1))
     finals = {}
     for k in (1, 3):
         state = jax.tree_util.tree_map(jnp.array, start)  # a copy: the step donates its input

@@ -170,6 +170,42 @@ def test_torch_cached_decoder_equals_the_twins_full_forward(family):
         decoder.step(torch.zeros(2, 10, dtype=torch.long))
 
 
+def einsum_attention(q, k, v, mask, keep=None):
+    """The plain formulation autodiff differentiates: q float[B, T, H, dh], k, v float[B, S, KV, dh],
+    mask bool[B, T, S], keep (dropout's scaled mask) float[B, H, T, S] | None -> float[B, T, H * dh]."""
+    b, t, h, dh = q.shape
+    group = h // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(jnp.float32(dh))
+    weights = jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1)
+    if keep is not None:
+        weights = weights * keep
+    return jnp.einsum("bhts,bshd->bthd", weights, v).reshape(b, t, h * dh)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_attention_dropout_has_the_same_gradient_as_autodiff(heads, kv_heads):
+    """The fast path's hand-written backward with dropout on the weights equals autodiff of the
+    plain formulation with the same keep-mask; a rate of 0.5 drops about half the weights."""
+    rng = np.random.default_rng(1)
+    b, t, dh, rate = 2, 6, 8, 0.5
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, dh)), jnp.float32) for n in (heads, kv_heads, kv_heads))
+    cotangent = jnp.asarray(rng.standard_normal((b, t, heads * dh)), jnp.float32)
+    key = jax.random.PRNGKey(3)
+    keep = jax.random.bernoulli(key, 1.0 - rate, (b, heads, t, t)).astype(jnp.float32) / (1.0 - rate)
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    assert 0.3 < float(jnp.mean(keep > 0)) < 0.7
+
+    fast = lambda q, k, v: attention.causal_attention(q, k, v, dropout_rate=rate, dropout_key=key)  # noqa: E731
+    reference = lambda q, k, v: einsum_attention(q, k, v, causal, keep)  # noqa: E731
+    assert_close(fast(q, k, v), reference(q, k, v), OUTPUT, err_msg="attention with dropout")
+    assert np.abs(np.asarray(fast(q, k, v) - attention.causal_attention(q, k, v))).max() > 1e-3  # it drops
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent)  # noqa: E731
+    for g, r in zip(jax.grad(loss(fast), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)):
+        assert_close(g, r, GRAD, err_msg="attention gradient with dropout")
+
+
 @pytest.mark.parametrize("heads,kv_heads,dtype,tol", [(4, 4, jnp.float32, None), (4, 2, jnp.float32, None),
                                                       (2, 2, jnp.bfloat16, 3e-2)])
 def test_causal_attention_matches_the_einsum_reference(heads, kv_heads, dtype, tol):
@@ -184,7 +220,7 @@ def test_causal_attention_matches_the_einsum_reference(heads, kv_heads, dtype, t
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
 
-    reference = lambda q, k, v: attention.attend(q.astype(jnp.float32), k.astype(jnp.float32),
+    reference = lambda q, k, v: einsum_attention(q.astype(jnp.float32), k.astype(jnp.float32),  # noqa: E731
                                                  v.astype(jnp.float32), causal)
     got = attention.causal_attention(q, k, v)
     assert got.shape == (b, t, heads * dh) and got.dtype == dtype

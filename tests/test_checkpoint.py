@@ -10,14 +10,13 @@ import pytest
 from jaxllm.models.mlp import MLPConfig
 from jaxllm.training import CheckpointError, Checkpointer, OptimizerConfig, TrainState, make_optimizer
 from jaxllm.training.checkpoint import CheckpointWriteError
-from jaxllm.training.supervised import init_params
 
 CONFIG = MLPConfig(num_inputs=3, num_outputs=2, hidden=(5,))
 
 
 def make_state(config=CONFIG, step=7):
     opt = make_optimizer(OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01))
-    state = TrainState.create(init_params(config, 0), opt, jax.random.PRNGKey(42))
+    state = TrainState.create(config.init(jax.random.PRNGKey(0)), opt, jax.random.PRNGKey(42))
     grads = jax.tree_util.tree_map(lambda p: p * 0.5, state.params)
     _, opt_state = opt.update(grads, state.opt_state, state.params)  # non-trivial Adam moments
     return state.replace(opt_state=opt_state, step=np.int32(step))

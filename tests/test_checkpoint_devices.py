@@ -25,19 +25,19 @@ def setup(strategy_name: str, devices=None):
 
     from jaxllm.models import transformer
     from jaxllm.training import TrainState
-    from jaxllm.training.memory import lm_loss_fn
+    from jaxllm.training.losses import lm_loss
     from jaxllm.training.parallel import make_strategy
 
     devices = jax.devices() if devices is None else devices
     strategy = make_strategy(strategy_name if len(devices) > 1 else "single", devices=devices)
     config = transformer.tiny(VOCAB)
     optimizer = optax.adamw(1e-2, weight_decay=0.01)
-    params = config.build().init(jax.random.PRNGKey(0), config.example_input())["params"]
+    params = config.init(jax.random.PRNGKey(0))
     state = strategy.place(TrainState.create(params, optimizer, jax.random.PRNGKey(1)))
     ids = np.random.default_rng(0).integers(0, VOCAB, (3, ROWS, TIME + 1)).astype(np.int32)
     batches = [{"inputs": x[:, :-1], "targets": x[:, 1:]} for x in ids]
     run = {"model": config.to_dict(), "strategy": "any"}  # the checkpoint's config: no device count in it
-    return strategy, state, strategy.train_step(lm_loss_fn(config), optimizer), batches, run
+    return strategy, state, strategy.train_step(lm_loss(config), optimizer), batches, run
 
 
 def flat_params(state) -> dict:

@@ -13,7 +13,8 @@ import pytest
 from jaxllm.data import classification as cdata
 from jaxllm.models import classifier, gpt2, transformer
 from jaxllm.training import TrainState, make_train_step
-from jaxllm.training.freeze import count_params, freeze_optimizer, trainable_mask
+from jaxllm.training.freeze import count_params, freeze_optimizer, trainable_mask, trainable_predicate
+from jaxllm.training.losses import classification_loss, last_token_logits
 from parity import OUTPUT, assert_close
 
 GPT2_TINY = gpt2.tiny(vocab_size=97, context_length=16, drop_rate=0.0)
@@ -21,7 +22,7 @@ DECODER_TINY = transformer.tiny(97)
 
 
 def init(config, seed=0):
-    return jax.jit(config.build().init)(jax.random.PRNGKey(seed), config.example_input())["params"]
+    return config.init(jax.random.PRNGKey(seed))
 
 
 def flat(tree):
@@ -45,7 +46,7 @@ def test_from_lm_copies_the_base_and_adds_a_fresh_head(lm_config, head):
     assert sorted(v.shape for v in heads.values()) == [(3,), (d, 3)]
     for value in heads.values():  # torch's Linear init: U(-1/sqrt(d), 1/sqrt(d))
         assert np.abs(value).max() <= 1 / math.sqrt(d) and np.abs(value).max() > 0.5 / math.sqrt(d)
-    logits = jax.jit(classifier.make_apply(config))(params, jnp.zeros((2, 5), jnp.int32))
+    logits = jax.jit(config.logits)(params, jnp.zeros((2, 5), jnp.int32))
     assert logits.shape == (2, 5, 3)
 
 
@@ -62,14 +63,14 @@ def test_from_lm_refuses_params_of_another_model():
 @pytest.mark.parametrize("lm_config", [GPT2_TINY, DECODER_TINY])
 def test_last_real_token_of_a_right_padded_row_equals_the_unpadded_row(lm_config):
     config, params = classifier.from_lm(lm_config, init(lm_config), 2, jax.random.PRNGKey(1))
-    apply = jax.jit(classifier.make_apply(config))
+    apply = jax.jit(config.logits)
     rows = [[5, 9, 13], [7, 2, 40, 41, 42, 3], [11]]
     pad = 96
     tokens = np.full((3, 8), pad, np.int32)
     for i, r in enumerate(rows):
         tokens[i, :len(r)] = r
     lengths = np.array([len(r) for r in rows], np.int32)
-    got = classifier.last_token_logits(apply(params, tokens), lengths)
+    got = last_token_logits(apply(params, tokens), lengths)
     for i, r in enumerate(rows):
         alone = apply(params, np.array([r], np.int32))[0, -1]  # no padding at all
         assert_close(got[i], alone, OUTPUT, err_msg=f"row {i}: padded vs unpadded")
@@ -79,14 +80,14 @@ def test_last_real_token_of_a_right_padded_row_equals_the_unpadded_row(lm_config
 
 def test_last_token_logits_picks_positions():
     logits = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3)
-    out = classifier.last_token_logits(logits, jnp.array([2, 4]))
+    out = last_token_logits(logits, jnp.array([2, 4]))
     np.testing.assert_array_equal(out, np.stack([logits[0, 1], logits[1, 3]]))
 
 
 def test_classification_loss_matches_a_hand_computation():
     logits = np.array([[[0.0, 0.0], [2.0, -1.0]], [[0.5, 1.5], [9.0, 9.0]]], np.float32)  # [B=2, T=2, C=2]
     batch = {"tokens": np.zeros((2, 2), np.int32), "lengths": np.array([2, 1]), "labels": np.array([1, 1])}
-    loss_fn = classifier.classification_loss(lambda params, tokens, key: jnp.asarray(logits))
+    loss_fn = classification_loss(lambda params, tokens, key: jnp.asarray(logits))
     loss, aux = loss_fn(None, batch, None)
     # row 0 reads position 1 ([2, -1], label 1: wrong); row 1 position 0 ([0.5, 1.5], label 1: right)
     ce0 = -math.log(math.exp(-1) / (math.exp(2) + math.exp(-1)))
@@ -117,10 +118,10 @@ def decoder_block_params(d):  # per-head W_Q/K/V = D x D in all, W_O, MLP with b
 ])
 def test_only_the_chosen_parameters_change(lm_config, mode, expected):
     config, params = classifier.from_lm(lm_config, init(lm_config), 2, jax.random.PRNGKey(1))
-    mask = trainable_mask(params, classifier.trainable_predicate(config, mode))
+    mask = trainable_mask(params, trainable_predicate(config, mode))
     assert count_params(params, mask) == expected
     optimizer = freeze_optimizer(optax.adamw(1e-2, weight_decay=0.1), mask)
-    loss_fn = classifier.classification_loss(classifier.make_apply(config))
+    loss_fn = classification_loss(lambda p, t, key: config.logits(p, t, key=key))
     step = make_train_step(loss_fn, optimizer)
     before = flat(params)
     state = TrainState.create(params, optimizer, jax.random.PRNGKey(2))
@@ -136,10 +137,10 @@ def test_only_the_chosen_parameters_change(lm_config, mode, expected):
 
 def test_full_and_unknown_modes():
     config, params = classifier.from_lm(DECODER_TINY, init(DECODER_TINY), 2, jax.random.PRNGKey(0))
-    assert count_params(params, trainable_mask(params, classifier.trainable_predicate(config, "full"))) == \
+    assert count_params(params, trainable_mask(params, trainable_predicate(config, "full"))) == \
         count_params(params)
     with pytest.raises(ValueError, match="mode must be one of"):
-        classifier.trainable_predicate(config, "bias_only")
+        trainable_predicate(config, "bias_only")
 
 
 def test_lora_mode_trains_only_the_adapters_the_heads_included():
@@ -147,7 +148,7 @@ def test_lora_mode_trains_only_the_adapters_the_heads_included():
 
     config, params = classifier.from_lm(DECODER_TINY, init(DECODER_TINY), 2, jax.random.PRNGKey(0))
     params = lora.add_lora(params, lora.raschka(rank=2, alpha=4.0), jax.random.PRNGKey(1))
-    mask = flat(trainable_mask(params, classifier.trainable_predicate(config, "lora")))
+    mask = flat(trainable_mask(params, trainable_predicate(config, "lora")))
     trained = sorted(k for k, v in mask.items() if v)
     assert "['output_lora_A']" in trained and "['output_lora_B']" in trained
     assert "['layers_1']['attn']['heads_0']['W_Q_lora_A']" in trained

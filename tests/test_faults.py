@@ -17,7 +17,6 @@ from conftest import ROOT
 from jaxllm.models.linear import LinearConfig
 from jaxllm.training import Checkpointer, OptimizerConfig, TrainingDiverged, TrainState, make_optimizer
 from jaxllm.training.run_lock import unlock_run_dir
-from jaxllm.training.supervised import init_params
 
 FAST = ["--no-progress"]
 
@@ -98,7 +97,7 @@ def test_a_run_that_blows_up_keeps_only_finite_checkpoints(load_script, tmp_path
         for step in steps:
             meta = ckpt.read_meta(step)
             assert meta["step"] == step
-    template = TrainState.create(init_params(LinearConfig(num_inputs=1, num_outputs=1), 0),
+    template = TrainState.create(LinearConfig(num_inputs=1, num_outputs=1).init(jax.random.PRNGKey(0)),
                                  make_optimizer(OptimizerConfig("sgd", lr=1e6)), jax.random.PRNGKey(0))
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         restored, _ = ckpt.restore(template)

@@ -150,7 +150,7 @@ def test_a_bad_flag_is_refused_while_parsing(load_script, tmp_path, capsys, scri
      r"emb_dim 30 is not divisible by n_heads 4 .*check --d-model, --heads"),
     (["--d-model", "20", "--heads", "4"], r"RoPE needs an even head_dim.*check --d-model, --heads"),
     (["--model", "decoder", "--preset", "gpt2_124m"], r"--preset for --model decoder must be one of"),
-    (["--model", "decoder", "--dropout", "0.1"], r"--dropout applies to --model gpt2 only"),
+    (["--model", "decoder", "--dropout", "0.1"], r"dropout applies to GPT-2 only .*check --dropout"),
 ])
 def test_lm_flag_combinations_fail_before_the_data(load_script, tmp_path, flags, message):
     # --text names a missing file: had the data been read first, that would be the error

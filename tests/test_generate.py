@@ -28,31 +28,29 @@ def test_temperature_sampling_is_seeded():
 
 
 def test_rnn_cached_greedy_decoding_equals_full_recomputation():
-    params = CONFIG.build().init(jax.random.PRNGKey(0), CONFIG.example_input())["params"]
-    forward = rnn.make_forward(CONFIG)
+    params = CONFIG.init(jax.random.PRNGKey(0))
     prompt = [3, 7, 1, 12]
-    fast = sample_recurrent(forward, rnn.make_step(CONFIG), params, prompt, vocab_size=23, max_new_tokens=12,
-                            key=jax.random.PRNGKey(0), temperature=0.0)
+    fast = sample_recurrent(CONFIG, params, prompt, max_new_tokens=12, key=jax.random.PRNGKey(0), temperature=0.0)
     seq = list(prompt)
     for _ in range(12):  # recompute the whole prefix every time, no carried state
-        logits, _ = forward(params, jnp.asarray([seq], jnp.int32))
+        logits = CONFIG.logits(params, jnp.asarray([seq], jnp.int32))
         seq.append(int(jnp.argmax(logits[0, -1])))
     assert fast == seq[len(prompt):]
 
 
 def test_bad_generation_arguments():
-    params = CONFIG.build().init(jax.random.PRNGKey(0), CONFIG.example_input())["params"]
-    args = (rnn.make_forward(CONFIG), rnn.make_step(CONFIG), params)
+    params = CONFIG.init(jax.random.PRNGKey(0))
+    args = (CONFIG, params)
     key = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match="at least one token"):
-        sample_recurrent(*args, [], vocab_size=23, max_new_tokens=3, key=key)
+        sample_recurrent(*args, [], max_new_tokens=3, key=key)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
-        sample_recurrent(*args, [1], vocab_size=23, max_new_tokens=0, key=key)
+        sample_recurrent(*args, [1], max_new_tokens=0, key=key)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
-        sample_recurrent(*args, [1], vocab_size=23, max_new_tokens=2, key=key, temperature=-1)
+        sample_recurrent(*args, [1], max_new_tokens=2, key=key, temperature=-1)
     with pytest.raises(ValueError, match=r"prompt ids must lie in \[0, 22\].*got values from 1 to 23"):
-        sample_recurrent(*args, [1, 23], vocab_size=23, max_new_tokens=2, key=key)
+        sample_recurrent(*args, [1, 23], max_new_tokens=2, key=key)
     with pytest.raises(ValueError, match=r"prompt ids must lie in \[0, 22\]"):
-        sample_recurrent(*args, [-1], vocab_size=23, max_new_tokens=2, key=key)
+        sample_recurrent(*args, [-1], max_new_tokens=2, key=key)
     with pytest.raises(ValueError, match=r"top_k must lie in \[1, 23\]"):
-        sample_recurrent(*args, [1], vocab_size=23, max_new_tokens=2, key=key, temperature=1.0, top_k=24)
+        sample_recurrent(*args, [1], max_new_tokens=2, key=key, temperature=1.0, top_k=24)

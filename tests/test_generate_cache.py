@@ -1,6 +1,6 @@
 """Top-p convention, and batched KV-cached ``generate`` equal to full recomputation."""
 
-import sys
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ PROMPTS = [[5], [3, 9, 1, 12], [7, 7, 2, 28, 0, 4, 11]]  # ragged: lengths 1, 4,
 
 
 def params_of(config, seed=0):
-    return config.build().init(jax.random.PRNGKey(seed), config.example_input())["params"]
+    return config.init(jax.random.PRNGKey(seed))
 
 
 def kept_tokens(probs, top_p, top_k=None, draws=2000):
@@ -57,7 +57,7 @@ def reference_greedy(config, params, prompts, n, eos_id=None):
     """Plain loop of full forwards: every step recomputes each whole prefix (no cache) and takes
     the argmax. Prefixes are right-padded to one fixed width so the jitted forward compiles once;
     attention is causal, so the pads after a prefix cannot change its last logits."""
-    forward = sys.modules[type(config).__module__].make_forward(config)
+    forward = jax.jit(config.logits)
     width = max(map(len, prompts)) + n
     seqs = [list(p) for p in prompts]
     done = [False] * len(prompts)
@@ -65,7 +65,7 @@ def reference_greedy(config, params, prompts, n, eos_id=None):
         tokens = np.zeros((len(seqs), width), np.int32)
         for b, s in enumerate(seqs):
             tokens[b, :len(s)] = s
-        logits, _ = forward(params, jnp.asarray(tokens))
+        logits = forward(params, jnp.asarray(tokens))
         for b, s in enumerate(seqs):
             if not done[b]:
                 s.append(int(jnp.argmax(logits[b, len(s) - 1])))
@@ -104,12 +104,79 @@ def test_seeded_sampling_is_repeatable_and_keys_differ():
     assert all(len(r) == 12 and all(0 <= t < VOCAB for t in r) for r in a)
 
 
-def test_explicit_forward_and_init_cache():
+class Wrapped:
+    """Any model that offers the interface generate uses (forward, init_cache, context_limit,
+    vocab_size) plugs in; here one that delegates to the Burkov decoder."""
+
+    def __init__(self, config):
+        self.config, self.vocab_size, self.context_limit = config, config.vocab_size, 20
+
+    def forward(self, params, tokens, cache):
+        return self.config.forward(params, tokens, cache)
+
+    def init_cache(self, batch, max_len=None):
+        return self.config.init_cache(batch, max_len)
+
+
+def test_any_model_with_the_interface_plugs_in():
     params = params_of(BURKOV)
-    forward = transformer.make_forward(BURKOV)  # forward(params, tokens, positions=None, cache=None)
-    a = generate(BURKOV, params, PROMPTS, max_new_tokens=5, key=jax.random.PRNGKey(0), max_len=20,
-                 forward=forward, init_cache=transformer.init_cache)
+    a = generate(Wrapped(BURKOV), params, PROMPTS, max_new_tokens=5, key=jax.random.PRNGKey(0))
     assert a == reference_greedy(BURKOV, params, PROMPTS, 5)
+
+
+def _decode_step(hlo: str) -> list[str]:
+    """The instructions of the compiled while loop's body and of every computation it calls."""
+    computations, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+        if head and line.rstrip().endswith("{"):
+            name = head.group(1)
+            computations[name] = []
+        elif name is not None:
+            computations[name].append(line)
+    body = re.search(r" while\(.*body=%([\w.-]+)", hlo).group(1)
+    todo, seen, lines = [body], set(), []
+    while todo:
+        comp = todo.pop()
+        if comp in seen or comp not in computations:
+            continue
+        seen.add(comp)
+        lines += computations[comp]
+        for line in computations[comp]:
+            todo += re.findall(r"(?:calls|to_apply|body|condition)=%([\w.-]+)", line)
+    return lines
+
+
+def _whole_buffer_writes(lines: list[str], elements: int) -> dict[str, int]:
+    """Count, by opcode, the instructions that copy, transpose, slice or concatenate an array of
+    at least ``elements`` elements (an in-place scatter into a buffer is none of these)."""
+    counts: dict[str, int] = {}
+    for line in lines:
+        m = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]\S* ([\w-]+)\(", line)
+        if not m or not m.group(1):
+            continue
+        size = int(np.prod([int(d) for d in m.group(1).split(",")]))
+        if size >= elements and m.group(2) in ("copy", "concatenate", "transpose", "dynamic-slice", "slice"):
+            counts[m.group(2)] = counts.get(m.group(2), 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("config", [BURKOV, LLAMA, gpt2.tiny(vocab_size=VOCAB, context_length=40, emb_dim=16,
+                                                            n_heads=2)], ids=["burkov", "llama_gqa", "gpt2"])
+def test_a_decode_step_updates_the_cache_in_place(config):
+    """The compiled generate loop (cache donated, one array per layer) neither copies, transposes,
+    slices nor concatenates a whole cache buffer: each step writes its keys/values in place. With
+    the old stacked [layers, ...] cache every step concatenated the whole cache twice."""
+    from jaxllm.generate import _generate
+
+    params = params_of(config)
+    cache = config.init_cache(3, 32)
+    hlo = _generate.lower(config, params, jnp.zeros((3, 5), jnp.int32), jnp.array([5, 3, 2], jnp.int32), cache,
+                          jax.random.PRNGKey(0), max_new_tokens=8, temperature=0.0, top_k=None, top_p=None,
+                          eos_id=None).compile().as_text()
+    step = _decode_step(hlo)
+    assert any(" scatter(" in line for line in step)  # the decode step writes rows of the cache
+    assert _whole_buffer_writes(step, cache.keys[0].size) == {}
 
 
 @pytest.mark.parametrize("prompts, kwargs, match", [

@@ -136,7 +136,7 @@ def test_padded_batches_fill_the_last_batch_with_ignored_rows():
 @pytest.fixture(scope="module")
 def tiny_gpt2():
     config = gpt2.tiny(vocab_size=40, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
-    params = config.build().init(jax.random.PRNGKey(0), config.example_input())["params"]
+    params = config.init(jax.random.PRNGKey(0))
     model = config.build()
     return config, params, lambda p, tokens: model.apply({"params": p}, tokens)[0]
 

@@ -8,7 +8,6 @@ import torch
 from jaxllm import interop
 from jaxllm.models import cnn, linear, mlp
 from jaxllm.torch_ref import cnn as t_cnn, linear as t_linear, mlp as t_mlp
-from jaxllm.training.supervised import init_params
 
 CASES = [
     (linear.LinearConfig(3, 2), lambda: t_linear.linear_regression(3, 2)),
@@ -21,7 +20,7 @@ CASES = [
 
 @pytest.mark.parametrize("config,make_twin", CASES, ids=lambda c: getattr(c, "family", ""))
 def test_flax_params_load_strictly_into_the_twin_and_back(config, make_twin):
-    params = init_params(config, seed=0)
+    params = config.init(jax.random.PRNGKey(0))
     twin = make_twin()
     twin.load_state_dict(interop.to_torch(config, params), strict=True)
     back = interop.from_torch(config, twin.state_dict())
@@ -65,7 +64,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_named():
 
 def test_flax_init_follows_torch_defaults():
     """Kernels and biases are U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as nn.Linear / nn.Conv2d draw them."""
-    params = init_params(cnn.mnist(), seed=0)
+    params = cnn.mnist().init(jax.random.PRNGKey(0))
     for name, fan_in in (("conv1", 9), ("conv2", 16 * 9), ("fc1", 32 * 49), ("fc2", 64)):
         for leaf in ("kernel", "bias"):
             values = np.asarray(params[name][leaf])

@@ -13,7 +13,6 @@ pytest.importorskip("safetensors")
 
 from jaxllm import interop  # noqa: E402
 from jaxllm.models import gpt2, transformer  # noqa: E402
-from jaxllm.training.supervised import init_params  # noqa: E402
 from parity import OUTPUT, assert_close  # noqa: E402
 
 pytestmark = pytest.mark.optimized  # parity: compiled as users run it (see conftest.py)
@@ -69,7 +68,7 @@ def test_gpt2_from_safetensors_dir(hf_gpt2, tmp_path, tie):
     assert (tmp_path / "model.safetensors").exists()
     config = gpt2_config(tie_embeddings=tie)
     params = interop.from_hf(config, tmp_path)
-    ours, _ = gpt2.make_forward(config)(params, TOKENS)
+    ours = jax.jit(config.logits)(params, TOKENS)
     assert_close(ours, hf_logits(hf_gpt2, TOKENS), OUTPUT, err_msg="ours vs Hugging Face logits")
 
 
@@ -86,7 +85,7 @@ def test_gpt2_from_pytorch_bin_with_weights_only(hf_gpt2, tmp_path, monkeypatch)
     config = gpt2_config()
     params = interop.from_hf(config, tmp_path)
     assert seen == [True]
-    ours, _ = gpt2.make_forward(config)(params, TOKENS)
+    ours = jax.jit(config.logits)(params, TOKENS)
     assert_close(ours, hf_logits(hf_gpt2, TOKENS), OUTPUT, err_msg="ours vs Hugging Face logits")
 
 
@@ -107,20 +106,20 @@ def test_llama_from_hf_matches_logits(hf_llama, tmp_path):
     hf_llama.save_pretrained(tmp_path, safe_serialization=True)
     config = llama_config()
     params = interop.from_hf(config, tmp_path)  # config.json is checked too
-    ours, _ = transformer.make_forward(config)(params, TOKENS)
+    ours = jax.jit(config.logits)(params, TOKENS)
     assert_close(ours, hf_logits(hf_llama, TOKENS), OUTPUT, err_msg="ours vs Hugging Face logits")
 
 
 def test_llama_to_hf_round_trip_is_strict_and_exact(hf_llama):
     config = llama_config()
-    params = init_params(config, seed=3)
-    state = interop.to_hf_llama(config, params)
+    params = config.init(jax.random.PRNGKey(3))
+    state = interop.to_hf(config, params)
     fresh = transformers.LlamaForCausalLM(hf_llama.config).eval()
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     back = interop.from_hf(config, fresh.state_dict(), hf_config=fresh.config)
     for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    ours, _ = transformer.make_forward(config)(params, TOKENS)
+    ours = jax.jit(config.logits)(params, TOKENS)
     assert_close(ours, hf_logits(fresh, TOKENS), OUTPUT, err_msg="ours vs Hugging Face logits")
 
 
@@ -131,23 +130,23 @@ def test_tied_llama(hf_llama):
     config = llama_config(tie_embeddings=True)
     params = interop.from_hf(config, model.state_dict(), hf_config=model.config)
     assert "output" not in params
-    state = interop.to_hf_llama(config, params)
+    state = interop.to_hf(config, params)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
-    ours, _ = transformer.make_forward(config)(params, TOKENS)
+    ours = jax.jit(config.logits)(params, TOKENS)
     assert_close(ours, hf_logits(model, TOKENS), OUTPUT, err_msg="ours vs Hugging Face logits")
 
 
 @pytest.mark.parametrize("layout", ["per_head", "fused"])
 def test_interleaved_to_rotate_half_keeps_logits(layout):
     config = transformer.TransformerConfig(61, d_model=32, num_heads=4, num_layers=2, qkv_layout=layout)
-    params = init_params(config, seed=0)
+    params = config.init(jax.random.PRNGKey(0))
     half = dataclasses.replace(config, rope="rotate_half")
     moved = interop.interleaved_to_rotate_half_params(config, params)
     tokens = TOKENS % 61
-    a, _ = transformer.make_forward(config)(params, tokens)
-    b, _ = transformer.make_forward(half)(moved, tokens)
+    a = jax.jit(config.logits)(params, tokens)
+    b = jax.jit(half.logits)(moved, tokens)
     assert_close(b, a, OUTPUT, err_msg="rotate_half on permuted weights vs interleaved")
-    c, _ = transformer.make_forward(half)(params, tokens)  # without the permutation they differ
+    c = jax.jit(half.logits)(params, tokens)  # without the permutation they differ
     assert np.abs(np.asarray(c) - np.asarray(a)).max() > 1e-3
 
 
@@ -193,7 +192,7 @@ def test_bad_inputs_are_named(hf_gpt2, hf_llama):
     with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\]"):
         interop.from_hf(llama_config(), {k: v for k, v in lstate.items() if k != "model.norm.weight"})
     with pytest.raises(ValueError, match="rope must be 'interleaved'"):
-        interop.interleaved_to_rotate_half_params(llama_config(), init_params(llama_config(), seed=0))
+        interop.interleaved_to_rotate_half_params(llama_config(), llama_config().init(jax.random.PRNGKey(0)))
 
 
 def test_core_import_does_not_need_torch():

@@ -15,21 +15,20 @@ CONFIG = rnn.tiny(vocab_size=19)
 
 @pytest.mark.parametrize("streams,chunk", [(1, 7), (3, 5), (3, 1000)])
 def test_streaming_equals_full_forward(streams, chunk):
-    params = CONFIG.build().init(jax.random.PRNGKey(0), CONFIG.example_input())["params"]
-    forward = rnn.make_forward(CONFIG)
+    params = CONFIG.init(jax.random.PRNGKey(0))
     ids = np.random.default_rng(0).integers(0, 19, 62).astype(np.int32)
-    total, n, scored = streaming_nll(forward, params, ids, init_carry=CONFIG.init_hidden, streams=streams, chunk=chunk)
+    total, n, scored = streaming_nll(CONFIG, params, ids, streams=streams, chunk=chunk)
     per = (len(ids) - 1) // streams
     expected = 0.0
     for j in range(streams):  # each piece in one full forward from h_0 = 0
         piece = ids[j * per:(j + 1) * per + 1]
-        logits, _ = forward(params, jnp.asarray(piece[None, :-1]))
+        logits = CONFIG.logits(params, jnp.asarray(piece[None, :-1]))
         expected += float(optax.softmax_cross_entropy_with_integer_labels(logits[0], piece[1:]).sum())
     assert n == streams * per and scored == slice(1, streams * per + 1)
     assert_close(total, expected, OUTPUT, err_msg="streaming vs full-forward NLL")
 
 
 def test_too_few_tokens():
-    params = CONFIG.build().init(jax.random.PRNGKey(0), CONFIG.example_input())["params"]
+    params = CONFIG.init(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="too few for 16 streams"):
-        streaming_nll(rnn.make_forward(CONFIG), params, np.arange(10) % 19, init_carry=CONFIG.init_hidden)
+        streaming_nll(CONFIG, params, np.arange(10) % 19)

@@ -406,7 +406,7 @@ def test_bad_use():
     with pytest.raises(ValueError, match="no LoRA weights"):
         lora.lora_optimizer(optax.sgd(0.1), base)
     with pytest.raises(ValueError, match="un-jitted"):
-        lora.apply_with_lora(g.make_forward(CONFIG), LORA)
+        lora.apply_with_lora(jax.jit(CONFIG.logits), LORA)
     with pytest.raises(ValueError, match="raw weight has no twin name"):
         t_lora.lora_to_torch(DECODER, lora.add_lora(interop.param_shapes(DECODER), LORA, jax.random.PRNGKey(0)))
 

@@ -25,7 +25,7 @@ CONFIGS = {"transformer": DECODER, "gpt2": GPT2, "rnn": RNN,
 
 @functools.lru_cache(maxsize=None)
 def params_of(config):
-    return config.build().init(jax.random.PRNGKey(0), config.example_input())["params"]
+    return config.init(jax.random.PRNGKey(0))
 
 
 def byte_encoding() -> tiktoken.Encoding:
@@ -37,9 +37,8 @@ def byte_encoding() -> tiktoken.Encoding:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_concrete_token_ids_outside_the_vocabulary_are_refused(name):
     config = CONFIGS[name]
-    model, params = config.build(), params_of(config)
-    apply = (classifier.make_apply(config) if name.endswith("classifier")
-             else lambda p, x: model.apply({"params": p}, x)[0])
+    params = params_of(config)
+    apply = config.logits
     good = np.array([[0, 5, VOCAB - 1]], np.int32)
     assert np.all(np.isfinite(np.asarray(apply(params, good))))
     limit = rf"tokens must lie in \[0, {VOCAB - 1}\] \(vocabulary of {VOCAB}\)"
@@ -57,14 +56,13 @@ def test_concrete_token_ids_outside_the_vocabulary_are_refused(name):
 @pytest.mark.parametrize("config", [DECODER, GPT2], ids=["transformer", "gpt2"])
 def test_a_full_kv_cache_refuses_another_token(config):
     model, params = config.build(), params_of(config)
-    init_cache = transformer.init_cache if config is DECODER else gpt2.init_cache
-    cache = init_cache(config, 2, 6)
+    cache = config.init_cache(2, 6)
     _, cache = model.apply({"params": params}, jnp.ones((2, 4), jnp.int32), cache=cache)
     _, cache = model.apply({"params": params}, jnp.ones((2, 2), jnp.int32), cache=cache)  # exactly full
     np.testing.assert_array_equal(np.asarray(cache.lengths), [6, 6])
     with pytest.raises(ValueError, match=r"KV cache overflow: a row holds 6 of 6 positions .* and 1 more"):
         model.apply({"params": params}, jnp.ones((2, 1), jnp.int32), cache=cache)
-    ragged = init_cache(config, 2, 6).replace(lengths=jnp.array([1, 5], jnp.int32))
+    ragged = config.init_cache(2, 6).replace(lengths=jnp.array([1, 5], jnp.int32))
     with pytest.raises(ValueError, match="a row holds 5 of 6 positions"):
         model.apply({"params": params}, jnp.ones((2, 2), jnp.int32), cache=ragged)
     # Under jit the lengths are traced: the caller's promise (generate checks up front).

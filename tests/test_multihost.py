@@ -28,7 +28,7 @@ def worker(devices: int) -> dict:
     from jaxllm.models import transformer
     from jaxllm.training import TrainState
     from jaxllm.training.distributed import ProcessBatches, initialize, local_rows
-    from jaxllm.training.memory import lm_loss_fn
+    from jaxllm.training.losses import lm_loss
     from jaxllm.training.parallel import make_strategy
 
     process_id, processes = initialize()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
@@ -36,9 +36,9 @@ def worker(devices: int) -> dict:
     strategy = make_strategy("sharded")
     config = transformer.tiny(VOCAB)
     optimizer = optax.adamw(1e-2, weight_decay=0.01)
-    params = config.build().init(jax.random.PRNGKey(0), config.example_input())["params"]
+    params = config.init(jax.random.PRNGKey(0))
     state = strategy.place(TrainState.create(params, optimizer, jax.random.PRNGKey(1)))
-    step = strategy.train_step(lm_loss_fn(config), optimizer)
+    step = strategy.train_step(lm_loss(config), optimizer)
     # every process draws the same global batches; ProcessBatches sends only its own rows to its devices
     ids = np.random.default_rng(0).integers(0, VOCAB, (STEPS * ROWS, TIME + 1)).astype(np.int32)
     source = ArrayBatches({"inputs": ids[:, :-1], "targets": ids[:, 1:]}, ROWS, shuffle=False)
@@ -120,7 +120,7 @@ def test_two_processes_reproduce_one_process_with_four_devices(tmp_path):
     from jaxllm.training import Checkpointer, TrainState
 
     config = transformer.tiny(VOCAB)
-    params = config.build().init(jax.random.PRNGKey(5), config.example_input())["params"]
+    params = config.init(jax.random.PRNGKey(5))
     template = TrainState.create(params, optax.adamw(1e-2, weight_decay=0.01), jax.random.PRNGKey(1))
     with Checkpointer(tmp_path / "ckpt") as ckpt:
         assert ckpt.all_steps() == [STEPS]

@@ -8,7 +8,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from jaxllm.models.ngram import BookCountLM, KneserNeyLM, bits_per_char, book_tokens
+from jaxllm.models.ngram import BookCountLM, KneserNeyLM, book_tokens
+from jaxllm.training.lm_eval import bits_per_char
 
 # ---- book tokenizer ------------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ import multidevice
 from jaxllm.training import OptimizerConfig, TrainState, cli, make_optimizer, make_strategy, make_train_step
 from jaxllm.training.losses import softmax_cross_entropy
 from jaxllm.training.parallel import STRATEGIES
-from jaxllm.training.supervised import init_params, make_apply
 from jaxllm.models.mlp import MLPConfig
 from parity import TRAJECTORY, assert_close
 
@@ -129,8 +128,8 @@ def tiny_problem(rows=8, steps=3):
     data = [{"x": rng.standard_normal((rows, 4)).astype(np.float32), "y": rng.integers(0, 3, rows).astype(np.int32)}
             for _ in range(steps)]
     optimizer = make_optimizer(OptimizerConfig("adam", lr=1e-2))
-    state = TrainState.create(init_params(CONFIG, 0), optimizer, jax.random.PRNGKey(1))
-    return softmax_cross_entropy(make_apply(CONFIG)), optimizer, state, data
+    state = TrainState.create(CONFIG.init(jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(1))
+    return softmax_cross_entropy(CONFIG.apply), optimizer, state, data
 
 
 def test_make_strategy_defaults_and_names():

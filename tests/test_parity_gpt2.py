@@ -77,8 +77,7 @@ def test_logits_match(qkv_bias):
     with torch.no_grad():
         expected = twin(torch.from_numpy(x).long()).numpy()
     assert_close(logits, expected, OUTPUT, err_msg="gpt2 logits")
-    assert g.make_forward(config) is g.make_forward(config)
-    assert_close(g.make_forward(config)(params, jnp.asarray(x))[0], expected, OUTPUT, err_msg="gpt2 jitted logits")
+    assert_close(jax.jit(config.logits)(params, jnp.asarray(x)), expected, OUTPUT, err_msg="gpt2 jitted logits")
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
@@ -116,20 +115,20 @@ def test_cached_decoding_equals_full_forward():
     params = twin_and_params(5, config)[1]
     x = jnp.asarray(np.random.default_rng(5).integers(0, 97, (2, 16)).astype(np.int32))
     full, _ = config.build().apply({"params": params}, x)
-    forward = g.make_forward(config)
+    forward = jax.jit(config.forward)
 
-    logits, cache = forward(params, x[:, :4], g.init_cache(config, 2))
+    logits, cache = forward(params, x[:, :4], config.init_cache(2))
     pieces = [logits]
     for t in range(4, 16):
         logits, cache = forward(params, x[:, t:t + 1], cache)
         pieces.append(logits)
     assert_close(np.concatenate(pieces, 1), full, OUTPUT, err_msg="prompt + one token at a time vs full")
-    assert cache.k.shape == (2, 2, 16, 4, 8)
+    assert len(cache.keys) == 2 and {a.shape for a in (*cache.keys, *cache.values)} == {(2, 4, 16, 8)}
     np.testing.assert_array_equal(np.asarray(cache.lengths), [16, 16])
     with pytest.raises(ValueError, match="overflow"):
-        g.check_cache_room(cache, 1)
+        cache.check_room(1)
 
-    cache, pieces = g.init_cache(config, 2), []
+    cache, pieces = config.init_cache(2), []
     for lo, hi in [(0, 1), (1, 5), (5, 6), (6, 10), (10, 14), (14, 15), (15, 16)]:
         logits, cache = forward(params, x[:, lo:hi], cache)
         pieces.append(logits)
@@ -145,7 +144,7 @@ def test_bad_inputs_and_configs_are_refused():
     with pytest.raises(ValueError, match=r"\[batch, time\]"):
         CONFIG.validate_input([1, 2, 3])
     with pytest.raises(ValueError, match="max_len"):
-        g.init_cache(CONFIG, 1, max_len=17)
+        CONFIG.init_cache(1, max_len=17)
     with pytest.raises(ValueError, match="divisible"):
         CONFIG.replace(n_heads=5)
 
@@ -187,9 +186,9 @@ def test_book_seed_123_generation_in_jax():
     params = interop.from_torch(config, twin.state_dict(), strict=False)
     del twin
 
-    forward = g.make_forward(config)
+    forward = jax.jit(config.forward)
     ids = config.validate_input([prompt])
-    cache = g.init_cache(config, 1, max_len=16)
+    cache = config.init_cache(1, max_len=16)
     logits, cache = forward(params, jnp.asarray(ids), cache)
     out = []
     for _ in range(6):

@@ -116,25 +116,24 @@ def test_streaming_equals_full_sequence():
     model = CONFIG.build()
     x = jnp.asarray(make_batch(np.random.default_rng(5), time=9)["inputs"])
     full, full_hidden = model.apply({"params": params}, x)
-    assert rnn.make_forward(CONFIG) is rnn.make_forward(CONFIG)  # cached: one jit cache entry
-    assert_close(rnn.make_forward(CONFIG)(params, x)[0], full, OUTPUT, err_msg="jitted vs eager logits")
+    assert_close(jax.jit(CONFIG.logits)(params, x), full, OUTPUT, err_msg="jitted vs eager logits")
 
-    step = rnn.make_step(CONFIG)
-    hidden, per_token = None, []
+    step = jax.jit(CONFIG.forward)  # one token at a time with the carried hidden state
+    hidden, per_token = CONFIG.init_cache(x.shape[0]), []
     for t in range(x.shape[1]):
-        logits, hidden = step(params, x[:, t], hidden)
-        per_token.append(logits)
+        logits, hidden = step(params, x[:, t:t + 1], hidden)
+        per_token.append(logits[:, 0])
     assert_close(np.stack(per_token, 1), full, OUTPUT, err_msg="per-token vs full logits")
     assert_close(hidden, full_hidden, OUTPUT, err_msg="per-token vs full hidden state")
 
     hidden, chunks = None, []
     for lo, hi in [(0, 4), (4, 5), (5, 9)]:
-        logits, hidden = model.apply({"params": params}, x[:, lo:hi], hidden)
+        logits, hidden = model.apply({"params": params}, x[:, lo:hi], cache=hidden)
         chunks.append(logits)
     assert_close(np.concatenate(chunks, 1), full, OUTPUT, err_msg="chunked vs full logits")
 
     with pytest.raises(ValueError, match="num_layers, batch, emb_dim"):
-        model.apply({"params": params}, x, jnp.zeros((1, 4, CONFIG.emb_dim)))
+        model.apply({"params": params}, x, cache=jnp.zeros((1, 4, CONFIG.emb_dim)))
 
 
 def test_to_torch_round_trip_loads_strictly():

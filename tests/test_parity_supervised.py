@@ -18,7 +18,6 @@ from jaxllm.models import cnn, linear, mlp
 from jaxllm.torch_ref import cnn as t_cnn, linear as t_linear, mlp as t_mlp
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
 from jaxllm.training.losses import LOSSES
-from jaxllm.training.supervised import make_apply
 from parity import GRAD, OUTPUT, TRAJECTORY, assert_close, assert_same_tensors, to_numpy_state, torch_grads
 
 pytestmark = pytest.mark.optimized  # parity: compiled as users run it (see conftest.py)
@@ -74,11 +73,11 @@ def test_outputs_and_gradients_match(name):
     twin, params = twin_and_params(family)
     x, y = family.make_batch(np.random.default_rng(1), 6)
 
-    out_jax = make_apply(family.config)(params, jnp.asarray(x))
+    out_jax = family.config.apply(params, jnp.asarray(x))
     out_torch = twin(torch.from_numpy(x))
     assert_close(out_jax, out_torch.detach().numpy(), OUTPUT, err_msg=f"{name} outputs")
 
-    loss_fn = LOSSES[family.loss](make_apply(family.config))
+    loss_fn = LOSSES[family.loss](family.config.apply)
     (loss_jax, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, {"x": x, "y": y}, None)
     loss_torch = TORCH_LOSSES[family.loss](out_torch, torch.from_numpy(y))
     loss_torch.backward()
@@ -137,7 +136,7 @@ def test_ten_step_trajectory_matches(name, opt_name):
     batches = [family.make_batch(rng, 8) for _ in range(10)]
 
     optimizer = make_optimizer(opt_cfg)
-    step = make_train_step(LOSSES[family.loss](make_apply(family.config)), optimizer)
+    step = make_train_step(LOSSES[family.loss](family.config.apply), optimizer)
     state = TrainState.create(params, optimizer, jax.random.PRNGKey(0))
     jax_losses = []
     for x, y in batches:
@@ -162,7 +161,7 @@ def test_logistic_probabilities_match_the_books_sigmoid_model():
     book_model = t_linear.logistic_regression(2)  # nn.Sequential(Linear, Sigmoid), as printed
     params = interop.from_torch(linear.LogisticConfig(2), book_model.state_dict())
     x = np.random.default_rng(0).standard_normal((5, 2)).astype(np.float32) * 30
-    probs = linear.predict_proba(make_apply(linear.LogisticConfig(2))(params, x))
+    probs = linear.predict_proba(linear.LogisticConfig(2).apply(params, x))
     assert_close(probs, book_model(torch.from_numpy(x))[:, 0].detach().numpy(), OUTPUT,
                  err_msg="logistic probabilities")
 

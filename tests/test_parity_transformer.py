@@ -79,8 +79,7 @@ def test_logits_match():
     logits, cache = CONFIG.build().apply({"params": params}, jnp.asarray(x))
     assert logits.shape == (4, 7, CONFIG.vocab_size) and cache is None
     assert_close(logits, twin(torch.from_numpy(x).long()).detach().numpy(), OUTPUT, err_msg="transformer logits")
-    assert tr.make_forward(CONFIG) is tr.make_forward(CONFIG)  # cached: one jit cache entry
-    assert_close(tr.make_forward(CONFIG)(params, jnp.asarray(x))[0], logits, OUTPUT, err_msg="jitted vs eager logits")
+    assert_close(jax.jit(CONFIG.logits)(params, jnp.asarray(x)), logits, OUTPUT, err_msg="jitted vs eager logits")
 
 
 def test_gradients_match_and_pad_row_gets_none():
@@ -177,31 +176,32 @@ def test_cached_decoding_equals_full_forward(config):
     model = config.build()
     x = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, (3, 11)).astype(np.int32))
     full, _ = model.apply({"params": params}, x)  # the unjitted model, no cache
-    forward = tr.make_forward(config)
+    forward = jax.jit(config.forward)
 
     # prompt of 4, then one token at a time
-    logits, cache = forward(params, x[:, :4], None, tr.init_cache(config, 3))
+    logits, cache = forward(params, x[:, :4], config.init_cache(3))
     pieces = [logits]
     for t in range(4, x.shape[1]):
-        logits, cache = forward(params, x[:, t:t + 1], None, cache)
+        logits, cache = forward(params, x[:, t:t + 1], cache)
         pieces.append(logits)
     assert_close(np.concatenate(pieces, 1), full, OUTPUT, err_msg="prompt + one token at a time vs full")
-    assert cache.k.shape == (config.num_layers, 3, config.max_len, config.kv_heads, config.head_dim)
+    assert len(cache.keys) == len(cache.values) == config.num_layers  # one array per layer, heads first
+    assert {a.shape for a in (*cache.keys, *cache.values)} == {(3, config.kv_heads, config.max_len, config.head_dim)}
     np.testing.assert_array_equal(np.asarray(cache.lengths), [11, 11, 11])
 
     # uneven chunks
-    cache, pieces = tr.init_cache(config, 3), []
+    cache, pieces = config.init_cache(3), []
     for lo, hi in [(0, 1), (1, 5), (5, 6), (6, 10), (10, 11)]:
-        logits, cache = forward(params, x[:, lo:hi], None, cache)
+        logits, cache = forward(params, x[:, lo:hi], cache)
         pieces.append(logits)
     assert_close(np.concatenate(pieces, 1), full, OUTPUT, err_msg="uneven chunks vs full")
 
     # rows at different lengths continue independently (a ragged cache): rows 1 and 2 "forget"
     # the tail of the prompt, then all rows take x[:, 4]. Reference: row r of y is x[r, :n_r],
     # then x[r, 4], then junk; causality makes the junk irrelevant to y's logits at n_r.
-    _, cache = forward(params, x[:, :4], None, tr.init_cache(config, 3))
+    _, cache = forward(params, x[:, :4], config.init_cache(3))
     ns = [4, 2, 3]
-    logits, cache = forward(params, x[:, 4:5], None, cache.replace(lengths=jnp.array(ns, jnp.int32)))
+    logits, cache = forward(params, x[:, 4:5], cache.replace(lengths=jnp.array(ns, jnp.int32)))
     np.testing.assert_array_equal(np.asarray(cache.lengths), [n + 1 for n in ns])
     y = np.asarray(x).copy()
     for row, n in enumerate(ns):
@@ -225,7 +225,7 @@ def test_gqa_is_multi_head_with_repeated_kv_heads():
             attn[w] = jnp.repeat(cols, group, axis=1).reshape(LLAMA_GQA.d_model, -1)
         mha_params[f"layers_{i}"] = {**mha_params[f"layers_{i}"], "attn": attn}
     x = jnp.asarray(np.random.default_rng(8).integers(0, 13, (2, 6)).astype(np.int32))
-    assert_close(tr.make_forward(mha)(mha_params, x)[0], tr.make_forward(LLAMA_GQA)(params, x)[0], OUTPUT,
+    assert_close(jax.jit(mha.logits)(mha_params, x), jax.jit(LLAMA_GQA.logits)(params, x), OUTPUT,
                  err_msg="multi-head with repeated KV vs GQA")
 
 
@@ -234,13 +234,13 @@ def test_cache_misuse_is_refused():
     model = CONFIG.build()
     x = jnp.zeros((2, 5), jnp.int32)
     with pytest.raises(ValueError, match="cache must have"):
-        model.apply({"params": params}, x, cache=tr.init_cache(CONFIG, 3))
+        model.apply({"params": params}, x, cache=CONFIG.init_cache(3))
     with pytest.raises(ValueError, match="do not fit"):
-        model.apply({"params": params}, x, cache=tr.init_cache(CONFIG, 2, max_len=4))
-    cache = tr.init_cache(CONFIG, 2, max_len=8).replace(lengths=jnp.array([2, 6], jnp.int32))
-    tr.check_cache_room(cache, 2)
+        model.apply({"params": params}, x, cache=CONFIG.init_cache(2, max_len=4))
+    cache = CONFIG.init_cache(2, max_len=8).replace(lengths=jnp.array([2, 6], jnp.int32))
+    cache.check_room(2)
     with pytest.raises(ValueError, match="overflow"):
-        tr.check_cache_room(cache, 3)
+        cache.check_room(3)
 
 
 def test_llama_preset_shapes_and_tying():

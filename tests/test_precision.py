@@ -8,7 +8,7 @@ import pytest
 
 from jaxllm.models import gpt2, transformer
 from jaxllm.training import TrainState, make_train_step
-from jaxllm.training.memory import lm_loss_fn
+from jaxllm.training.losses import lm_loss
 from jaxllm.training.precision import cast_floats, compute_dtype, mixed_precision
 
 VOCAB = 61
@@ -32,9 +32,9 @@ def pattern_batches(steps: int, rows: int = 8, time: int = 16):
 
 def train(config, dtype, batches):
     optimizer = optax.adamw(1e-2, weight_decay=0.01)
-    params = config.build().init(jax.random.PRNGKey(0), config.example_input())["params"]
+    params = config.init(jax.random.PRNGKey(0))
     state = TrainState.create(params, optimizer, jax.random.PRNGKey(1))
-    step = make_train_step(mixed_precision(lm_loss_fn(config), dtype), optimizer)
+    step = make_train_step(mixed_precision(lm_loss(config), dtype), optimizer)
     losses = []
     for b in batches:
         state, metrics = step(state, b)
@@ -59,9 +59,9 @@ def test_bf16_training_tracks_fp32():
 
 def dot_dtypes(config, dtype):
     """Operand dtypes of every matmul in the traced gradient of the wrapped loss."""
-    params = config.build().init(jax.random.PRNGKey(0), config.example_input())["params"]
+    params = config.init(jax.random.PRNGKey(0))
     b = pattern_batches(1, rows=2, time=8)[0]
-    loss_fn = mixed_precision(lm_loss_fn(config), dtype)
+    loss_fn = mixed_precision(lm_loss(config), dtype)
     jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss_fn(p, b, None)[0]))(params)
     found = []
 
@@ -87,7 +87,7 @@ def test_every_matmul_runs_in_bf16(name):
 
 
 def test_float32_is_the_identity_and_bad_dtypes_are_refused():
-    fn = lm_loss_fn(CONFIGS["decoder"])
+    fn = lm_loss(CONFIGS["decoder"])
     assert mixed_precision(fn, "float32") is fn
     assert compute_dtype("bfloat16") == jnp.bfloat16
     with pytest.raises(ValueError, match="dtype must be one of"):
@@ -107,7 +107,7 @@ def test_targets_and_counts_stay_exact_in_bf16():
     """Logits leave the model in float32, so the target count (it weighs device and micro-batch
     means) is exact even where bf16 could not hold it (2047 rounds to 2048 in bf16)."""
     config = CONFIGS["decoder"]
-    params = config.build().init(jax.random.PRNGKey(0), config.example_input())["params"]
+    params = config.init(jax.random.PRNGKey(0))
     ids = np.ones((1, 2048), np.int32)
     ids[0, 0] = 0
     batch = {"inputs": ids, "targets": ids}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxllm.models import gpt2, transformer
-from jaxllm.training.memory import lm_loss_fn
+from jaxllm.training.losses import lm_loss
 from parity import GRAD, OUTPUT, assert_close
 
 CONFIGS = {
@@ -39,7 +39,7 @@ def test_remat_keeps_params_and_gives_same_loss_and_grads(name):
     dropout_key = jax.random.PRNGKey(7)  # GPT-2 runs dropout: remat must redraw the same masks
 
     def compiled(cfg):
-        return jax.jit(jax.value_and_grad(lambda p: lm_loss_fn(cfg)(p, data, dropout_key)[0])).lower(params).compile()
+        return jax.jit(jax.value_and_grad(lambda p: lm_loss(cfg)(p, data, dropout_key)[0])).lower(params).compile()
 
     grad, grad_remat = compiled(plain), compiled(remat)
     # remat really recomputes: the compiled gradient holds more work (the blocks' forward runs twice)
@@ -67,10 +67,10 @@ def test_step_memory_counts_the_train_state_and_batch():
     import optax
 
     from jaxllm.training import TrainState
-    from jaxllm.training.memory import train_step_memory
+    from jaxllm.bench.memory import train_step_memory
 
     cfg = CONFIGS["decoder"]
-    params = jax.eval_shape(lambda: cfg.build().init(jax.random.PRNGKey(0), cfg.example_input())["params"])
+    params = cfg.param_shapes()
     state = jax.eval_shape(lambda p: TrainState.create(p, optax.adamw(1e-3, weight_decay=0.0), jax.random.PRNGKey(0)),
                            params)
     state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))

@@ -17,7 +17,6 @@ from jaxllm.training import (Checkpointer, OptimizerConfig, TrainingDiverged, Tr
 from jaxllm.training.loop import TrainingInterrupted
 from jaxllm.training.losses import softmax_cross_entropy
 from jaxllm.training.run_lock import RunDirectoryBusy
-from jaxllm.training.supervised import init_params, make_apply
 
 CONFIG = MLPConfig(num_inputs=4, num_outputs=3, hidden=(8,))
 OPT = OptimizerConfig("adamw", lr=1e-2, weight_decay=0.1, schedule="warmup_cosine", warmup_steps=3, total_steps=20)
@@ -31,8 +30,8 @@ def make_data(seed=0, n=40):
 
 def fresh():
     optimizer = make_optimizer(OPT)
-    state = TrainState.create(init_params(CONFIG, 0), optimizer, jax.random.PRNGKey(1))
-    step = make_train_step(softmax_cross_entropy(make_apply(CONFIG)), optimizer)
+    state = TrainState.create(CONFIG.init(jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(1))
+    step = make_train_step(softmax_cross_entropy(CONFIG.apply), optimizer)
     return state, step, ArrayBatches(make_data(), batch_size=8, seed=5)  # 5 steps an epoch, shuffled
 
 

@@ -42,11 +42,12 @@ from jaxllm.data import classification as cdata
 from jaxllm.data.batches import ArrayBatches
 from jaxllm.data.tokenizer import load_encoding, save_encoding
 from jaxllm.models import classifier
-from jaxllm.models.gpt2 import GPT2Config
 from jaxllm.pretrained import load_base
 from jaxllm.training import TrainState, cli, fit, make_eval_step, make_optimizer
 from jaxllm.training.checkpoint import run_config
-from jaxllm.training.freeze import count_params, freeze_optimizer, stop_frozen_gradients, trainable_mask
+from jaxllm.training.freeze import (count_params, freeze_optimizer, stop_frozen_gradients, trainable_mask,
+                                   trainable_predicate)
+from jaxllm.training.losses import classification_loss, last_token_logits
 from jaxllm.training.metrics import update_json, write_json
 from jaxllm.training.precision import mixed_precision
 
@@ -56,13 +57,6 @@ DEFAULT_LR = {"lora": 8e-4, "last_block": 3e-3, "head": 1e-3, "full": 5e-4}
 # 3e-3 with 100 warmup steps and cosine decay +10.4 (README table)
 DEFAULT_SCHEDULE = {"last_block": ("warmup_cosine", 100)}
 EXPORT_DIR = "classifier"
-
-
-def model_limit(config) -> int:
-    """The most tokens a classifier input may have: GPT-2's ``context_length`` (its learned
-    positions), the decoder's ``max_len`` (RoPE itself has no limit; ``train/lm.py`` sets it to at
-    least 512)."""
-    return config.context_length if isinstance(config, GPT2Config) else config.max_len
 
 
 def prepare_data(args, encoding, limit: int):
@@ -139,7 +133,7 @@ def load_classifier(out: str):
         meta = json.load(f)
     config = config_from_dict(meta.pop("config"))
     flat = load_file(os.path.join(directory, "params.safetensors"))
-    template = jax.eval_shape(lambda: config.build().init(jax.random.PRNGKey(0), config.example_input())["params"])
+    template = config.param_shapes()
 
     def fill(path, leaf):
         name = path_str(path)
@@ -158,8 +152,7 @@ def predict(out: str, texts: list[str]) -> list[dict]:
     config, params, encoding, meta = load_classifier(out)
     encoded = cdata.encode_texts(encoding, texts, meta["max_length"])
     config.validate_input(encoded.tokens)
-    apply = jax.jit(classifier.make_apply(config))
-    logits = classifier.last_token_logits(apply(params, encoded.tokens), encoded.lengths)
+    logits = last_token_logits(jax.jit(config.logits)(params, encoded.tokens), encoded.lengths)
     probs = np.asarray(jax.nn.softmax(logits, -1))
     names = meta["label_names"]
     return [{"text": t, "label": names[int(p.argmax())], "probabilities": dict(zip(names, map(float, p))),
@@ -211,13 +204,10 @@ def main(argv=None) -> dict:
 
     base = load_base(args.base)
     lm_config = base.config
-    if isinstance(lm_config, GPT2Config):
-        lm_config = lm_config.replace(drop_rate=0.0 if args.dropout is None else args.dropout)
-    elif args.dropout is not None:
-        raise ValueError("--dropout applies to GPT-2 bases only (the Burkov decoder has no dropout)")
+    lm_config = lm_config.with_dropout(0.0 if args.dropout is None else args.dropout)  # the book's 0.0
     if args.remat:
         lm_config = lm_config.replace(remat=True)
-    splits, label_names, max_length, report = prepare_data(args, base.encoding, model_limit(lm_config))
+    splits, label_names, max_length, report = prepare_data(args, base.encoding, lm_config.context_limit)
     for part in splits.values():
         lm_config.validate_input(part.tokens)
     truncated = {name: part.truncated for name, part in splits.items()}
@@ -226,7 +216,7 @@ def main(argv=None) -> dict:
 
     key_head, key_lora, key_train = jax.random.split(jax.random.PRNGKey(args.seed), 3)
     config, params = classifier.from_lm(lm_config, base.params, len(label_names), key_head)
-    apply = classifier.make_apply(config)
+    apply = lambda p, tokens, key=None: config.logits(p, tokens, key=key)  # noqa: E731
     lora_cfg = None
     if mode == "lora":
         from jaxllm.nn import lora
@@ -234,8 +224,8 @@ def main(argv=None) -> dict:
         lora_cfg = lora.raschka(rank=args.rank, alpha=args.alpha)
         params = lora.add_lora(params, lora_cfg, key_lora)
         apply = lora.apply_with_lora(apply, lora_cfg)
-    mask = trainable_mask(params, classifier.trainable_predicate(config, mode))
-    loss_fn = classifier.classification_loss(apply)
+    mask = trainable_mask(params, trainable_predicate(config, mode))
+    loss_fn = classification_loss(apply)
 
     batches = ArrayBatches(splits["train"].arrays(), args.batch_size, seed=args.seed)
     total = cli.total_steps(args, batches.steps_per_epoch)

@@ -36,57 +36,18 @@ from jaxllm.data.instruct import (IGNORE_INDEX, SHIPPED_PATH, collate, format_pr
                                   padded_batches, split_instructions, tokenize_instructions)
 from jaxllm.data.tokenizer import encode, save_encoding
 from jaxllm.generate import generate
-from jaxllm.models.gpt2 import GPT2Config
 from jaxllm.pretrained import load_base
 from jaxllm.training import TrainState, cli, fit, make_optimizer
 from jaxllm.training.precision import mixed_precision
 from jaxllm.training.checkpoint import run_config
-from jaxllm.training.losses import lm_cross_entropy
+from jaxllm.training.losses import lm_loss
 from jaxllm.training.metrics import update_json
-
-
-def trained_context(base) -> int:
-    """The context the base was trained at: a run's ``data.context`` from its checkpoint meta,
-    else GPT-2's ``context_length`` (an HF base), else the decoder's default cache length."""
-    if base.source.startswith("run:"):
-        from jaxllm.training.checkpoint import Checkpointer
-
-        run_dir, step = base.source[len("run:"):].rsplit("@", 1)
-        with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
-            meta = ckpt.read_meta(int(step))
-        context = ((meta.get("config") or {}).get("data") or {}).get("context")
-        if context:
-            return int(context)
-    return base.config.context_length if isinstance(base.config, GPT2Config) else base.config.max_len
-
-
-def make_logits_fn(config):
-    """``logits(params, tokens, key=None)``: GPT-2's dropout runs when a key is given."""
-    module = config.build()
-    if isinstance(config, GPT2Config):
-        def logits(params, tokens, key=None):
-            rngs = None if key is None else {"dropout": key}
-            return module.apply({"params": params}, tokens, deterministic=key is None, rngs=rngs)[0]
-    else:
-        def logits(params, tokens, key=None):
-            return module.apply({"params": params}, tokens)[0]
-    return logits
-
-
-def make_loss_fn(config):
-    """Next-token cross-entropy over the targets that are not ``IGNORE_INDEX``."""
-    logits = make_logits_fn(config)
-
-    def loss_fn(params, batch, key):  # key is None at evaluation: no dropout
-        return lm_cross_entropy(lambda p, tokens: logits(p, tokens, key), pad_id=IGNORE_INDEX)(params, batch, key)
-
-    return loss_fn
 
 
 def make_evaluate(config, batches):
     """``evaluate(params) -> {"loss", "accuracy"}``: means over every scored target of ``batches``
     (weighted by token, so the filler rows of the last batch count for nothing)."""
-    loss_fn = make_loss_fn(config)
+    loss_fn = lm_loss(config, pad_id=IGNORE_INDEX)
 
     @jax.jit
     def sums(params, batch):
@@ -103,15 +64,16 @@ def make_evaluate(config, batches):
 
 
 def respond(config, params, encoding, records, *, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy KV-cached responses to ``records``' prompts, each stopped at end-of-text. GPT-2
-    keeps prompt + new tokens within ``context_length``: longer prompts keep their last tokens."""
+    """Greedy KV-cached responses to ``records``' prompts, each stopped at end-of-text. A model with
+    a position limit (GPT-2's ``context_length``) keeps prompt + new tokens within it: longer
+    prompts keep their last tokens."""
     eot = encoding.eot_token
     prompts = [encode(encoding, format_prompt(r)) for r in records]
-    if isinstance(config, GPT2Config):
-        room = config.context_length - max_new_tokens
+    if config.max_positions is not None:
+        room = config.max_positions - max_new_tokens
         if room < 1:
             raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the base's "
-                             f"context_length {config.context_length}")
+                             f"{config.max_positions} positions")
         prompts = [p[-room:] for p in prompts]
     texts = []
     for start in range(0, len(prompts), batch_size):
@@ -161,14 +123,12 @@ def main(argv=None) -> dict:
         args.epochs = 2 if pretrained else 5
     config = base.config
     if args.dropout is not None:
-        if not isinstance(config, GPT2Config):
-            raise ValueError("--dropout applies to GPT-2 bases only (the Burkov decoder has no dropout)")
-        config = config.replace(drop_rate=args.dropout)
+        config = config.with_dropout(args.dropout)  # refused by a base without dropout
     if args.remat:
         config = config.replace(remat=True)
     strategy = cli.strategy(args)  # checks --batch-size against the devices and --accum-steps now
-    max_length = args.max_length or trained_context(base)
-    limit = config.context_length if isinstance(config, GPT2Config) else None
+    max_length = args.max_length or base.context
+    limit = config.max_positions
     if max_length < 2 or (limit is not None and max_length > limit):
         raise ValueError(f"--max-length must lie in [2, {limit or 'inf'}] (the base's context), got {max_length}")
 
@@ -179,8 +139,8 @@ def main(argv=None) -> dict:
     width = min(longest, max_length)
     truncated = sum(len(ids) > width for token_lists, _ in splits.values() for ids in token_lists)
     if truncated:
-        hint = ("" if isinstance(config, GPT2Config) else
-                f"; the RoPE decoder has no position limit, so --max-length {longest} would keep them whole")
+        hint = ("" if limit is not None else
+                f"; the model has no position limit, so --max-length {longest} would keep them whole")
         print(f"warning: {truncated} of {len(records)} records exceed --max-length {max_length} tokens and are cut "
               f"(their response ends are not learned){hint}", file=sys.stderr)
 
@@ -214,7 +174,7 @@ def main(argv=None) -> dict:
     fit_kwargs = cli.fit_kwargs(args, steps_per_epoch=batches.steps_per_epoch)
     fit_kwargs["eval_every"] = args.eval_every or max(1, batches.steps_per_epoch // 4)
     state = fit(TrainState.create(base.params, optimizer, jax.random.PRNGKey(args.seed + 1)),
-                strategy.train_step(mixed_precision(make_loss_fn(config), args.dtype), optimizer,
+                strategy.train_step(mixed_precision(lm_loss(config, pad_id=IGNORE_INDEX), args.dtype), optimizer,
                                     accum_steps=args.accum_steps),
                 batches, out_dir=args.out, eval_fn=eval_fn, strategy=strategy, config=run,
                 units_per_batch=args.batch_size * width, unit="tokens",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 
 from jaxllm.data.tabular import linear_toy
@@ -16,7 +17,7 @@ from jaxllm.models.linear import LinearConfig
 from jaxllm.training import cli
 from jaxllm.training.by_hand import fit_by_hand
 from jaxllm.training.metrics import update_json
-from jaxllm.training.supervised import init_params, train_supervised
+from jaxllm.training.supervised import train_supervised
 
 
 def main(argv=None) -> dict:
@@ -25,7 +26,7 @@ def main(argv=None) -> dict:
     args = cli.parse_args(parser, argv)
     x, y = linear_toy(args.points, seed=args.seed)
     config = LinearConfig(num_inputs=1, num_outputs=1)
-    init = init_params(config, args.seed)
+    init = config.init(jax.random.PRNGKey(args.seed))
 
     by_hand_epochs = args.steps if args.steps is not None else args.epochs  # full batch: a step is an epoch
     W, b, losses = fit_by_hand(x, y, init["kernel"], init["bias"], lr=args.lr, epochs=by_hand_epochs)

@@ -32,105 +32,39 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 
 from jaxllm.data.batches import ArrayBatches
 from jaxllm.data.lm_data import TOKENIZERS, describe, prepare_lm_data
 from jaxllm.data.tokenizer import decode_bytes, encode
 from jaxllm.data.windows import lm_windows
-from jaxllm.generate import context_limit, generate
-from jaxllm.models import gpt2, transformer
-from jaxllm.models.ngram import bits_per_char
+from jaxllm.generate import generate
+from jaxllm.models import LANGUAGE_MODELS, language_model
 from jaxllm.training import TrainState, cli, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
-from jaxllm.training.losses import lm_cross_entropy
+from jaxllm.training.lm_eval import bits_per_char, eval_windows, window_nll
+from jaxllm.training.losses import lm_loss
 from jaxllm.training.metrics import update_json
 from jaxllm.training.precision import mixed_precision
 
-PRESETS = {"decoder": ("burkov", "tiny", "llama"), "gpt2": ("tiny", "gpt2_124m", "gpt2_medium")}
-ALL_PRESETS = tuple(dict.fromkeys(p for names in PRESETS.values() for p in names))  # --preset's choices
+ALL_PRESETS = tuple(dict.fromkeys(p for family in LANGUAGE_MODELS.values() for p in family.PRESETS))  # --preset's choices
 # the config fields the size flags set, so a config's own error can name the flags behind it
 FIELD_FLAGS = {"d_model": "--d-model", "emb_dim": "--d-model", "num_layers": "--layers", "n_layers": "--layers",
                "num_heads": "--heads", "n_heads": "--heads", "head_dim": "--heads", "drop_rate": "--dropout",
-               "max_len": "--context", "context_length": "--context"}
+               "max_len": "--context", "context_length": "--context", "dropout": "--dropout"}
 
 
 def build_config(model: str, preset: str, vocab_size: int, context: int, *, d_model: int | None = None,
                  layers: int | None = None, heads: int | None = None, dropout: float | None = None):
     """The model config for ``--model``/``--preset`` with the size overrides applied."""
-    if model not in PRESETS:
-        raise ValueError(f"--model must be one of {tuple(PRESETS)}, got {model!r}")
-    if preset not in PRESETS[model]:
-        raise ValueError(f"--preset for --model {model} must be one of {PRESETS[model]}, got {preset!r}")
-    if model == "decoder":
-        config = getattr(transformer, preset)(vocab_size)
-        sizes = {"d_model": d_model, "num_layers": layers, "num_heads": heads}
-        config = config.replace(max_len=max(config.max_len, context))
-        if dropout is not None:
-            raise ValueError("--dropout applies to --model gpt2 only (the decoder has no dropout)")
-    else:
-        config = getattr(gpt2, preset)(vocab_size=vocab_size, context_length=context)
-        sizes = {"emb_dim": d_model, "n_layers": layers, "n_heads": heads, "drop_rate": dropout}
     try:
-        return config.replace(**{k: v for k, v in sizes.items() if v is not None})
+        return language_model(model, preset, vocab_size, context, d_model=d_model, layers=layers, heads=heads,
+                              dropout=dropout)
     except ValueError as err:  # e.g. --heads that does not divide --d-model: say which flags to change
+        if str(err).startswith("--"):  # an unknown --model or --preset: already names the flag
+            raise
         flags = [f for field, f in FIELD_FLAGS.items() if re.search(rf"\b{field}\b", str(err))]
         raise ValueError(f"{err} (--model {model} --preset {preset}; check "
                          f"{', '.join(dict.fromkeys(flags)) or 'the size flags'})") from None
-
-
-def make_logits_fn(config):
-    """``logits(params, tokens, key=None)``: dropout (GPT-2 only) runs when a key is given."""
-    module = config.build()
-    if isinstance(config, gpt2.GPT2Config):
-        def logits(params, tokens, key=None):
-            rngs = None if key is None else {"dropout": key}
-            return module.apply({"params": params}, tokens, deterministic=key is None, rngs=rngs)[0]
-    else:
-        def logits(params, tokens, key=None):
-            return module.apply({"params": params}, tokens)[0]
-    return logits
-
-
-def make_loss_fn(config):
-    logits = make_logits_fn(config)
-
-    def loss_fn(params, batch, key):  # key is None at evaluation: deterministic
-        return lm_cross_entropy(lambda p, tokens: logits(p, tokens, key))(params, batch, key)
-
-    return loss_fn
-
-
-def eval_windows(ids: np.ndarray, context: int, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Non-overlapping windows over ``ids`` scoring every token after the first exactly once, in
-    fixed-shape batches ``{"inputs", "targets", "mask"}`` of ``[batch_size, context]`` (padding masked)."""
-    ids = np.asarray(ids, np.int32)
-    n = ids.size - 1  # number of targets
-    if n < 1:
-        raise ValueError(f"the validation split has {ids.size} tokens; scoring it needs at least 2")
-    windows = -(-n // context)
-    rows = -(-windows // batch_size) * batch_size
-    inputs = np.zeros(rows * context, np.int32)
-    targets = np.zeros(rows * context, np.int32)
-    mask = np.zeros(rows * context, np.float32)
-    inputs[:n], targets[:n], mask[:n] = ids[:-1], ids[1:], 1.0
-    shape = (-1, batch_size, context)
-    return [{"inputs": i, "targets": t, "mask": m}
-            for i, t, m in zip(inputs.reshape(shape), targets.reshape(shape), mask.reshape(shape))]
-
-
-def make_nll_sum(config):
-    logits_fn = make_logits_fn(config)
-
-    @jax.jit
-    def nll_sum(params, batch):
-        logits = logits_fn(params, batch["inputs"])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-        return jnp.sum(ce * batch["mask"])
-
-    return nll_sum
 
 
 def sample_text(config, params, encoding, prompt: str, *, max_new_tokens: int, key, temperature: float = 0.8,
@@ -146,7 +80,7 @@ def sample_text(config, params, encoding, prompt: str, *, max_new_tokens: int, k
         raise ValueError("the prompt is empty: it needs at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    limit = context_limit(config)
+    limit = config.context_limit
     if limit is not None and len(ids) + max_new_tokens > limit:
         if len(ids) >= limit:  # no room for a single new token
             keep = max(1, limit // 2)
@@ -173,7 +107,7 @@ def main(argv=None) -> dict:
     # reached 2.261 bits/char (2 epochs at lr 1e-3: 5 min 53 s, 2.442).
     parser.set_defaults(clip_norm=1.0, schedule="warmup_cosine", warmup_steps=100, eval_every=576)
     parser.add_argument("--text", nargs="+", default=None, help="text files to use instead of Shakespeare")
-    parser.add_argument("--model", choices=tuple(PRESETS), default="decoder")
+    parser.add_argument("--model", choices=tuple(LANGUAGE_MODELS), default="decoder")
     parser.add_argument("--preset", choices=ALL_PRESETS, default=None,
                         help="decoder: burkov|tiny|llama (default burkov); gpt2: tiny|gpt2_124m|gpt2_medium "
                              "(default tiny)")
@@ -195,7 +129,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--top-k", type=cli.positive_int, default=40)
     args = cli.parse_args(parser, argv)
     strategy = cli.strategy(args)  # checks --batch-size against the devices and --accum-steps now
-    preset = args.preset or ("burkov" if args.model == "decoder" else "tiny")
+    preset = args.preset or next(iter(LANGUAGE_MODELS[args.model].PRESETS))  # the family's first preset
     # the model from the flags alone (the tokenizer's size stands in for the vocabulary until the
     # data is ready): --model/--preset and --d-model/--heads/... that do not fit fail before any data work
     config = build_config(args.model, preset, args.vocab_size, args.context, d_model=args.d_model,
@@ -211,15 +145,14 @@ def main(argv=None) -> dict:
     windows = lm_windows(data.train_ids, args.context, stride, vocab_size=data.vocab_size)
     val_batches = eval_windows(data.val_ids, args.context, args.eval_batch_size)  # fails before training
     batches = ArrayBatches(windows, args.batch_size, seed=args.seed)
-    params = config.build().init(jax.random.PRNGKey(args.seed), config.example_input())["params"]
+    params = config.init(jax.random.PRNGKey(args.seed))
 
-    nll_sum = make_nll_sum(config)
     scored_chars = len(decode_bytes(data.encoding, data.val_ids[1:].tolist()).decode("utf-8", "replace"))
     scored_tokens = int(data.val_ids.size - 1)
     last_eval = {}
 
     def evaluate(params) -> dict:
-        nll = float(sum(jax.device_get(nll_sum(params, b)) for b in val_batches))
+        nll = window_nll(config, params, val_batches)
         last_eval.update(loss=nll / scored_tokens, perplexity=math.exp(nll / scored_tokens),
                          bpc=bits_per_char(nll, scored_chars))
         return dict(last_eval)
@@ -231,7 +164,7 @@ def main(argv=None) -> dict:
                      stride=stride, text=args.text, tokenizer=args.tokenizer,
                      vocab_size=data.vocab_size, **({"dtype": args.dtype} if args.dtype != "float32" else {}))
     title = f"{args.model} LM ({preset})"
-    loss_fn = mixed_precision(make_loss_fn(config), args.dtype)  # float32: unchanged
+    loss_fn = mixed_precision(lm_loss(config), args.dtype)  # float32: unchanged
     train_step = strategy.train_step(loss_fn, optimizer, accum_steps=args.accum_steps)
     state = fit(TrainState.create(params, optimizer, jax.random.PRNGKey(args.seed + 1)), train_step, batches,
                 out_dir=args.out, eval_fn=evaluate, strategy=strategy,

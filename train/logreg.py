@@ -17,7 +17,7 @@ from jaxllm.data.tabular import will_buy
 from jaxllm.models.linear import LogisticConfig, predict_proba
 from jaxllm.training import cli
 from jaxllm.training.metrics import update_json
-from jaxllm.training.supervised import make_apply, train_supervised
+from jaxllm.training.supervised import train_supervised
 
 
 def main(argv=None) -> dict:
@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
         out_dir=args.out, batch_size=args.batch_size, seed=args.seed, title="logistic regression",
         **cli.parallel_kwargs(args), **cli.length_kwargs(args), **cli.fit_kwargs(args),
     )
-    probs = np.asarray(predict_proba(make_apply(config)(run.params, x)))
+    probs = np.asarray(predict_proba(config.apply(run.params, x)))
     print(f"{'age':>4} {'income':>6}  label  P(buy)  prediction")
     for (age, income), label, p in zip(x, y, probs):
         pred = int(p > 0.5)

@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from jaxllm.data.lm_data import TOKENIZERS, describe, prepare_lm_data
-from jaxllm.models.ngram import BookCountLM, KneserNeyLM, bits_per_char, book_tokens
+from jaxllm.models.ngram import BookCountLM, KneserNeyLM, book_tokens
+from jaxllm.training.lm_eval import bits_per_char
 from jaxllm.training import cli
 from jaxllm.training.metrics import MetricsLog, write_json
 

@@ -20,11 +20,10 @@ from jaxllm.data.tokenizer import decode_bytes, encode
 from jaxllm.data.windows import lm_windows
 from jaxllm.generate import sample_recurrent
 from jaxllm.models import rnn
-from jaxllm.models.ngram import bits_per_char
 from jaxllm.training import TrainState, cli, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
-from jaxllm.training.lm_eval import streaming_nll
-from jaxllm.training.losses import lm_cross_entropy
+from jaxllm.training.lm_eval import bits_per_char, streaming_nll
+from jaxllm.training.losses import lm_loss
 from jaxllm.training.metrics import update_json
 
 
@@ -60,15 +59,12 @@ def main(argv=None) -> dict:
     windows = lm_windows(data.train_ids, args.context, stride, vocab_size=data.vocab_size)
     batches = ArrayBatches(windows, args.batch_size, seed=args.seed)
     config = rnn.RNNConfig(vocab_size=data.vocab_size, emb_dim=args.emb_dim, num_layers=args.layers)
-    forward = rnn.make_forward(config)
-    model = config.build()
-    params = model.init(jax.random.PRNGKey(args.seed), config.example_input())["params"]
+    params = config.init(jax.random.PRNGKey(args.seed))
 
     last_eval = {}
 
     def evaluate(params) -> dict:
-        nll, n, scored = streaming_nll(forward, params, data.val_ids, init_carry=config.init_hidden,
-                                       streams=args.eval_streams, vocab_size=data.vocab_size)
+        nll, n, scored = streaming_nll(config, params, data.val_ids, streams=args.eval_streams)
         chars = len(decode_bytes(data.encoding, data.val_ids[scored].tolist()).decode("utf-8", "replace"))
         last_eval.update(loss=nll / n, perplexity=math.exp(nll / n), bpc=bits_per_char(nll, chars))
         return dict(last_eval)
@@ -76,7 +72,7 @@ def main(argv=None) -> dict:
     total = cli.total_steps(args, batches.steps_per_epoch)
     opt_config = cli.optimizer_config(args, total)
     optimizer = make_optimizer(opt_config)
-    loss_fn = lm_cross_entropy(lambda p, tokens: model.apply({"params": p}, tokens)[0])
+    loss_fn = lm_loss(config)
     run = run_config(config, opt_config, batch_size=args.batch_size, seed=args.seed, context=args.context,
                      stride=stride, text=args.text, tokenizer=args.tokenizer,
                      vocab_size=data.vocab_size)
@@ -88,9 +84,8 @@ def main(argv=None) -> dict:
 
     final = last_eval or evaluate(state.params)  # fit() evaluates after its last step
     prompt = encode(data.encoding, data.val_text[:40])
-    sample = sample_recurrent(forward, rnn.make_step(config), state.params, prompt, vocab_size=data.vocab_size,
-                              max_new_tokens=args.sample_tokens, key=jax.random.PRNGKey(args.seed),
-                              temperature=args.temperature)
+    sample = sample_recurrent(config, state.params, prompt, max_new_tokens=args.sample_tokens,
+                              key=jax.random.PRNGKey(args.seed), temperature=args.temperature)
     with open(os.path.join(args.out, "sample.txt"), "w") as f:
         f.write(data.encoding.decode(prompt + sample) + "\n")
     summary = update_json(os.path.join(args.out, "summary.json"), {

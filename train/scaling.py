@@ -36,10 +36,10 @@ import jax
 import numpy as np
 import optax
 
-from jaxllm.models import gpt2, transformer
+from jaxllm.models import language_model
 from jaxllm.training import TrainState
 from jaxllm.training import cli, distributed
-from jaxllm.training.memory import lm_loss_fn
+from jaxllm.training.losses import lm_loss
 from jaxllm.training.parallel import STRATEGIES, make_strategy
 from jaxllm.training.precision import mixed_precision
 
@@ -60,13 +60,8 @@ def build_config(model: str, size: str, vocab_size: int, context: int, remat: bo
     if size not in SIZES:
         raise ValueError(f"--sizes must be among {tuple(SIZES)}, got {size!r}")
     d, layers, heads = SIZES[size]
-    if model == "gpt2":
-        return gpt2.GPT2Config(vocab_size=vocab_size, context_length=context, emb_dim=d, n_layers=layers,
-                               n_heads=heads, drop_rate=0.0, remat=remat)
-    if model == "decoder":
-        return transformer.TransformerConfig(vocab_size, d_model=d, num_heads=heads, num_layers=layers,
-                                             max_len=context, remat=remat)
-    raise ValueError(f"--model must be gpt2 or decoder, got {model!r}")
+    config = language_model(model, None, vocab_size, context, d_model=d, layers=layers, heads=heads)
+    return config.with_dropout(0.0).replace(remat=remat)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -110,10 +105,10 @@ def measure_point(args, size: str, config, devices, batch: int) -> dict:
     name = args.parallel if args.parallel != "auto" else ("sharded" if n > 1 else "single")
     strategy = make_strategy(name, devices=devices)
     optimizer = optax.adamw(1e-3, weight_decay=0.0)
-    params = config.build().init(jax.random.PRNGKey(args.seed), config.example_input())["params"]
+    params = config.init(jax.random.PRNGKey(args.seed))
     n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
     state = strategy.place(TrainState.create(params, optimizer, jax.random.PRNGKey(args.seed + 1)))
-    step = strategy.train_step(mixed_precision(lm_loss_fn(config), args.dtype), optimizer)
+    step = strategy.train_step(mixed_precision(lm_loss(config), args.dtype), optimizer)
     rng = np.random.default_rng(args.seed)
     ids = rng.integers(0, config.vocab_size, (4, batch, args.context + 1)).astype(np.int32)
     batches = [{"inputs": x[:, :-1], "targets": x[:, 1:]} for x in ids]

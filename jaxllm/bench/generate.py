@@ -65,10 +65,6 @@ def run(opts) -> dict[str, Any]:
     return {"rows": rows, "table": format_rows(rows)}
 
 
-def _max_len(config) -> int:
-    return config.max_len if hasattr(config, "max_len") else config.context_length
-
-
 def bench_case(name, family, config, *, batch, prompt_len, new, rounds, warmup, full_no_cache=True,
                growth_tokens: int = 32, growth_late: int = 240) -> dict[str, Any]:
     import jax
@@ -79,20 +75,13 @@ def bench_case(name, family, config, *, batch, prompt_len, new, rounds, warmup, 
     from jaxllm import interop
     from jaxllm.bench import torch_decode
 
-    if prompt_len + new > _max_len(config):
-        raise ValueError(f"prompt {prompt_len} + {new} new tokens exceed the model's context {_max_len(config)}")
+    from jaxllm.torch_ref import twin_of
+
+    if prompt_len + new > config.context_limit:
+        raise ValueError(f"prompt {prompt_len} + {new} new tokens exceed the model's context {config.context_limit}")
     torch.manual_seed(0)
-    if family == "gpt2":
-        from jaxllm.torch_ref import gpt2 as t_gpt2
-
-        twin = t_gpt2.GPTModel(config.to_twin_dict()).eval()
-        params = interop.from_torch(config, twin.state_dict(), strict=False)
-    else:
-        from jaxllm.torch_ref import transformer as t_transformer
-
-        twin = t_transformer.from_config(config).eval()
-        params = interop.from_torch(config, twin.state_dict())
-    params = jax.device_put(params)
+    twin = twin_of(config).eval()
+    params = jax.device_put(interop.from_torch(config, dict(twin.named_parameters())))
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, config.vocab_size, (batch, prompt_len)).astype(np.int32)
     tprompts = torch.from_numpy(prompts).long()
@@ -113,13 +102,12 @@ def bench_case(name, family, config, *, batch, prompt_len, new, rounds, warmup, 
     calls["jax_cache"] = jax_cache
 
     # JAX, no cache: a fixed [batch, prompt + new] window, recomputed per token, in one jit
-    model = config.build()
-    forward = jax.jit(lambda p, tokens: model.apply({"params": p}, tokens)[0])
+    forward = jax.jit(config.logits)
 
     @jax.jit
     def jax_loop(p, buf):
         def body(i, buf):
-            logits = model.apply({"params": p}, buf)[0]
+            logits = config.logits(p, buf)
             token = jnp.argmax(logits[:, prompt_len + i - 1], -1).astype(jnp.int32)
             return buf.at[:, prompt_len + i].set(token)
         return jax.lax.fori_loop(0, new, body, buf)
@@ -187,24 +175,20 @@ def _growth(config, params, twin, prompts, tprompts, *, tokens, late, rounds) ->
     import torch
 
     from jaxllm.bench import torch_decode
-    from jaxllm.generate import _lookup_init_cache
 
     batch, early = prompts.shape
     max_len = late + tokens
-    model = config.build()
-    init_cache = _lookup_init_cache(config)
 
     @jax.jit
     def prefill(p, tokens_):
-        cache = init_cache(config, tokens_.shape[0], max_len)
-        logits, cache = model.apply({"params": p}, tokens_, cache=cache)
+        logits, cache = config.forward(p, tokens_, config.init_cache(tokens_.shape[0], max_len))
         return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
     @jax.jit
     def decode(p, token, cache):
         def body(carry, _):
             token, cache = carry
-            logits, cache = model.apply({"params": p}, token[:, None], cache=cache)
+            logits, cache = config.forward(p, token[:, None], cache)
             token = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
             return (token, cache), token
         return jax.lax.scan(body, (token, cache), None, length=tokens)[1]

@@ -49,24 +49,38 @@ def lm_batch(rng, vocab: int, rows: int, context: int) -> dict[str, np.ndarray]:
     return {"inputs": seqs[:, :-1], "targets": seqs[:, 1:]}
 
 
+# issue 7's configs A and B of the two transformer families: (config, rows, context)
+TRANSFORMER_CONFIGS = {
+    "decoder": {"A": lambda: (_decoder(512, d_model=128, num_heads=8, num_layers=4, max_len=512), 16, 128),
+                "B": lambda: (_decoder(8192, d_model=384, num_heads=6, num_layers=6, max_len=512), 8, 256)},
+    "gpt2": {"A": lambda: (_gpt2(vocab_size=512, context_length=512, emb_dim=128, n_heads=8, n_layers=4,
+                                 drop_rate=0.0), 16, 128),
+             "B": lambda: (_gpt2(vocab_size=8192, context_length=512, emb_dim=384, n_heads=6, n_layers=6,
+                                 drop_rate=0.0), 8, 256)},
+}
+TRANSFORMER_LABELS = {"decoder": "Burkov decoder", "gpt2": "GPT-2"}
+
+
+def _decoder(*args, **kwargs):
+    from jaxllm.models.transformer import TransformerConfig
+
+    return TransformerConfig(*args, **kwargs)
+
+
+def _gpt2(**kwargs):
+    from jaxllm.models.gpt2 import GPT2Config
+
+    return GPT2Config(**kwargs)
+
+
 def config_a(family: str):
     """Issue 7's config A for ``decoder`` or ``gpt2``: (config, rows, context)."""
-    from jaxllm.models import gpt2, transformer
-
-    if family == "decoder":
-        return transformer.TransformerConfig(512, d_model=128, num_heads=8, num_layers=4, max_len=512), 16, 128
-    return gpt2.GPT2Config(vocab_size=512, context_length=512, emb_dim=128, n_heads=8, n_layers=4,
-                           drop_rate=0.0), 16, 128
+    return TRANSFORMER_CONFIGS[family]["A"]()
 
 
 def config_b(family: str):
     """Issue 7's config B for ``decoder`` or ``gpt2``: (config, rows, context)."""
-    from jaxllm.models import gpt2, transformer
-
-    if family == "decoder":
-        return transformer.TransformerConfig(8192, d_model=384, num_heads=6, num_layers=6, max_len=512), 8, 256
-    return gpt2.GPT2Config(vocab_size=8192, context_length=512, emb_dim=384, n_heads=6, n_layers=6,
-                           drop_rate=0.0), 8, 256
+    return TRANSFORMER_CONFIGS[family]["B"]()
 
 
 def make_case(family: str, size: str, seed: int = 0) -> Case:
@@ -139,22 +153,19 @@ def _rnn(rng, small):
 def _transformer(family):
     def build(rng, small):
         config, rows, context = (config_b if small else config_a)(family)
-        if family == "decoder":
-            from jaxllm.torch_ref import transformer as t_transformer
-
-            make_twin = lambda: t_transformer.from_config(config)
-            shape = f"d {config.d_model}, {config.num_layers} layers, {config.num_heads} heads"
-        else:
-            from jaxllm.torch_ref import gpt2 as t_gpt2
-
-            make_twin = lambda: t_gpt2.GPTModel(config.to_twin_dict())
-            shape = f"d {config.emb_dim}, {config.n_layers} layers, {config.n_heads} heads"
-        label = (f"{'Burkov decoder' if family == 'decoder' else 'GPT-2'} config {'B' if small else 'A'}: "
-                 f"vocab {config.vocab_size}, {shape}, {rows}x{context} tokens")
-        return Case(family, "small" if small else "tiny", label, config, make_twin, "lm",
+        label = (f"{TRANSFORMER_LABELS[family]} config {'B' if small else 'A'}: vocab {config.vocab_size}, "
+                 f"d {config.width}, {config.num_blocks} layers, {config.num_attention_heads} heads, "
+                 f"{rows}x{context} tokens")
+        return Case(family, "small" if small else "tiny", label, config, lambda: twin_of(config), "lm",
                     lm_batch(rng, config.vocab_size, rows, context), rows * context, "tokens")
 
     return build
+
+
+def twin_of(config):
+    from jaxllm.torch_ref import twin_of as torch_twin
+
+    return torch_twin(config)
 
 
 _BUILDERS = {"linear": _linear, "mlp": _mlp, "cnn": _cnn, "rnn": _rnn,
@@ -164,25 +175,24 @@ _BUILDERS = {"linear": _linear, "mlp": _mlp, "cnn": _cnn, "rnn": _rnn,
 # -- both frameworks' pieces of a case -----------------------------------------------------------
 
 def twin_and_params(case: Case, seed: int = 0):
-    """The seeded twin (train mode) and the Flax params copied from it."""
+    """The seeded twin (train mode) and the Flax params copied from it (its parameters, not its
+    buffers such as GPT-2's causal masks)."""
     import torch
 
     from jaxllm import interop
 
     torch.manual_seed(seed)
     twin = case.make_twin()
-    strict = case.family != "gpt2"  # GPT-2's state dict also holds its causal-mask buffers
-    return twin, interop.from_torch(case.config, twin.state_dict(), strict=strict)
+    return twin, interop.from_torch(case.config, dict(twin.named_parameters()))
 
 
 def jax_loss_fn(case: Case):
     """``loss_fn(params, batch, key) -> (loss, aux)`` for the case's model."""
-    from jaxllm.training.losses import LOSSES, lm_cross_entropy
+    from jaxllm.training.losses import LOSSES, lm_loss
 
-    model = case.config.build()
     if case.loss == "lm":
-        return lm_cross_entropy(lambda params, tokens: model.apply({"params": params}, tokens)[0])
-    return LOSSES[case.loss](lambda params, x: model.apply({"params": params}, x))
+        return lm_loss(case.config)
+    return LOSSES[case.loss](case.config.apply)
 
 
 def torch_loss_fn(case: Case):

@@ -53,8 +53,7 @@ def bench_family(family: str, strategies, *, rounds: int, warmup: int, config=No
         config, rows_, context = config_a(family)
     loss_fn = jax_loss_fn(Case(family, "A", "", config, None, "lm", {}, 0, "tokens"))
     optimizer = make_optimizer(OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01))
-    host_params = jax.tree_util.tree_map(
-        np.asarray, config.build().init(jax.random.PRNGKey(0), config.example_input())["params"])
+    host_params = jax.tree_util.tree_map(np.asarray, config.init(jax.random.PRNGKey(0)))
     batch = lm_batch(np.random.default_rng(0), config.vocab_size, rows_, context)
     calls, sides = {}, {}
     for name in strategies:

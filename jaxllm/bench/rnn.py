@@ -79,12 +79,11 @@ def bench_streaming(size: str, *, rounds: int, warmup: int, prompt_len: int, new
     twin = t_rnn.from_config(config).eval()
     params = jax.device_put(interop.from_torch(config, twin.state_dict()))
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
-    forward, step = rnn.make_forward(config), rnn.make_step(config)
     out: dict[str, list[int]] = {}
 
     def jax_stream():
-        out["jax"] = sample_recurrent(forward, step, params, prompt, vocab_size=vocab, max_new_tokens=new,
-                                      key=jax.random.PRNGKey(0), temperature=0.0)
+        out["jax"] = sample_recurrent(config, params, prompt, max_new_tokens=new, key=jax.random.PRNGKey(0),
+                                      temperature=0.0)
 
     @torch.no_grad()
     def torch_stream():

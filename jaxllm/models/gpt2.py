@@ -22,37 +22,42 @@ model returns class logits at every position, as the book's classifier does). Th
 Init follows PyTorch's defaults: embeddings N(0, 1); Linear weights and biases
 U(-1/sqrt(fan_in), 1/sqrt(fan_in)); norm scale 1, shift 0.
 
-The KV cache is ``jaxllm.nn.attention.KVCache`` (k, v float32[layers, batch, max_len, heads,
-head_dim], lengths int32[batch]); with a cache, token t of row b sits at position
+Attention is ``jaxllm.nn.attention.SelfAttention`` in its ``dense`` layout (no RoPE: positions
+are the learned table's), shared with the RoPE decoder, so training takes the same fast causal
+attention, attention dropout included. The KV cache is ``jaxllm.nn.attention.KVCache`` (per
+layer keys and values, per-row lengths); with a cache, token t of row b sits at position
 ``lengths[b] + t`` (keys written there, learned position looked up there), so a prompt then
-tokens one at a time (or in chunks) gives the full forward's logits.
+tokens one at a time (or in chunks) gives the full forward's logits. The config implements the
+language-model interface of ``jaxllm.models.lm``, with the Hugging Face ``GPT2LMHeadModel``
+mapping.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from typing import ClassVar
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.config import ModelConfig, register
-from jaxllm.nn.attention import KVCache, check_cache_room, keys_values_and_mask
+from jaxllm.config import register
+from jaxllm.models.lm import LanguageModelConfig, run_blocks
+from jaxllm.nn.attention import KVCache, SelfAttention
+from jaxllm.nn.init import torch_dense
 from jaxllm.nn.norms import LayerNorm
 from jaxllm.validate import check_concrete_token_ids, check_token_batch
 
-__all__ = ["GPT2Config", "GPT2", "KVCache", "init_cache", "check_cache_room", "make_forward",
-           "gpt2_124m", "gpt2_medium", "tiny", "gelu_tanh"]
+__all__ = ["GPT2Config", "GPT2", "KVCache", "PRESETS", "preset", "gpt2_124m", "gpt2_medium", "tiny", "gelu_tanh"]
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class GPT2Config(ModelConfig):
+class GPT2Config(LanguageModelConfig):
     family: ClassVar[str] = "gpt2"
+    block_prefix: ClassVar[str] = "trf_blocks_"
+    hf_model_type: ClassVar[str] = "gpt2"
+    hf_tokenizer: ClassVar[str] = "gpt2"
     vocab_size: int = 50257
     context_length: int = 1024
     emb_dim: int = 768
@@ -85,6 +90,48 @@ class GPT2Config(ModelConfig):
         limit: a KV cache may not be longer)."""
         return self.context_length
 
+    # --- the language-model interface (jaxllm.models.lm) -------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.n_layers
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.n_heads
+
+    @property
+    def width(self) -> int:
+        return self.emb_dim
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return () if self.tie_embeddings else ("out_head",)
+
+    @property
+    def final_norm_names(self) -> tuple[str, ...]:
+        return ("final_norm",)
+
+    @property
+    def max_positions(self) -> int:
+        return self.context_length
+
+    def with_classes(self, num_classes: int) -> "GPT2Config":
+        return self.replace(num_classes=num_classes, tie_embeddings=False)
+
+    def with_dropout(self, rate: float) -> "GPT2Config":
+        return self.replace(drop_rate=rate)
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype=jnp.float32) -> KVCache:
+        """An empty cache, lengths 0. ``max_len`` (default ``context_length``) may not exceed
+        ``context_length``: there are no learned positions past it."""
+        max_len = self.context_length if max_len is None else max_len
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        if max_len > self.context_length:
+            raise ValueError(f"max_len {max_len} exceeds the model's context_length of {self.context_length} (its "
+                             "learned positions; past them the lookup would be clamped silently)")
+        return KVCache.zeros(self.n_layers, batch, max_len, self.n_heads, self.head_dim, dtype)
+
     def build(self):
         return GPT2(self)
 
@@ -102,6 +149,107 @@ class GPT2Config(ModelConfig):
                 "n_heads": self.n_heads, "n_layers": self.n_layers, "drop_rate": self.drop_rate,
                 "qkv_bias": self.qkv_bias}
 
+    # --- Hugging Face (GPT2LMHeadModel) -------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, hf: dict, **changes) -> "GPT2Config":
+        """HF ``GPT2Config`` fields -> ours (Q/K/V biases on; the head untied, filled from ``wte`` as
+        HF ties it; dropout from ``resid_pdrop``)."""
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"a GPT2Config maps Hugging Face GPT-2 models, got model_type {hf.get('model_type')!r}")
+        fields = dict(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
+                      n_heads=hf["n_head"], n_layers=hf["n_layer"], drop_rate=float(hf.get("resid_pdrop", 0.1)),
+                      qkv_bias=True)
+        return cls(**{**fields, **changes})
+
+    def to_hf_config(self) -> dict:
+        """This config as a Hugging Face ``GPT2Config`` dict."""
+        problems = self.hf_mismatches(None)
+        if problems:
+            raise ValueError("no Hugging Face counterpart: " + "; ".join(problems))
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": self.vocab_size,
+                "n_positions": self.context_length, "n_ctx": self.context_length, "n_embd": self.emb_dim,
+                "n_head": self.n_heads, "n_layer": self.n_layers, "n_inner": None, "activation_function": "gelu_new",
+                "resid_pdrop": self.drop_rate, "embd_pdrop": self.drop_rate, "attn_pdrop": self.drop_rate,
+                "layer_norm_epsilon": 1e-5, "tie_word_embeddings": self.tie_embeddings}
+
+    def hf_mismatches(self, hf: dict | None) -> list[str]:
+        """Every way this config differs from the HF config ``hf`` (None: what any HF GPT-2 needs)."""
+        problems = []
+        if not self.qkv_bias:
+            problems.append("qkv_bias: HF GPT-2 has Q/K/V biases, so the config needs qkv_bias=True")
+        if self.num_classes is not None:
+            problems.append("num_classes: a classifier head has no GPT2LMHeadModel counterpart")
+        if hf is None:
+            return problems
+        for name, ours, theirs in (("vocab_size", self.vocab_size, hf.get("vocab_size")),
+                                   ("context_length (n_positions)", self.context_length, hf.get("n_positions")),
+                                   ("emb_dim (n_embd)", self.emb_dim, hf.get("n_embd")),
+                                   ("n_heads (n_head)", self.n_heads, hf.get("n_head")),
+                                   ("n_layers (n_layer)", self.n_layers, hf.get("n_layer"))):
+            if theirs is not None and ours != theirs:
+                problems.append(f"{name}: ours {ours!r}, HF {theirs!r}")
+        eps = hf.get("layer_norm_epsilon")
+        if eps is not None and not np.isclose(eps, 1e-5, rtol=1e-6, atol=0):
+            problems.append(f"layer_norm_epsilon: ours 1e-05, HF {eps!r}")
+        if hf.get("n_inner") not in (None, 4 * self.emb_dim):
+            problems.append(f"n_inner: ours {4 * self.emb_dim}, HF {hf['n_inner']}")
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            problems.append(f"activation_function: ours tanh GELU (gelu_new), HF {act!r}")
+        problems += [f"{flag}=True is not supported" for flag in ("scale_attn_by_inverse_layer_idx",
+                                                                  "reorder_and_upcast_attn") if hf.get(flag)]
+        if hf.get("scale_attn_weights") is False:
+            problems.append("scale_attn_weights=False is not supported")
+        return problems
+
+    def hf_param_table(self) -> list[tuple[tuple[str, ...], str, object]]:
+        """(Flax path, HF key, transform) for every parameter: ``"same"``, ``"T"`` (transpose) or
+        ``("split", j, 3)`` (the j-th third of the fused ``c_attn``; HF's Conv1D is x@W already)."""
+        table = [(("tok_emb", "embedding"), "wte.weight", "same"),
+                 (("pos_emb", "embedding"), "wpe.weight", "same")]
+        for i in range(self.n_layers):
+            b, h = f"trf_blocks_{i}", f"h.{i}"
+            for j, name in enumerate(("W_query", "W_key", "W_value")):
+                table += [((b, "att", name, "kernel"), f"{h}.attn.c_attn.weight", ("split", j, 3)),
+                          ((b, "att", name, "bias"), f"{h}.attn.c_attn.bias", ("split", j, 3))]
+            table += [((b, "att", "out_proj", "kernel"), f"{h}.attn.c_proj.weight", "same"),
+                      ((b, "att", "out_proj", "bias"), f"{h}.attn.c_proj.bias", "same"),
+                      ((b, "ff", "layers_0", "kernel"), f"{h}.mlp.c_fc.weight", "same"),
+                      ((b, "ff", "layers_0", "bias"), f"{h}.mlp.c_fc.bias", "same"),
+                      ((b, "ff", "layers_2", "kernel"), f"{h}.mlp.c_proj.weight", "same"),
+                      ((b, "ff", "layers_2", "bias"), f"{h}.mlp.c_proj.bias", "same")]
+            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+                table += [((b, ours, "scale"), f"{h}.{theirs}.weight", "same"),
+                          ((b, ours, "shift"), f"{h}.{theirs}.bias", "same")]
+        table += [(("final_norm", "scale"), "ln_f.weight", "same"),
+                  (("final_norm", "shift"), "ln_f.bias", "same")]
+        if not self.tie_embeddings:
+            table.append((("out_head", "kernel"), "lm_head.weight", "T"))
+        return table
+
+    def hf_state_in(self, state: dict) -> dict:
+        """An HF state dict made ready for ``hf_param_table``: the ``transformer.`` prefix dropped;
+        HF ties ``lm_head`` to ``wte``, so an untied config takes ``wte`` when the file has no
+        ``lm_head.weight`` (safetensors drops the copy), and a tied one drops ``lm_head.weight``
+        (refused if it differs from ``wte``)."""
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+        if self.tie_embeddings and "lm_head.weight" in state:
+            if "wte.weight" in state and not np.array_equal(state["lm_head.weight"], state["wte.weight"]):
+                raise ValueError("lm_head.weight differs from wte.weight, so the checkpoint is untied: "
+                                 "use tie_embeddings=False")
+            state.pop("lm_head.weight")
+        if not self.tie_embeddings and "lm_head.weight" not in state and "wte.weight" in state:
+            state["lm_head.weight"] = state["wte.weight"]
+        return state
+
+    def hf_state_out(self, state: dict) -> dict:
+        """``hf_param_table``'s output as ``GPT2LMHeadModel.state_dict`` lists it (``transformer.``
+        prefix; a tied head as a copy of ``wte``)."""
+        out = {(k if k.startswith("lm_head") else f"transformer.{k}"): v for k, v in state.items()}
+        if self.tie_embeddings:
+            out["lm_head.weight"] = out["transformer.wte.weight"].copy()
+        return out
+
 
 def gpt2_124m(**changes) -> GPT2Config:
     """The book's GPT_CONFIG_124M: 163,009,536 parameters untied, 124,412,160 tied."""
@@ -118,58 +266,21 @@ def tiny(**changes) -> GPT2Config:
     return GPT2Config(**{"context_length": 128, "emb_dim": 64, "n_heads": 4, "n_layers": 2, **changes})
 
 
-def init_cache(config: GPT2Config, batch: int, max_len: int | None = None) -> KVCache:
-    """An empty cache: k, v float32[layers, batch, max_len, heads, head_dim], lengths 0.
-    ``max_len`` (default ``context_length``) may not exceed ``context_length``: there are no
-    learned positions past it."""
-    max_len = config.context_length if max_len is None else max_len
-    if not 1 <= max_len <= config.context_length:
-        raise ValueError(f"max_len must lie in [1, context_length = {config.context_length}], got {max_len}")
-    return KVCache.zeros(config.n_layers, batch, max_len, config.n_heads, config.head_dim)
+PRESETS = {"tiny": tiny, "gpt2_124m": gpt2_124m, "gpt2_medium": gpt2_medium}
+
+
+def preset(name: str, vocab_size: int, context: int, *, d_model: int | None = None, layers: int | None = None,
+           heads: int | None = None, dropout: float | None = None) -> GPT2Config:
+    """A named preset with the scripts' size overrides; ``context`` is the learned position table."""
+    if name not in PRESETS:
+        raise ValueError(f"GPT-2's presets are {tuple(PRESETS)}, got {name!r}")
+    sizes = {"emb_dim": d_model, "n_layers": layers, "n_heads": heads}
+    config = PRESETS[name](vocab_size=vocab_size, context_length=context, **{k: v for k, v in sizes.items() if v is not None})
+    return config if dropout is None else config.with_dropout(dropout)
 
 
 def gelu_tanh(x):
     return 0.5 * x * (1 + jnp.tanh(jnp.sqrt(2.0 / jnp.pi) * (x + 0.044715 * jnp.power(x, 3))))
-
-
-def torch_uniform(fan_in: int):
-    """PyTorch's default nn.Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (weights and biases)."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def dense(features: int, fan_in: int, use_bias: bool = True, name: str | None = None):
-    init = torch_uniform(fan_in)
-    return nn.Dense(features, use_bias=use_bias, kernel_init=init, bias_init=init, name=name)
-
-
-class MultiHeadAttention(nn.Module):
-    """x float[B, T, D], cache_kv (k, v float[B, S, H, dh]) | None, lengths int[B] | None ->
-    (float[B, T, D], new (k, v) | None)."""
-
-    config: GPT2Config
-
-    @nn.compact
-    def __call__(self, x, cache_kv=None, lengths=None, deterministic: bool = True):
-        cfg = self.config
-        b, t, d = x.shape
-        h, dh = cfg.n_heads, cfg.head_dim
-        q = dense(d, d, cfg.qkv_bias, "W_query")(x).reshape(b, t, h, dh)
-        k = dense(d, d, cfg.qkv_bias, "W_key")(x).reshape(b, t, h, dh)
-        v = dense(d, d, cfg.qkv_bias, "W_value")(x).reshape(b, t, h, dh)
-
-        k, v, mask, new_kv = keys_values_and_mask(k, v, cache_kv, lengths)
-
-        scores = jnp.einsum("bthd,bshd->bhts", q, k)
-        scores = jnp.where(mask[:, None], scores, -jnp.inf)  # each query sees itself: no NaN rows
-        weights = jax.nn.softmax(scores / math.sqrt(dh), axis=-1)
-        weights = nn.Dropout(cfg.drop_rate)(weights, deterministic=deterministic)
-        context = jnp.einsum("bhts,bshd->bthd", weights, v).reshape(b, t, d)
-        return dense(d, d, True, "out_proj")(context), new_kv
 
 
 class FeedForward(nn.Module):
@@ -180,21 +291,26 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         d = self.config.emb_dim
-        x = gelu_tanh(dense(4 * d, d, True, "layers_0")(x))
-        return dense(d, 4 * d, True, "layers_2")(x)
+        x = gelu_tanh(torch_dense(4 * d, d, name="layers_0")(x))
+        return torch_dense(d, 4 * d, name="layers_2")(x)
 
 
 class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block with dropout on both residual branches (and, inside, on the attention
+    weights): ``x + drop(att(norm1(x)))``, then ``x + drop(ff(norm2(x)))``."""
+
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x, cache_kv=None, lengths=None, deterministic: bool = True):
-        drop = nn.Dropout(self.config.drop_rate)
-        a, new_kv = MultiHeadAttention(self.config, name="att")(LayerNorm(name="norm1")(x), cache_kv, lengths,
-                                                                deterministic)
+    def __call__(self, x, layer_cache=None, lengths=None, deterministic: bool = True):
+        cfg = self.config
+        drop = nn.Dropout(cfg.drop_rate)
+        att = SelfAttention(cfg.n_heads, cfg.n_heads, cfg.head_dim, "dense", use_bias=cfg.qkv_bias, rope=None,
+                            dropout_rate=cfg.drop_rate, name="att")
+        a, layer_cache = att(LayerNorm(name="norm1")(x), None, layer_cache, lengths, deterministic)
         x = x + drop(a, deterministic=deterministic)
-        f = FeedForward(self.config, name="ff")(LayerNorm(name="norm2")(x))
-        return x + drop(f, deterministic=deterministic), new_kv
+        f = FeedForward(cfg, name="ff")(LayerNorm(name="norm2")(x))
+        return x + drop(f, deterministic=deterministic), layer_cache
 
 
 class GPT2(nn.Module):
@@ -207,7 +323,7 @@ class GPT2(nn.Module):
     vocab_size)`` and a cache without room for the T tokens (``lengths + T`` past ``max_len`` or
     ``context_length``) raise ``ValueError``. Inside ``jit`` (traced ids and lengths) they are the
     caller's promise: compiled code cannot raise, and XLA silently clamps out-of-range lookups and
-    cache writes; check at the boundary there (``GPT2Config.validate_input``, ``check_cache_room``;
+    cache writes; check at the boundary there (``GPT2Config.validate_input``, ``KVCache.check_room``;
     ``generate`` does both up front).
     Dropout runs only with ``deterministic=False`` and a ``dropout`` rng (``rngs={"dropout": k}``).
     """
@@ -225,14 +341,10 @@ class GPT2(nn.Module):
         pos_emb = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=normal, name="pos_emb")
 
         if cache is not None:
-            expected = (cfg.n_layers, batch, cache.max_len, cfg.n_heads, cfg.head_dim)
-            if cache.k.shape != expected or cache.v.shape != expected or cache.lengths.shape != (batch,):
-                raise ValueError(f"cache must have k, v of shape [layers, batch, max_len, heads, head_dim]"
-                                 f" = {expected} and lengths [{batch}], got {cache.k.shape}, "
-                                 f"{cache.v.shape}, {cache.lengths.shape}")
             # concrete lengths only (under jit the caller's promise); past the learned table the
             # position lookup would be clamped silently
-            check_cache_room(cache, t, positions=cfg.context_length)
+            cache.check(layers=cfg.n_layers, batch=batch, kv_heads=cfg.n_heads, head_dim=cfg.head_dim,
+                        new_tokens=t, positions=cfg.context_length)
             positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         else:
             if t > cfg.context_length:  # static shapes: raises at trace time
@@ -242,34 +354,13 @@ class GPT2(nn.Module):
         x = tok_emb(tokens) + pos_emb(positions)
         x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
 
-        # remat keeps param names (the explicit name); `deterministic` (arg 4 counting self) is a Python bool
+        # remat keeps param names (the explicit name); `deterministic` is a Python bool: static
         block = nn.remat(TransformerBlock, static_argnums=(4,)) if cfg.remat else TransformerBlock
-        new_k, new_v = [], []
-        for i in range(cfg.n_layers):
-            layer_kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = block(cfg, name=f"trf_blocks_{i}")(
-                x, layer_kv, None if cache is None else cache.lengths, deterministic)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+        x, cache = run_blocks(lambda i: block(cfg, name=f"trf_blocks_{i}"), cfg.n_layers, x, deterministic,
+                              cache=cache)
         x = LayerNorm(name="final_norm")(x)
         if cfg.tie_embeddings:
-            logits = tok_emb.attend(x)
-        elif cfg.num_classes is not None:  # classifier: the book swaps out_head for Linear(D, classes)
-            logits = dense(cfg.num_classes, cfg.emb_dim, True, "out_head")(x)
-        else:
-            logits = dense(cfg.vocab_size, cfg.emb_dim, False, "out_head")(x)
-        if cache is not None:
-            cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), cache.lengths + t)
-        return logits, cache
-
-
-@functools.lru_cache(maxsize=None)  # one function per config, so jit caches keyed on it hit
-def make_forward(config: GPT2Config, *, jit: bool = True):
-    """Return ``forward(params, tokens int32[B, T], cache=None) -> (logits, cache)`` (deterministic)."""
-    model = config.build()
-
-    def forward(params, tokens, cache=None):
-        return model.apply({"params": params}, tokens, cache=cache)
-
-    return jax.jit(forward) if jit else forward
+            return tok_emb.attend(x), cache
+        if cfg.num_classes is not None:  # classifier: the book swaps out_head for Linear(D, classes)
+            return torch_dense(cfg.num_classes, cfg.emb_dim, name="out_head")(x), cache
+        return torch_dense(cfg.vocab_size, cfg.emb_dim, name="out_head", use_bias=False)(x), cache

@@ -8,7 +8,6 @@ Plain numpy / Python, no JAX: these are counting models, there is nothing to dif
   else.
 * :class:`KneserNeyLM` is the baseline to compare the neural models against: interpolated
   Kneser-Ney over the same integer token ids they use, normalised over the whole vocabulary.
-* :func:`bits_per_char` turns a total NLL into a tokenizer-independent number.
 """
 
 from __future__ import annotations
@@ -296,18 +295,3 @@ class KneserNeyLM:
                 return np.zeros(0, np.int64)
             raise ValueError(f"{name} are empty")
         return check_token_ids(arr, self.vocab_size, name=name).astype(np.int64)
-
-
-def bits_per_char(total_nll_nats: float, num_chars: int) -> float:
-    """Total NLL in nats -> bits per character: ``total_nll / ln 2 / num_chars``.
-
-    Per-token perplexity depends on the tokenizer (a model with bigger tokens sees fewer, harder
-    tokens), but the total NLL of a text is the code length of the whole text, so dividing it by
-    the number of characters of that same text gives a number comparable across models with
-    different tokenizers, provided each tokenizer encodes the text losslessly.
-    """
-    if isinstance(num_chars, bool) or not isinstance(num_chars, (int, np.integer)) or num_chars <= 0:
-        raise ValueError(f"num_chars must be an integer > 0, got {num_chars!r}")
-    if not math.isfinite(total_nll_nats) or total_nll_nats < 0:
-        raise ValueError(f"total_nll_nats must be finite and >= 0, got {total_nll_nats!r}")
-    return float(total_nll_nats) / math.log(2) / int(num_chars)

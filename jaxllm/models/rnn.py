@@ -8,6 +8,10 @@ Parameters are named after the book's ``RecurrentLanguageModel`` state dict, so
 ``rnn/rnn_units_{l}/{Wh,Uh,b}`` <-> ``rnn.rnn_units.{l}.{Wh,Uh,b}`` (x@W layout both sides),
 ``fc/{kernel,bias}`` <-> ``fc.{weight,bias}``.
 
+The config implements the language-model interface of ``jaxllm.models.lm`` where it applies:
+``init``, ``logits``, and ``forward(params, tokens, cache)`` / ``init_cache(batch)`` with the
+hidden state as the cache (``context_limit`` is None: an RNN has no length limit).
+
 The book loops over time with the layer loop inside. Layer l at step t needs only layer l-1 at
 step t and layer l at step t-1, so running each layer over the whole sequence in turn computes
 the same numbers; it lets every layer's input projection ``x Wh + b`` be one big matmul for all
@@ -17,7 +21,6 @@ time steps, leaving only ``h Uh`` inside the ``lax.scan``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import ClassVar
 
@@ -26,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.config import ModelConfig, register
+from jaxllm.config import register
+from jaxllm.models.lm import LanguageModelConfig, embed_without_pad_gradient
 from jaxllm.validate import check_concrete_token_ids, check_token_batch
 
 # The book's initialize_weights: xavier-uniform on every matrix, U(0, 1) on every vector.
@@ -39,7 +43,7 @@ def uniform01(key, shape, dtype=jnp.float32):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class RNNConfig(ModelConfig):
+class RNNConfig(LanguageModelConfig):
     family: ClassVar[str] = "rnn"
     vocab_size: int = 256
     emb_dim: int = 128
@@ -65,8 +69,21 @@ class RNNConfig(ModelConfig):
         """``tokens`` must be int ids ``[batch, time]`` in ``[0, vocab_size)``; returns int32."""
         return check_token_batch(tokens, self.vocab_size)
 
-    def init_hidden(self, batch: int):
-        """The book's ``h_0 = 0``: float32[num_layers, batch, emb_dim]."""
+    # --- the language-model interface (jaxllm.models.lm), where it applies -------------------
+    @property
+    def context_limit(self) -> None:
+        return None  # the hidden state carries any length
+
+    @property
+    def width(self) -> int:
+        return self.emb_dim
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return ("fc",)
+
+    def init_cache(self, batch: int, max_len: int | None = None):
+        """The book's ``h_0 = 0``: float32[num_layers, batch, emb_dim] (``max_len`` is irrelevant)."""
         return jnp.zeros((self.num_layers, batch, self.emb_dim), jnp.float32)
 
 
@@ -81,21 +98,18 @@ def tiny(vocab_size: int, pad_index: int | None = None) -> RNNConfig:
 
 
 class ElmanRNNUnit(nn.Module):
-    """One layer's parameters: ``Wh`` (input), ``Uh`` (hidden), both (D, D) x@W layout; ``b`` (D,)."""
+    """One layer: ``Wh`` (input), ``Uh`` (hidden), both (D, D) x@W layout; ``b`` (D,).
+    x: float32[batch, time, D], h0: float32[batch, D] -> (h float32[batch, time, D], h_T)."""
 
     emb_dim: int
 
-    def setup(self):
-        d = self.emb_dim
-        self.Wh = self.param("Wh", xavier_uniform, (d, d))
-        self.Uh = self.param("Uh", xavier_uniform, (d, d))
-        self.b = self.param("b", uniform01, (d,))
-
+    @nn.compact
     def __call__(self, x, h0):
-        """x: float32[batch, time, D], h0: float32[batch, D] -> (h float32[batch, time, D], h_T)."""
-        # Hoisted out of the recurrence: the input projection of every step in one matmul.
-        xw = x @ self.Wh + self.b
-        Uh = self.Uh
+        d = self.emb_dim
+        Wh = self.param("Wh", xavier_uniform, (d, d))
+        Uh = self.param("Uh", xavier_uniform, (d, d))
+        b = self.param("b", uniform01, (d,))
+        xw = x @ Wh + b  # hoisted out of the recurrence: the input projection of every step in one matmul
 
         def step(h, xw_t):  # a pure function of arrays, so lax.scan can trace it
             h = jnp.tanh(xw_t + h @ Uh)
@@ -112,82 +126,44 @@ class ElmanRNN(nn.Module):
     emb_dim: int
     num_layers: int
 
-    def setup(self):
-        self.rnn_units = [ElmanRNNUnit(self.emb_dim) for _ in range(self.num_layers)]
-
+    @nn.compact
     def __call__(self, x, hidden):
         finals = []
-        for layer, unit in enumerate(self.rnn_units):  # a static loop over layers, not over time
-            x, h_last = unit(x, hidden[layer])
+        for layer in range(self.num_layers):  # a static loop over layers, not over time
+            x, h_last = ElmanRNNUnit(self.emb_dim, name=f"rnn_units_{layer}")(x, hidden[layer])
             finals.append(h_last)
         return x, jnp.stack(finals)
 
 
 class RNNLanguageModel(nn.Module):
-    """tokens int32[batch, time], hidden float32[L, batch, D] | None
-    -> (logits float32[batch, time, vocab], hidden float32[L, batch, D]).
+    """``__call__(tokens int32[batch, time], *, cache float32[L, batch, D] | None = None,
+    deterministic=True) -> (logits float32[batch, time, vocab], hidden float32[L, batch, D])``.
 
-    ``hidden`` is the whole cache: calling again with the returned hidden continues the sequence,
-    so chunked or token-by-token decoding equals the full-sequence forward. Concrete (non-traced)
-    token ids outside ``[0, vocab_size)`` raise ``ValueError``; inside ``jit`` they are the
-    caller's promise (compiled code cannot raise and XLA clamps the lookup): check at the boundary
-    there with ``RNNConfig.validate_input``.
+    The hidden state is the whole cache: calling again with the returned hidden continues the
+    sequence, so chunked or token-by-token decoding equals the full-sequence forward
+    (``deterministic`` is accepted for the common interface: there is no dropout). Concrete
+    (non-traced) token ids outside ``[0, vocab_size)`` raise ``ValueError``; inside ``jit`` they
+    are the caller's promise (compiled code cannot raise and XLA clamps the lookup): check at the
+    boundary there with ``RNNConfig.validate_input``.
     """
 
     config: RNNConfig
 
-    def setup(self):
-        cfg = self.config
-        self.embedding = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=xavier_uniform)
-        self.rnn = ElmanRNN(cfg.emb_dim, cfg.num_layers)
-        self.fc = nn.Dense(cfg.vocab_size, kernel_init=xavier_uniform, bias_init=uniform01)
-
-    def __call__(self, tokens, hidden=None):
+    @nn.compact
+    def __call__(self, tokens, *, cache=None, deterministic: bool = True):
         cfg = self.config
         check_concrete_token_ids(tokens, cfg.vocab_size)  # before any cast; traced ids pass
         batch = tokens.shape[0]
-        if hidden is None:
-            hidden = cfg.init_hidden(batch)
+        hidden = cfg.init_cache(batch) if cache is None else cache
         expected = (cfg.num_layers, batch, cfg.emb_dim)
         if hidden.shape != expected:  # shapes are static, so this raises at trace time
             raise ValueError(f"hidden must have shape [num_layers, batch, emb_dim] = {expected}, got {hidden.shape}")
-        table = self.embedding.embedding
-        if cfg.pad_index is not None:
-            # torch's padding_idx: the pad row is used in the forward (the book re-initialises it,
-            # so it is not zero) but never receives a gradient.
-            is_pad = (jnp.arange(cfg.vocab_size) == cfg.pad_index)[:, None]
-            table = jnp.where(is_pad, jax.lax.stop_gradient(table), table)
-        x = jnp.take(table, tokens, axis=0)
-        outputs, hidden = self.rnn(x, hidden)
-        return self.fc(outputs), hidden
-
-
-@functools.lru_cache(maxsize=None)  # one function per config, so jit caches keyed on it hit
-def make_forward(config: RNNConfig, *, jit: bool = True):
-    """Return ``forward(params, tokens int32[batch, time], hidden | None) -> (logits, hidden)``."""
-    model = config.build()
-
-    def forward(params, tokens, hidden=None):
-        return model.apply({"params": params}, tokens, hidden)
-
-    return jax.jit(forward) if jit else forward
-
-
-@functools.lru_cache(maxsize=None)
-def make_step(config: RNNConfig, *, jit: bool = True):
-    """Return ``step(params, token int32[batch], hidden | None) -> (logits float32[batch, vocab], hidden)``.
-
-    O(1) work per token: the model on a length-1 sequence with the carried hidden state.
-    """
-    model = config.build()
-
-    def step(params, token, hidden=None):
-        if hidden is None:
-            hidden = config.init_hidden(token.shape[0])
-        logits, hidden = model.apply({"params": params}, token[:, None], hidden)
-        return logits[:, 0], hidden
-
-    return jax.jit(step) if jit else step
+        embedding = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=xavier_uniform, name="embedding")
+        # torch's padding_idx (the book re-initialises the pad row, so it is not zero)
+        x = embed_without_pad_gradient(embedding.embedding, tokens, cfg.pad_index)
+        outputs, hidden = ElmanRNN(cfg.emb_dim, cfg.num_layers, name="rnn")(x, hidden)
+        fc = nn.Dense(cfg.vocab_size, kernel_init=xavier_uniform, bias_init=uniform01, name="fc")
+        return fc(outputs), hidden
 
 
 def xavier_bound(fan_in: int, fan_out: int) -> float:

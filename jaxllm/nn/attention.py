@@ -1,34 +1,44 @@
-"""Causal multi-head (and grouped-query) self-attention with RoPE and an explicit KV cache.
+"""Causal multi-head (and grouped-query) self-attention, one module for every language model
+here, with an explicit per-layer KV cache.
 
-Two parameter layouts, both x@W (raw ``(in, out)`` params that ``interop`` never transposes):
+``SelfAttention`` options cover both books' models:
 
-* ``per_head`` (Burkov ch. 4): ``heads_{h}/{W_Q,W_K,W_V}`` each ``(D, d_h)`` and ``W_O (D, D)``,
-  mapping by rule to the book's ``attn.heads.{h}.W_Q`` ... ``attn.W_O``. At compute time the
-  per-head matrices are concatenated into one fused ``(D, H * d_h)`` matrix per Q/K/V, so the
-  projections are three matmuls instead of 3H small ones (the speed win; concatenating in head
-  order gives exactly the book's per-head products). Needs ``kv_heads == num_heads``.
-* ``fused`` (Llama-style): ``W_Q (D, H*d_h)``, ``W_K``/``W_V (D, KV*d_h)``, ``W_O (H*d_h, D)``;
-  allows grouped-query attention (``KV < H``; query head ``h`` reads KV head ``h // (H / KV)``,
-  as Hugging Face's ``repeat_kv`` does).
+* parameter ``layout``:
+  - ``per_head`` (Burkov ch. 4): ``heads_{h}/{W_Q,W_K,W_V}`` each ``(D, d_h)`` and ``W_O (D, D)``,
+    raw x@W params mapping by rule to the book's ``attn.heads.{h}.W_Q`` ... ``attn.W_O``. At
+    compute time the per-head matrices are concatenated into one ``(D, H * d_h)`` matrix per
+    Q/K/V (three matmuls instead of 3H small ones; head order gives exactly the book's products).
+  - ``fused`` (Llama-style): ``W_Q (D, H*d_h)``, ``W_K``/``W_V (D, KV*d_h)``, ``W_O (H*d_h, D)``;
+    allows grouped-query attention (query head ``h`` reads KV head ``h // (H / KV)``, as Hugging
+    Face's ``repeat_kv`` does).
+  - ``dense`` (Raschka's GPT-2): ``W_query``/``W_key``/``W_value`` ``nn.Dense`` layers (biases with
+    ``use_bias``, the book's ``qkv_bias``) and ``out_proj`` (with bias), initialised like
+    ``torch.nn.Linear``; being ``nn.Dense`` they are what LoRA's interceptor factors.
+* ``rope``: ``interleaved`` | ``rotate_half`` rotate Q and K at each token's position; ``None``
+  leaves positions to the model (GPT-2's learned table).
+* ``dropout_rate`` on the attention weights (GPT-2), active with ``deterministic=False`` and a
+  ``dropout`` rng.
 
-``KVCache`` holds keys/values already rotated by RoPE, ``float32[layers, batch, max_len,
-kv_heads, head_dim]``, and ``lengths int32[batch]``: slots ``[0, lengths[b])`` of row ``b`` are
-filled. A call with T new tokens writes their keys/values at slots ``lengths[b] .. lengths[b]+T-1``
-(one ``lax.dynamic_update_slice`` per row, vmapped) and each new token attends to every filled slot
-up to and including its own. There is no key-padding mask: as in the book, pad tokens are ordinary
-keys (the loss ignores pad targets). XLA clamps an out-of-bounds write instead of failing, so the
-caller must keep ``lengths + T <= max_len`` (checked on the host by ``check_cache_room``, which
-the models run whenever the lengths are concrete; under ``jit`` it is the caller's promise).
+Training (no cache) takes ``causal_attention``, the fast path: heads moved to the front (a copy of
+the small Q/K/V, not of the ``[T, T]`` scores), the 1/sqrt(dh) scale folded into Q, the causal mask
+from an iota compare, softmax in float32, attention dropout as a keep-mask, and a hand-written
+backward (``jax.custom_vjp``: ``dS = P * (dP - rowsum(dO * O))`` as FlashAttention does, which
+holds with dropout too, since ``rowsum(dO * O) = rowsum(P * dP)`` where ``dP`` includes the
+mask). On 2 CPU cores XLA's own derivative of the einsum formulation transposed the
+``[B, H, T, T]`` scores and weights several times per layer; the custom backward removes most of it.
 
-Training (no cache) takes ``causal_attention``: heads moved to the front (``[B, H, T, dh]``, a
-copy of the small Q/K/V, not of the ``[T, T]`` scores), the 1/sqrt(dh) scale folded into Q, the
-causal mask from an iota compare, softmax in float32, and a hand-written backward
-(``jax.custom_vjp``: ``dS = P * (dP - rowsum(dO * O))``, as FlashAttention does). On 2 CPU cores
-XLA's own derivative of the einsum formulation transposed the ``[B, H, T, T]`` scores and
-weights several times per layer and materialised broadcast constants of that size; the
-custom backward removes most of it (issue 7: about 12-15 % of a training step of the book-size
-decoder; ``python -m jaxllm.bench train`` measures it). The math and the parameters are
-unchanged: logits and gradients equal the einsum version to float rounding.
+``KVCache`` holds each layer's keys and values as separate arrays, heads first,
+``float[batch, kv_heads, max_len, head_dim]`` (already rotated by RoPE), and ``lengths
+int32[batch]``: slots ``[0, lengths[b])`` of row ``b`` are filled. A call with T new tokens writes
+their keys/values at slots ``lengths[b] .. lengths[b]+T-1`` (a ``lax.dynamic_update_slice`` per row)
+and each new token attends to every filled slot up to and including its own. Heads first because
+that is the operand layout of the attention matmuls: stored token-major, XLA would transpose (copy)
+the whole cache at every decoded token. Separate arrays per layer (not one stacked ``[layers, ...]``
+array) let a decode step update each layer in place: restacking the layers copied the whole cache
+per token. There is no key-padding mask: as in the book, pad tokens are ordinary keys (the loss
+ignores pad targets). XLA clamps an out-of-bounds write instead of failing, so ``lengths + T <=
+max_len`` is checked on the host (``KVCache.check_room``, which the models run whenever the lengths
+are concrete; under ``jit`` it is the caller's promise).
 """
 
 from __future__ import annotations
@@ -39,81 +49,89 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.nn.init import torch_dense
 from jaxllm.nn.rope import rope_angles, rope_interleaved, rope_rotate_half
 
 xavier_uniform = nn.initializers.xavier_uniform()
 
 ROPE = {"interleaved": rope_interleaved, "rotate_half": rope_rotate_half}
-LAYOUTS = ("per_head", "fused")
+LAYOUTS = ("per_head", "fused", "dense")
 
 
 @flax.struct.dataclass
 class KVCache:
-    """k, v: float32[layers, batch, max_len, kv_heads, head_dim]; lengths: int32[batch]."""
+    """keys, values: one float[batch, kv_heads, max_len, head_dim] per layer; lengths: int32[batch]."""
 
-    k: jax.Array
-    v: jax.Array
+    keys: tuple
+    values: tuple
     lengths: jax.Array
 
     @classmethod
     def zeros(cls, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32):
-        shape = (layers, batch, max_len, kv_heads, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+        shape = (batch, kv_heads, max_len, head_dim)
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+                   tuple(jnp.zeros(shape, dtype) for _ in range(layers)), jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.keys[0].shape[2]
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
 
-def check_cache_room(cache: KVCache, new_tokens: int, *, positions: int | None = None) -> None:
-    """Host-side check that ``new_tokens`` more tokens fit every row: ``lengths[b] + new_tokens <=
-    max_len`` (and ``<= positions`` when the model has only that many positions, GPT-2's learned
-    table). The models' ``__call__`` runs it whenever ``cache.lengths`` is concrete; traced lengths
-    (under ``jit``) pass unchecked, as the caller's promise, since XLA would clamp the write."""
-    if new_tokens > cache.max_len:  # static: whatever the lengths (the message keys_values_and_mask gives)
-        raise ValueError(f"KV cache overflow: {new_tokens} tokens do not fit a KV cache of max_len {cache.max_len}")
-    if isinstance(cache.lengths, jax.core.Tracer):
-        return
-    lengths = np.asarray(cache.lengths)
-    longest = int(lengths.max()) if lengths.size else 0
-    if longest + new_tokens > cache.max_len:
-        raise ValueError(
-            f"KV cache overflow: a row holds {longest} of {cache.max_len} positions (the cache's "
-            f"max_len) and {new_tokens} more were given")
-    if positions is not None and longest + new_tokens > positions:
-        raise ValueError(
-            f"KV cache overflow: a row holds {longest} tokens and {new_tokens} more were given, past the "
-            f"model's {positions} positions (context_length)")
+    def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
+        return self.keys[i], self.values[i]
+
+    def check(self, *, layers: int, batch: int, kv_heads: int, head_dim: int, new_tokens: int,
+              positions: int | None = None) -> None:
+        """The cache fits the model and has room for ``new_tokens`` more in every row: shapes always
+        (static, so under ``jit`` too), fill only when ``lengths`` is concrete."""
+        expected = (batch, kv_heads, self.max_len, head_dim)
+        shapes = {tuple(a.shape) for a in (*self.keys, *self.values)}
+        if self.num_layers != layers or len(self.values) != layers or shapes != {expected} or \
+                tuple(self.lengths.shape) != (batch,):
+            raise ValueError(f"the cache must have {layers} layers of keys and values shaped [batch, kv_heads, "
+                             f"max_len, head_dim] = {expected} and lengths [{batch}]; got {self.num_layers} layers "
+                             f"shaped {sorted(shapes)} and lengths {tuple(self.lengths.shape)}")
+        self.check_room(new_tokens, positions=positions)
+
+    def check_room(self, new_tokens: int, *, positions: int | None = None) -> None:
+        """Host-side check that ``new_tokens`` more tokens fit every row: ``lengths[b] + new_tokens
+        <= max_len`` (and ``<= positions`` when the model has only that many positions, GPT-2's
+        learned table). Traced lengths (under ``jit``) pass unchecked, as the caller's promise."""
+        if new_tokens > self.max_len:  # static: whatever the lengths
+            raise ValueError(f"KV cache overflow: {new_tokens} tokens do not fit a KV cache of max_len {self.max_len}")
+        if isinstance(self.lengths, jax.core.Tracer):
+            return
+        lengths = np.asarray(self.lengths)
+        longest = int(lengths.max()) if lengths.size else 0
+        if longest + new_tokens > self.max_len:
+            raise ValueError(
+                f"KV cache overflow: a row holds {longest} of {self.max_len} positions (the cache's "
+                f"max_len) and {new_tokens} more were given")
+        if positions is not None and longest + new_tokens > positions:
+            raise ValueError(
+                f"KV cache overflow: a row holds {longest} tokens and {new_tokens} more were given, past the "
+                f"model's {positions} positions (context_length)")
 
 
 def write_rows(buffer, new, offsets):
-    """buffer float[batch, S, ...], new float[batch, T, ...], offsets int[batch] -> buffer with
-    ``new[b]`` written at slots ``offsets[b] .. offsets[b] + T - 1``."""
+    """buffer float[batch, heads, S, dh], new float[batch, heads, T, dh], offsets int[batch] ->
+    buffer with ``new[b]`` written at slots ``offsets[b] .. offsets[b] + T - 1``."""
     def one(buf, upd, off):
-        return jax.lax.dynamic_update_slice(buf, upd.astype(buf.dtype), (off,) + (0,) * (buf.ndim - 1))
+        return jax.lax.dynamic_update_slice(buf, upd.astype(buf.dtype), (0, off, 0))
 
     return jax.vmap(one)(buffer, new, offsets)
 
 
-def attend(q, k, v, mask):
-    """q float[B, T, H, dh]; k, v float[B, S, KV, dh] with H a multiple of KV; mask bool[B, T, S]
-    (True = may attend) -> float[B, T, H * dh], heads concatenated in head order."""
-    b, t, h, dh = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, dh)  # query head h -> (kv head h // G, member h % G)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) / jnp.sqrt(jnp.float32(dh))
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)  # every query sees itself: no NaN rows
-    weights = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
-    return out.reshape(b, t, h * dh)
-
-
-def causal_attention(q, k, v):
+def causal_attention(q, k, v, *, dropout_rate: float = 0.0, dropout_key=None):
     """Causal self-attention over T tokens (no cache), fast on CPU in training.
 
     q float[B, T, H, dh]; k, v float[B, T, KV, dh] with H a multiple of KV (query head h reads
-    KV head h // (H / KV)) -> float[B, T, H * dh], heads concatenated in head order. Equals
-    ``attend`` with a causal mask; its backward is ``_attention_bwd`` (see the module docstring).
+    KV head h // (H / KV)) -> float[B, T, H * dh], heads concatenated in head order. With
+    ``dropout_key`` and ``dropout_rate > 0`` the attention weights are dropped (kept ones scaled by
+    1 / (1 - rate)), as ``nn.Dropout`` on the weights would. Backward: ``_attention_bwd``.
     """
     b, t, h, dh = q.shape
     kv = k.shape[2]
@@ -122,19 +140,39 @@ def causal_attention(q, k, v):
     q = q * jnp.asarray(1.0 / np.sqrt(dh), q.dtype)  # scale the small Q, not the [T, T] scores
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # heads first: [B, H, T, dh]
     mask = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [T, T], True on and below the diagonal
-    out = _softmax_attention(q, k, v, mask)
+    if dropout_key is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, (b, h, t, t))
+        out = _dropped_softmax_attention(q, k, v, mask, keep.astype(jnp.float32) / (1.0 - dropout_rate))
+    else:
+        out = _softmax_attention(q, k, v, mask)
     return jnp.swapaxes(out, 1, 2).reshape(b, t, h * dh)
 
 
-def _attention_forward(q, k, v, mask):
-    """q (pre-scaled), k, v float[B, H, T|S, dh], mask bool broadcastable to [B, H, T, S] ->
-    (out float[B, H, T, dh], weights float32[B, H, T, S])."""
+def _attention_forward(q, k, v, mask, keep=None):
+    """q (pre-scaled), k, v float[B, H, T, dh], mask bool[T, T], keep float32[B, H, T, T] | None ->
+    (out float[B, H, T, dh], weights float32[B, H, T, T] before dropout)."""
     scores = jnp.einsum("bhtd,bhsd->bhts", q, k).astype(jnp.float32)
     scores = jnp.where(mask, scores, -jnp.inf)  # every query sees itself: no all-masked row
     scores = scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True))
     e = jnp.exp(scores)
     weights = e / e.sum(-1, keepdims=True)
-    return jnp.einsum("bhts,bhsd->bhtd", weights.astype(v.dtype), v), weights
+    used = weights if keep is None else weights * keep
+    return jnp.einsum("bhts,bhsd->bhtd", used.astype(v.dtype), v), weights
+
+
+def _attention_backward(q, k, v, out, weights, keep, d_out):
+    """P = softmax(S), O = (P * keep) V: dV = (P * keep)^T dO, dP = (dO V^T) * keep,
+    dS = P * (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q (Q already scaled)."""
+    used = weights if keep is None else weights * keep
+    d_v = jnp.einsum("bhts,bhtd->bhsd", used.astype(d_out.dtype), d_out)
+    d_weights = jnp.einsum("bhtd,bhsd->bhts", d_out, v).astype(jnp.float32)
+    if keep is not None:
+        d_weights = d_weights * keep
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+    d_scores = (weights * (d_weights - row)).astype(q.dtype)
+    d_q = jnp.einsum("bhts,bhsd->bhtd", d_scores, k)
+    d_k = jnp.einsum("bhts,bhtd->bhsd", d_scores, q)
+    return d_q, d_k, d_v
 
 
 @jax.custom_vjp
@@ -148,19 +186,54 @@ def _attention_fwd(q, k, v, mask):
 
 
 def _attention_bwd(residuals, d_out):
-    """P = softmax(S), O = P V: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
-    dQ = dS K, dK = dS^T Q (Q already scaled; the mask gets no gradient)."""
-    q, k, v, out, weights, mask = residuals
-    d_v = jnp.einsum("bhts,bhtd->bhsd", weights.astype(d_out.dtype), d_out)
-    d_weights = jnp.einsum("bhtd,bhsd->bhts", d_out, v).astype(jnp.float32)
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
-    d_scores = (weights * (d_weights - row)).astype(q.dtype)
-    d_q = jnp.einsum("bhts,bhsd->bhtd", d_scores, k)
-    d_k = jnp.einsum("bhts,bhtd->bhsd", d_scores, q)
-    return d_q, d_k, d_v, None
+    q, k, v, out, weights, _ = residuals
+    return (*_attention_backward(q, k, v, out, weights, None, d_out), None)  # the mask gets no gradient
 
 
 _softmax_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@jax.custom_vjp
+def _dropped_softmax_attention(q, k, v, mask, keep):
+    return _attention_forward(q, k, v, mask, keep)[0]
+
+
+def _dropped_fwd(q, k, v, mask, keep):
+    out, weights = _attention_forward(q, k, v, mask, keep)
+    return out, (q, k, v, out, weights, mask, keep)
+
+
+def _dropped_bwd(residuals, d_out):
+    q, k, v, out, weights, _, keep = residuals
+    return (*_attention_backward(q, k, v, out, weights, keep, d_out), None, None)
+
+
+_dropped_softmax_attention.defvjp(_dropped_fwd, _dropped_bwd)
+
+
+def cached_attention(q, k, v, layer_cache, lengths):
+    """Attention of T new tokens over a layer's cache.
+
+    q float[B, T, H, dh]; k, v float[B, T, KV, dh] (the new tokens' keys/values); layer_cache
+    (keys, values) float[B, KV, S, dh]; lengths int[B] -> (float[B, T, H * dh], updated (keys,
+    values)). The new keys/values are written at each row's ``lengths[b]``; each query sees the
+    slots up to its own.
+    """
+    b, t, h, dh = q.shape
+    cache_k, cache_v = layer_cache
+    kv, s = cache_k.shape[1], cache_k.shape[2]
+    if t > s:  # static shapes: raises at trace time
+        raise ValueError(f"KV cache overflow: {t} tokens do not fit a KV cache of max_len {s}")
+    cache_k = write_rows(cache_k, jnp.swapaxes(k, 1, 2), lengths)
+    cache_v = write_rows(cache_v, jnp.swapaxes(v, 1, 2), lengths)
+    own = lengths[:, None] + jnp.arange(t)  # each new token's slot, [B, T]
+    mask = jnp.arange(s)[None, None, :] <= own[:, :, None]  # [B, T, S]
+    q = q.reshape(b, t, kv, h // kv, dh) * jnp.asarray(1.0 / np.sqrt(dh), q.dtype)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, cache_k).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)  # every query sees itself: no NaN rows
+    weights = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bksd->btkgd", weights.astype(cache_v.dtype), cache_v)
+    return out.reshape(b, t, h * dh), (cache_k, cache_v)
 
 
 class HeadParams(nn.Module):
@@ -176,69 +249,57 @@ class HeadParams(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """x float[B, T, D], positions int[B, T], cache_kv (k, v float[B, S, KV, dh]) | None,
-    lengths int[B] | None -> (float[B, T, D], new (k, v) | None)."""
+    """x float[B, T, D], positions int[B, T] (for RoPE), layer_cache (keys, values) | None,
+    lengths int[B] | None -> (float[B, T, D], updated layer cache | None). See the module docstring
+    for the options; a cached call is deterministic (no attention dropout in decoding)."""
 
     num_heads: int
     kv_heads: int
     head_dim: int
     layout: str = "per_head"
-    rope: str = "interleaved"
+    use_bias: bool = False  # dense layout: Q/K/V biases
+    rope: str | None = "interleaved"
     rope_base: float = 10000.0
-
-    def _check(self):
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.rope not in ROPE:
-            raise ValueError(f"rope must be one of {tuple(ROPE)}, got {self.rope!r}")
-        if self.num_heads % self.kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of kv_heads {self.kv_heads}")
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x, positions, cache_kv=None, lengths=None):
-        self._check()
+    def __call__(self, x, positions=None, layer_cache=None, lengths=None, deterministic: bool = True):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.num_heads % self.kv_heads or (self.layout != "fused" and self.kv_heads != self.num_heads):
+            raise ValueError(f"kv_heads {self.kv_heads} must divide num_heads {self.num_heads} (and equal it "
+                             f"outside the fused layout)")
         b, t, d = x.shape
         h, kv, dh = self.num_heads, self.kv_heads, self.head_dim
+        q, k, v, output = self._projections(x)
+        q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, kv, dh), v.reshape(b, t, kv, dh)
+        if self.rope is not None:
+            if self.rope not in ROPE:
+                raise ValueError(f"rope must be one of {tuple(ROPE)} or None, got {self.rope!r}")
+            cos, sin = rope_angles(positions, dh, self.rope_base)
+            q, k = ROPE[self.rope](q, cos, sin), ROPE[self.rope](k, cos, sin)
+        if layer_cache is not None:
+            out, layer_cache = cached_attention(q, k, v, layer_cache, lengths)
+            return output(out), layer_cache
+        drop = not deterministic and self.dropout_rate > 0.0
+        key = self.make_rng("dropout") if drop else None
+        return output(causal_attention(q, k, v, dropout_rate=self.dropout_rate, dropout_key=key)), None
+
+    def _projections(self, x):
+        """(q, k, v, output projection) in this layout's parameters."""
+        d = x.shape[-1]
+        h, kv, dh = self.num_heads, self.kv_heads, self.head_dim
+        if self.layout == "dense":
+            q, k, v = (torch_dense(h * dh, d, name=n, use_bias=self.use_bias)(x)
+                       for n in ("W_query", "W_key", "W_value"))
+            return q, k, v, torch_dense(d, h * dh, name="out_proj")
         if self.layout == "per_head":
-            if kv != h:
-                raise ValueError("the per_head layout has one K/V per head: kv_heads must equal num_heads")
             per_head = [HeadParams(d, dh, name=f"heads_{i}")() for i in range(h)]
             # Fuse: one (D, H*dh) matmul each for Q, K, V instead of 3H (D, dh) ones.
             w_q, w_k, w_v = (jnp.concatenate([p[j] for p in per_head], axis=1) for j in range(3))
-            w_o = self.param("W_O", xavier_uniform, (h * dh, d))
         else:
             w_q = self.param("W_Q", xavier_uniform, (d, h * dh))
             w_k = self.param("W_K", xavier_uniform, (d, kv * dh))
             w_v = self.param("W_V", xavier_uniform, (d, kv * dh))
-            w_o = self.param("W_O", xavier_uniform, (h * dh, d))
-
-        q = (x @ w_q).reshape(b, t, h, dh)
-        k = (x @ w_k).reshape(b, t, kv, dh)
-        v = (x @ w_v).reshape(b, t, kv, dh)
-        cos, sin = rope_angles(positions, dh, self.rope_base)
-        rotate = ROPE[self.rope]
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-
-        if cache_kv is None:
-            return causal_attention(q, k, v) @ w_o, None
-        k, v, mask, new_kv = keys_values_and_mask(k, v, cache_kv, lengths)
-        return attend(q, k, v, mask) @ w_o, new_kv
-
-
-def keys_values_and_mask(k, v, cache_kv, lengths):
-    """New keys/values k, v: float[B, T, KV, dh] -> (keys, values, mask bool[B, T, S], new cache (k, v) | None).
-
-    Without a cache: plain causal attention over the T tokens. With one: the new keys/values are
-    written at each row's ``lengths[b]`` and each query sees the cache slots up to its own.
-    """
-    b, t = k.shape[:2]
-    if cache_kv is None:
-        return k, v, jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t)), None
-    cache_k, cache_v = cache_kv
-    if t > cache_k.shape[1]:  # static shapes: raises at trace time
-        raise ValueError(f"{t} tokens do not fit a KV cache of max_len {cache_k.shape[1]}")
-    cache_k = write_rows(cache_k, k, lengths)
-    cache_v = write_rows(cache_v, v, lengths)
-    own = lengths[:, None] + jnp.arange(t)  # each new token's slot, [B, T]
-    mask = jnp.arange(cache_k.shape[1])[None, None, :] <= own[:, :, None]
-    return cache_k, cache_v, mask, (cache_k, cache_v)
+        w_o = self.param("W_O", xavier_uniform, (h * dh, d))
+        return x @ w_q, x @ w_k, x @ w_v, lambda out: out @ w_o

@@ -271,8 +271,8 @@ def apply_with_lora(apply_fn: Callable, cfg: LoRAConfig) -> Callable:
     hidden inside ``apply_fn``, or a model without ``nn.Dense``), it raises ``ValueError`` rather
     than silently computing the base model. Params without LoRA leaves pass through unchanged."""
     if _is_jitted(apply_fn):
-        raise ValueError("apply_with_lora needs the un-jitted apply function (e.g. make_forward(config, "
-                         "jit=False)); jit the function it returns")
+        raise ValueError("apply_with_lora needs the un-jitted apply function (e.g. config.logits); "
+                         "jit the function it returns")
     scale = cfg.scale
 
     def apply_lora(params, *args, **kwargs):

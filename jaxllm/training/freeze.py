@@ -72,3 +72,36 @@ def count_params(params, mask=None) -> int:
     if mask is not None:
         sizes = jax.tree_util.tree_map(lambda n, trained: n if trained else 0, sizes, mask)
     return int(sum(jax.tree_util.tree_leaves(sizes)))
+
+
+FINE_TUNING_MODES = ("lora", "last_block", "head", "full")
+
+
+def trainable_predicate(config, mode: str) -> Callable[[str], bool]:
+    """``predicate(path) -> bool`` over ``"a/b/kernel"`` path strings: True where fine-tuning mode
+    ``mode`` trains a language model ``config`` (its interface names the blocks, head and norm):
+
+    * ``head``: the head only; ``last_block``: the last block, the final norm (if the model has
+      one) and the head -- the book's recipe; ``full``: everything;
+    * ``lora``: only the LoRA factors ``jaxllm.nn.lora.add_lora`` put next to the weights (the
+      head's included); everything else, the head's own kernel and bias too, stays frozen.
+    """
+    from jaxllm.nn.lora import is_lora_path
+
+    mode = mode.replace("-", "_")
+    if mode not in FINE_TUNING_MODES:
+        raise ValueError(f"mode must be one of {FINE_TUNING_MODES}, got {mode!r}")
+    head = set(config.head_names)
+    last_block = head | {config.block_names[-1]} | set(config.final_norm_names)
+
+    def predicate(path: str) -> bool:
+        top = path.split("/")[0]
+        if mode == "full":
+            return True
+        if mode == "head":
+            return top in head
+        if mode == "last_block":
+            return top in last_block
+        return is_lora_path(path)
+
+    return predicate

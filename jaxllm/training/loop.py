@@ -18,7 +18,6 @@ import warnings
 from typing import Any, Callable, Protocol
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from jaxllm.training.checkpoint import Checkpointer

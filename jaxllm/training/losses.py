@@ -1,7 +1,9 @@
-"""Pure loss functions ``loss_fn(params, batch, key) -> (loss, aux)`` for supervised models.
+"""Pure loss functions ``loss_fn(params, batch, key) -> (loss, aux)``.
 
-``batch`` is ``{"x": inputs, "y": targets}``. Each builder takes the model's ``apply`` so the
-loss never knows which model it trains.
+Supervised models: ``batch`` is ``{"x": inputs, "y": targets}`` and each builder takes the
+model's ``apply``. Language models: ``lm_loss(model)`` (next-token) and
+``classification_loss(model)`` (a class read at each text's last real token) take a config with
+the language-model interface (``jaxllm.models.lm``). No loss knows which model it trains.
 
 A loss that is a mean over something other than the batch rows (tokens that are not padding)
 reports that count as ``aux["targets"]``: gradient accumulation and the data-parallel steps
@@ -75,5 +77,46 @@ def lm_cross_entropy(logits_fn: Callable, pad_id: int | None = None) -> Callable
         correct = (jnp.argmax(logits, -1) == targets) * mask
         aux = {"accuracy": correct.sum() / jnp.maximum(count, 1.0), "targets": count}
         return (ce * mask).sum() / jnp.maximum(count, 1.0), aux
+
+    return loss_fn
+
+
+def lm_loss(model, *, pad_id: int | None = None) -> Callable:
+    """Next-token cross-entropy (``lm_cross_entropy``) of a language model config: ``loss_fn(params,
+    batch, key)`` with ``batch = {"inputs", "targets": int32[b, t]}``; dropout (where the model has
+    any) runs with the step's ``key``, and a ``key`` of None (evaluation) is deterministic."""
+
+    def loss_fn(params, batch, key):
+        return lm_cross_entropy(lambda p, tokens: model.logits(p, tokens, key=key), pad_id)(params, batch, key)
+
+    return loss_fn
+
+
+def last_token_logits(logits, lengths):
+    """logits: float[B, T, C], lengths: int[B] (1..T real tokens per row) -> float[B, C], the
+    logits at each row's last real token ``lengths - 1``."""
+    index = jnp.clip(lengths - 1, 0, logits.shape[1] - 1).astype(jnp.int32)
+    return jnp.take_along_axis(logits, index[:, None, None], axis=1)[:, 0]
+
+
+def classification_loss(logits_fn: Callable) -> Callable:
+    """``loss_fn(params, batch, key) -> (mean cross-entropy, {"accuracy", "targets"})`` on the
+    last real token's logits.
+
+    batch: ``tokens`` int32[B, T], ``lengths`` int32[B], ``labels`` int32[B] and optionally
+    ``weights`` float32[B] (0 for padding rows of a fixed-shape evaluation batch).
+    ``logits_fn(params, tokens, key) -> float[B, T, C]`` (``key`` None at evaluation), e.g.
+    ``lambda p, t, key: config.logits(p, t, key=key)`` for a classifier config.
+    ``aux["targets"]`` is the (weighted) row count, what means over several batches are weighted by."""
+
+    def loss_fn(params, batch, key):
+        logits = last_token_logits(logits_fn(params, batch["tokens"], key), batch["lengths"])
+        weights = batch.get("weights")
+        weights = jnp.ones(logits.shape[0], logits.dtype) if weights is None else weights.astype(logits.dtype)
+        count = jnp.maximum(weights.sum(), 1.0)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(logits.dtype)
+        return (ce * weights).sum() / count, {"accuracy": (correct * weights).sum() / count,
+                                              "targets": weights.sum()}
 
     return loss_fn

@@ -22,18 +22,6 @@ from jaxllm.training.step import evaluate, make_eval_step
 from jaxllm.validate import check_labels, check_targets
 
 
-def init_params(config, seed: int):
-    """Fresh params for ``config`` from ``jax.random.PRNGKey(seed)``."""
-    model = config.build()
-    return model.init(jax.random.PRNGKey(seed), config.example_input())["params"]
-
-
-def make_apply(config):
-    """``apply(params, x) -> outputs`` for the model ``config`` describes."""
-    model = config.build()
-    return lambda params, x: model.apply({"params": params}, x)
-
-
 def validate_arrays(config, x, y, loss: str) -> dict[str, np.ndarray]:
     """Check inputs against the model and targets against the loss; returns the batch dict."""
     x = config.validate_input(x)
@@ -68,9 +56,9 @@ def train_supervised(config, train, *, loss: str, optimizer: OptimizerConfig, ou
         raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
     train_arrays = validate_arrays(config, *train, loss)
     test_arrays = validate_arrays(config, *test, loss) if test is not None else None
-    loss_fn = LOSSES[loss](make_apply(config))
+    loss_fn = LOSSES[loss](config.apply)
     opt = make_optimizer(optimizer)
-    state = TrainState.create(init_params(config, seed), opt, jax.random.PRNGKey(seed + 1))
+    state = TrainState.create(config.init(jax.random.PRNGKey(seed)), opt, jax.random.PRNGKey(seed + 1))
     data = ArrayBatches(train_arrays, batch_size or len(train_arrays["x"]), shuffle=batch_size is not None, seed=seed)
     eval_step = make_eval_step(loss_fn)
     eval_data = ArrayBatches(test_arrays, min(1024, len(test_arrays["x"])), shuffle=False) if test_arrays else None

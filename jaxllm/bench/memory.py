@@ -6,7 +6,7 @@ bytes are the activations and workspace a step holds at its peak: what ``--dtype
 ``--remat`` shrink. On a GPU/TPU the allocator's live numbers
 (``jax.local_devices()[0].memory_stats()``) are added; the CPU backend has none.
 
-    python -m jaxllm.training.memory --model gpt2 --d-model 256 --layers 4 --context 256 --batch 8
+    python -m jaxllm.bench.memory --model gpt2 --d-model 256 --layers 4 --context 256 --batch 8
 
 prints the table (fp32, bf16, remat, bf16 + remat) for one LM train step.
 
@@ -76,26 +76,6 @@ def step_memory(jitted_fn: Callable, *args, **kwargs) -> dict:
     return out
 
 
-def lm_loss_fn(config) -> Callable:
-    """``loss_fn(params, batch, key)`` for a GPT-2 or decoder ``config``: next-token cross-entropy
-    of ``batch = {"inputs", "targets": int32[b, t]}`` (GPT-2's dropout runs when ``key`` is given)."""
-    from jaxllm.models.gpt2 import GPT2Config
-    from jaxllm.training.losses import lm_cross_entropy
-
-    module = config.build()
-
-    def logits(params, tokens, key):
-        if isinstance(config, GPT2Config):
-            rngs = None if key is None else {"dropout": key}
-            return module.apply({"params": params}, tokens, deterministic=key is None, rngs=rngs)[0]
-        return module.apply({"params": params}, tokens)[0]
-
-    def loss_fn(params, batch, key):
-        return lm_cross_entropy(lambda p, tokens: logits(p, tokens, key))(params, batch, key)
-
-    return loss_fn
-
-
 VARIANTS = {"fp32": ("float32", False), "bf16": ("bfloat16", False), "remat": ("float32", True),
             "bf16+remat": ("bfloat16", True)}
 
@@ -104,16 +84,16 @@ def train_step_memory(config, *, batch: int, context: int, dtype="float32", rema
     """``step_memory`` of one AdamW train step of ``config`` on ``int32[batch, context]`` tokens."""
     import optax
 
+    from jaxllm.training.losses import lm_loss
     from jaxllm.training.precision import mixed_precision
     from jaxllm.training.state import TrainState
     from jaxllm.training.step import make_train_step
 
     config = config.replace(remat=remat)
     optimizer = optax.adamw(1e-3, weight_decay=0.0)
-    params = jax.eval_shape(lambda: config.build().init(jax.random.PRNGKey(0), config.example_input())["params"])
-    state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), params)
+    state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), config.param_shapes())
     tokens = jax.ShapeDtypeStruct((batch, context), jnp.int32)
-    step = make_train_step(mixed_precision(lm_loss_fn(config), dtype), optimizer)
+    step = make_train_step(mixed_precision(lm_loss(config), dtype), optimizer)
     return step_memory(step, state, {"inputs": tokens, "targets": tokens})
 
 
@@ -139,20 +119,15 @@ def format_table(rows: list[dict], title: str) -> str:
 
 
 def build_config(model: str, *, vocab_size: int, context: int, d_model: int, layers: int, heads: int):
-    from jaxllm.models import gpt2, transformer
+    """``--model`` (a ``LANGUAGE_MODELS`` name) at these sizes, its first preset's layout, no dropout."""
+    from jaxllm.models import language_model
 
-    if model == "gpt2":
-        return gpt2.GPT2Config(vocab_size=vocab_size, context_length=context, emb_dim=d_model, n_layers=layers,
-                               n_heads=heads, drop_rate=0.0)
-    if model == "decoder":
-        return transformer.TransformerConfig(vocab_size, d_model=d_model, num_heads=heads, num_layers=layers,
-                                             max_len=context)
-    raise ValueError(f"--model must be gpt2 or decoder, got {model!r}")
+    return language_model(model, None, vocab_size, context, d_model=d_model, layers=layers, heads=heads).with_dropout(0.0)
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=("gpt2", "decoder"), default="gpt2")
+    p.add_argument("--model", choices=("gpt2", "decoder"), default="gpt2", help="a LANGUAGE_MODELS name")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -166,8 +141,7 @@ def main(argv=None) -> list[dict]:
         raise ValueError("sizes must all be >= 1")
     config = build_config(args.model, vocab_size=args.vocab_size, context=args.context, d_model=args.d_model,
                           layers=args.layers, heads=args.heads)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
-        jax.eval_shape(lambda: config.build().init(jax.random.PRNGKey(0), config.example_input())["params"])))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(config.param_shapes()))
     rows = memory_table(config, batch=args.batch, context=args.context)
     title = (f"{args.model}: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, vocab "
              f"{args.vocab_size}, {n_params / 1e6:.2f}M params; one AdamW step on batch {args.batch} x "
