@@ -46,7 +46,6 @@ from jaxllm.notebook_utils import overlay_losses, timing_table
 from jaxllm.torch_ref import cnn as t_cnn, linear as t_linear, mlp as t_mlp
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
 from jaxllm.training.losses import LOSSES
-from jaxllm.training.supervised import make_apply
 
 torch.set_num_threads(TORCH_THREADS)
 
@@ -86,7 +85,7 @@ def run_torch(model, optimizer, loss_fn, batches):
 
 def run_jax(config, loss_name, optimizer, params, batches):
     """The same batches through a jitted pure step -> (final params, losses, seconds per step)."""
-    train_step = make_train_step(LOSSES[loss_name](make_apply(config)), optimizer)
+    train_step = make_train_step(LOSSES[loss_name](config.apply), optimizer)
     # The step donates its input state (its buffers are reused for the output), so it gets a copy:
     # `params` itself stays usable by the caller.
     state = TrainState.create(jax.tree_util.tree_map(jnp.copy, params), optimizer, jax.random.PRNGKey(SEED))
@@ -140,7 +139,7 @@ overlay_losses({"PyTorch nn.Sequential + SGD": torch_losses, "Flax LogisticRegre
 plt.show()
 with torch.no_grad():
     torch_proba = book_model(torch.from_numpy(x_buy))[:, 0].numpy()    # the book's model: sigmoid outputs
-jax_proba = np.asarray(linear.predict_proba(jax.jit(make_apply(logistic_config))(jax_params, x_buy)))
+jax_proba = np.asarray(linear.predict_proba(jax.jit(logistic_config.apply)(jax_params, x_buy)))
 print(" age income  bought   P(buy) torch   P(buy) jax")
 for (age, income), label, pt, pj in zip(x_buy, y_buy, torch_proba, jax_proba):
     print(f"{age:4.0f} {income:6.0f} {label:7d} {pt:14.4f} {pj:12.4f}")
@@ -234,7 +233,7 @@ with torch.no_grad():
     torch_pred = torch_mlp(torch.from_numpy(x_test)).argmax(-1).numpy()
 baseline = SklearnLogisticRegression(max_iter=1000).fit(x_train, y_train)
 print(f"test accuracy: PyTorch {accuracy(torch_pred, y_test):.3f}, "
-      f"Linen {accuracy(jax.jit(make_apply(mlp_config))(jax_mlp_params, x_test).argmax(-1), y_test):.3f}, "
+      f"Linen {accuracy(jax.jit(mlp_config.apply)(jax_mlp_params, x_test).argmax(-1), y_test):.3f}, "
       f"NNX {accuracy(nnx_mlp(x_test).argmax(-1), y_test):.3f}; "
       f"classical baseline (scikit-learn logistic regression) {baseline.score(x_test, y_test):.3f}")
 display(timing_table({"PyTorch (eager)": torch_mlp_times, "Linen (jit)": jax_mlp_times,
@@ -285,7 +284,7 @@ np.testing.assert_allclose(jax_cnn_losses[:10], torch_cnn_losses[:10], rtol=1e-4
 torch_cnn.eval()
 with torch.no_grad():
     torch_digits = torch_cnn(torch.from_numpy(digits_test)).argmax(-1).numpy()
-jax_digits = jax.jit(make_apply(cnn_config))(jax_cnn_params, digits_test).argmax(-1)
+jax_digits = jax.jit(cnn_config.apply)(jax_cnn_params, digits_test).argmax(-1)
 print(f"test accuracy on {len(digits_test)} digits: PyTorch {accuracy(torch_digits, digits_test_y):.3f}, "
       f"JAX {accuracy(jax_digits, digits_test_y):.3f}; predictions differ on "
       f"{int(np.sum(torch_digits != np.asarray(jax_digits)))} images")

@@ -91,9 +91,9 @@ twin = t_rnn.from_config(config)
 params = interop.from_torch(config, twin.state_dict())
 print(jax.tree_util.tree_map(jnp.shape, params))
 
-forward = rnn.make_forward(config)            # jitted: (params, tokens, hidden=None) -> (logits, hidden)
+forward = jax.jit(config.forward)             # (params, tokens, hidden) -> (logits, hidden)
 tokens = batches[0]["inputs"][:8]
-logits, hidden = forward(params, tokens)
+logits, hidden = forward(params, tokens, config.init_cache(tokens.shape[0]))
 with torch.no_grad():
     t_logits, t_hidden = twin(torch.from_numpy(tokens).long())
 print("max |logits gap|:", float(np.max(np.abs(np.asarray(logits) - t_logits.numpy()))),
@@ -234,25 +234,24 @@ display(timing_table({"PyTorch twin (eager)": torch_times, "Flax + make_train_st
 #
 # An RNN's hidden state `[layers, batch, D]` summarises everything read so far — it is the model's
 # entire cache. Feeding a sequence in chunks, passing the returned hidden state back in, gives the
-# same logits as one full pass; so does feeding it one token at a time (`rnn.make_step`: O(1) work
+# same logits as one full pass; so does feeding it one token at a time (`[batch, 1]` tokens: O(1) work
 # per token). The PyTorch twin takes and returns the hidden state the same way.
 
 # %%
 params = state.params
 stream = val_ids[: 4 * CONTEXT][None, :].astype(np.int32)             # one row, 4 * CONTEXT tokens
-full_logits, _ = forward(params, stream)
+full_logits, _ = forward(params, stream, config.init_cache(1))
 
-hidden, chunked = None, []
+hidden, chunked = config.init_cache(1), []
 for chunk in np.split(stream, 4, axis=1):                              # 4 calls, one compiled program
     chunk_logits, hidden = forward(params, chunk, hidden)
     chunked.append(chunk_logits)
 chunked = jnp.concatenate(chunked, axis=1)
 
-step = rnn.make_step(config)                                           # one token, carried hidden
-hidden, stepped = None, []
+hidden, stepped = config.init_cache(1), []                             # one token at a time, carried hidden
 for t in range(stream.shape[1]):
-    token_logits, hidden = step(params, stream[:, t], hidden)
-    stepped.append(token_logits)
+    token_logits, hidden = forward(params, stream[:, t:t + 1], hidden)
+    stepped.append(token_logits[:, 0])
 stepped = jnp.stack(stepped, axis=1)
 
 twin_now = t_rnn.from_config(config)
@@ -279,7 +278,7 @@ prompt = encode(encoding, "HAMLET.\nTo be, or not to be")
 
 
 def jax_greedy():
-    return sample_recurrent(forward, rnn.make_step(config), params, prompt, vocab_size=config.vocab_size,
+    return sample_recurrent(config, params, prompt,
                             max_new_tokens=GEN_TOKENS, key=jax.random.PRNGKey(SEED), temperature=0.0)
 
 

@@ -325,17 +325,17 @@ display(timing_table(generation_times))
 # goes in and comes out of every step; nothing is hidden in the model.
 
 # %%
-forward = tr.make_forward(dec_config, jit=False)      # (params, tokens, positions=None, cache=None) -> (logits, cache)
+forward = dec_config.forward                          # (params, tokens, cache) -> (logits, cache)
 
 
 def greedy_scan(params, prompt_ids, steps):
-    cache = tr.init_cache(dec_config, 1, MAX_LEN)
-    logits, cache = forward(params, prompt_ids, cache=cache)            # prefill: slots 0..P-1
+    cache = dec_config.init_cache(1, MAX_LEN)
+    logits, cache = forward(params, prompt_ids, cache)                  # prefill: slots 0..P-1
 
     def body(carry, _):                                                 # the carry keeps its shapes
         last_logits, cache = carry                                      # [1, vocab], the cache pytree
         token = jnp.argmax(last_logits, axis=-1).astype(jnp.int32)      # [1]
-        logits, cache = forward(params, token[:, None], cache=cache)    # one position, at slot cache.lengths
+        logits, cache = forward(params, token[:, None], cache)          # one position, at slot cache.lengths
         return (logits[:, -1], cache), token[0]
 
     _, new_tokens = jax.lax.scan(body, (logits[:, -1], cache), None, length=steps)
@@ -348,7 +348,9 @@ dec_trained = runs["Burkov decoder"]["params"]
 by_hand = greedy_scan_jit(dec_trained, prompt_ids, steps=NEW_TOKENS).tolist()
 assert by_hand == jax_kv_cache(dec_config, dec_trained)
 print("the hand-written scan gives generate's tokens:", True)
-print("cache k/v:", tr.init_cache(dec_config, 1, MAX_LEN).k.shape, "= [layers, batch, max_len, heads, head_dim]")
+empty = dec_config.init_cache(1, MAX_LEN)
+print(f"cache: {empty.num_layers} layers of keys and values, each", empty.keys[0].shape,
+      "= [batch, kv_heads, max_len, head_dim]")
 for steps in (4, NEW_TOKENS):
     jaxpr = jax.make_jaxpr(greedy_scan, static_argnums=2)(dec_trained, prompt_ids, steps).jaxpr
     names = [eqn.primitive.name for eqn in jaxpr.eqns]
