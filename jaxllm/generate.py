@@ -147,6 +147,20 @@ def _generate(model, params, tokens, lengths, cache, key, *, max_new_tokens, tem
     return final.out, final.step, final.cache
 
 
+SMALLEST_BUCKET = 16
+
+
+def prompt_bucket(longest: int, max_len: int) -> int:
+    """The padded prompt width for a longest prompt of ``longest`` tokens: the next power of two
+    from ``SMALLEST_BUCKET`` on, at most ``max_len`` (the cache). A new prompt length then reuses
+    the compiled decode loop of its bucket instead of compiling another (a few seconds on CPU);
+    the pad slots past each row's length are masked and overwritten as decoding proceeds."""
+    width = SMALLEST_BUCKET
+    while width < longest:
+        width *= 2
+    return min(width, max_len)
+
+
 def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, key, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              max_len: int | None = None) -> list[list[int]]:
@@ -159,9 +173,9 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, ke
     ``max_len``) is the cache length; a GPT-2 cache may not be longer than ``context_length`` (its
     learned positions). Every prompt must satisfy ``len(prompt) + max_new_tokens <= max_len``,
     else ``ValueError``: nothing is cut here (``train/lm.py``'s ``sample_text`` announces its
-    cuts). Ragged prompts are right-padded (with id 0) and prefilled in one call; then each row's
-    ``lengths`` is set to its real length, so the pads are never attended to (causal) and get
-    overwritten. Decoding runs in one jitted ``lax.while_loop`` carrying a ``DecodeState``, the cache
+    cuts). Ragged prompts are right-padded (with id 0) to a length bucket (``prompt_bucket``: a new
+    prompt length does not recompile) and prefilled in one call; then each row's ``lengths`` is set
+    to its real length, so the pads are never attended to (causal) and get overwritten. Decoding runs in one jitted ``lax.while_loop`` carrying a ``DecodeState``, the cache
     updated in place; step ``i`` samples with ``fold_in(key, i)`` (one key for the batch; rows draw
     independently). Sampling follows ``sample_logits`` (greedy at ``temperature == 0``). With
     ``eos_id``, a row stops at its first EOS: its list ends with that EOS (included), and the loop
@@ -200,7 +214,7 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, ke
                          "shorten the prompt or generate fewer tokens")
     cache = model.init_cache(len(rows), int(max_len))  # refuses a cache past GPT-2's learned positions
 
-    tokens = np.zeros((len(rows), longest), np.int32)
+    tokens = np.zeros((len(rows), prompt_bucket(longest, int(max_len))), np.int32)
     for b, r in enumerate(rows):
         tokens[b, :len(r)] = r
     lengths = np.array([len(r) for r in rows], np.int32)

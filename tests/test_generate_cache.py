@@ -211,3 +211,19 @@ def test_gpt2_plugs_into_the_same_generator():
     assert fast == reference_greedy(config, params, PROMPTS, 8)
     with pytest.raises(ValueError, match="context_length"):
         generate(config, params, PROMPTS, max_new_tokens=8, key=jax.random.PRNGKey(0), max_len=30)
+
+
+def test_prompt_lengths_in_one_bucket_share_one_compiled_loop():
+    """Prompts are padded to a length bucket, so a new prompt length reuses the compiled decode
+    loop (and still decodes exactly as full recomputation does)."""
+    from jaxllm.generate import SMALLEST_BUCKET, _generate, prompt_bucket
+
+    assert [prompt_bucket(n, 40) for n in (1, SMALLEST_BUCKET, SMALLEST_BUCKET + 1, 39)] == \
+        [SMALLEST_BUCKET, SMALLEST_BUCKET, 2 * SMALLEST_BUCKET, 40]
+    params = params_of(BURKOV)
+    generate(BURKOV, params, [[3, 1]], max_new_tokens=4, key=jax.random.PRNGKey(0))
+    compiled = _generate._cache_size()
+    for prompt in ([5, 2, 8], [1] * 9, PROMPTS[2]):
+        got = generate(BURKOV, params, [prompt], max_new_tokens=4, key=jax.random.PRNGKey(0))
+        assert got == reference_greedy(BURKOV, params, [prompt], 4)
+    assert _generate._cache_size() == compiled
