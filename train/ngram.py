@@ -23,7 +23,8 @@ from jaxllm.training.metrics import MetricsLog, write_json
 
 
 def main(argv=None) -> dict:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           compile_cache=False)  # counts n-grams in numpy: nothing to compile
     p.add_argument("--out", default="runs/ngram")
     p.add_argument("--text", nargs="+", default=None, help="text files to use instead of Shakespeare")
     p.add_argument("--seed", type=cli.non_negative_int, default=0, help="seed for the split and the sample")

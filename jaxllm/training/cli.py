@@ -90,7 +90,27 @@ def int_list(low: int = 1) -> Callable[[str], list[int]]:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the scripts' one-line errors: a refused flag prints ``error: argument --steps:
     must be >= 1, got 0 (see lm.py --help)`` and exits 2, the form ``run`` gives errors found later
-    (the full usage stays in ``--help`` rather than burying the line that matters)."""
+    (the full usage stays in ``--help`` rather than burying the line that matters).
+
+    Every job that compiles gets ``--no-compile-cache``: parsing turns on JAX's persistent
+    compilation cache (``jaxllm.compile_cache``) unless the flag is given, so a second run of the
+    same job skips most of its compile time. ``compile_cache=False`` for a job that compiles nothing."""
+
+    def __init__(self, *args, compile_cache: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.compile_cache = compile_cache
+        if compile_cache:
+            self.add_argument("--no-compile-cache", action="store_true",
+                              help="compile from scratch: do not read or write JAX's persistent compilation cache "
+                                   "($JAXLLM_COMPILATION_CACHE, default ~/.cache/jaxllm/xla)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        if self.compile_cache:
+            from jaxllm import compile_cache
+
+            compile_cache.enable(not parsed.no_compile_cache)
+        return parsed, rest
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
