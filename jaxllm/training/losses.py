@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -55,6 +56,17 @@ def mean_squared_error(apply_fn: Callable) -> Callable:
 LOSSES = {"softmax": softmax_cross_entropy, "binary": binary_cross_entropy, "mse": mean_squared_error}
 
 
+def is_argmax(logits, targets):
+    """bool[...]: ``argmax(logits, -1) == targets`` (the first maximum wins a tie, as in
+    ``jnp.argmax``), from two plain reductions -- XLA's CPU argmax (a value-and-index reduction)
+    was 4 % of a GPT-2 training step on 2 cores."""
+    top = jnp.max(logits, -1, keepdims=True)
+    label = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), -1)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    earlier_max = jnp.any((logits == top) & (index < targets[..., None]), -1)
+    return (label[..., 0] == top[..., 0]) & ~earlier_max
+
+
 def lm_cross_entropy(logits_fn: Callable, pad_id: int | None = None) -> Callable:
     """Next-token cross-entropy, mean over the targets that are not ``pad_id``.
 
@@ -74,7 +86,7 @@ def lm_cross_entropy(logits_fn: Callable, pad_id: int | None = None) -> Callable
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
         mask = keep.astype(ce.dtype)
         count = mask.sum()
-        correct = (jnp.argmax(logits, -1) == targets) * mask
+        correct = is_argmax(logits, safe) * mask
         aux = {"accuracy": correct.sum() / jnp.maximum(count, 1.0), "targets": count}
         return (ce * mask).sum() / jnp.maximum(count, 1.0), aux
 
