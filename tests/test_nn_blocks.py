@@ -8,7 +8,7 @@ import torch
 
 from jaxllm.nn.norms import LayerNorm, RMSNorm
 from jaxllm.nn.rope import interleaved_to_half, rope_angles, rope_interleaved, rope_rotate_half
-from parity import OUTPUT, assert_close
+from parity import GRAD, OUTPUT, assert_close
 
 pytestmark = pytest.mark.optimized  # parity: compiled as users run it (see conftest.py)
 
@@ -94,3 +94,33 @@ def test_layernorm_matches_raschka_formula():
     t = torch.from_numpy(x)
     ref = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, keepdim=True, unbiased=False) + 1e-5)
     assert_close(LayerNorm().apply(params, x), ref.numpy(), OUTPUT, err_msg="LayerNorm vs Raschka's formula")
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_norm_gradients_match_torch_autograd_of_the_formula(kind):
+    """The norms' hand-written backward against PyTorch's autograd of the books' formulas, with a
+    non-trivial scale/shift and an upstream gradient that is not all ones (3-D input: the parameter
+    gradients sum over batch and time)."""
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((2, 5, 12)) * 2 + 0.5).astype(np.float32)
+    upstream = rng.standard_normal(x.shape).astype(np.float32)
+    scale = (1 + 0.3 * rng.standard_normal(12)).astype(np.float32)
+    shift = (0.3 * rng.standard_normal(12)).astype(np.float32)
+    if kind == "layernorm":
+        module, params = LayerNorm(), {"params": {"scale": scale, "shift": shift}}
+    else:
+        module, params = RMSNorm(eps=1e-6), {"params": {"scale": scale}}
+
+    grads = jax.grad(lambda p, x: jnp.sum(module.apply(p, x) * upstream), argnums=(0, 1))(params, jnp.asarray(x))
+
+    tx, tscale, tshift = (torch.tensor(a, requires_grad=True) for a in (x, scale, shift))
+    if kind == "layernorm":
+        centred = tx - tx.mean(-1, keepdim=True)
+        y = centred / torch.sqrt(tx.var(-1, keepdim=True, unbiased=False) + 1e-5) * tscale + tshift
+    else:
+        y = tx / torch.sqrt(tx.pow(2).mean(-1, keepdim=True) + 1e-6) * tscale
+    (y * torch.from_numpy(upstream)).sum().backward()
+    assert_close(grads[1], tx.grad.numpy(), GRAD, err_msg=f"{kind} input gradient")
+    assert_close(grads[0]["params"]["scale"], tscale.grad.numpy(), GRAD, err_msg=f"{kind} scale gradient")
+    if kind == "layernorm":
+        assert_close(grads[0]["params"]["shift"], tshift.grad.numpy(), GRAD, err_msg="layernorm shift gradient")
