@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +90,21 @@ def test_train_suite_via_the_command_line(tmp_path):
         assert_close(row["jax"]["loss0"], row["torch_eager"]["loss0"], OUTPUT, err_msg=f"{row['case']} first loss")
         assert positive(row["ratios"]["jax_vs_eager"])
     assert "linear/tiny" in saved["table"]
+
+
+def test_compile_suite_fills_a_new_cache_cold_and_reuses_it_warm(tmp_path):
+    """Two fresh processes per case on one new cache: the first writes compiled programs, the
+    second finds every one it needs (no new entries)."""
+    out = main(["compile", "--families", "gpt2", "--sizes", "tiny", "--out", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "compile.json").read_text())["rows"]
+    assert row["case"] == "gpt2/tiny" == out["compile"]["rows"][0]["case"]
+    cold, warm = row["cold"], row["warm"]
+    assert cold["cache"] == warm["cache"] and not os.path.exists(cold["cache"])  # a temporary directory
+    assert cold["entries_before"] == 0 and cold["entries_after"] > 0
+    assert warm["entries_before"] == warm["entries_after"] == cold["entries_after"]
+    for side in (cold, warm):
+        assert positive(side["first_step_s"]) and positive(side["median_step_s"])
+    assert "gpt2/tiny" in out["compile"]["table"]
 
 
 def test_train_case_of_a_language_model():

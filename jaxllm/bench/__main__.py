@@ -1,4 +1,4 @@
-"""``python -m jaxllm.bench [train] [generate] [rnn] [parallel] [flags]``: print tables, write JSON.
+"""``python -m jaxllm.bench [train] [generate] [rnn] [parallel] [compile] [flags]``: print tables, write JSON.
 
 Each suite prints a table and writes ``<out>/<suite>.json`` (default ``runs/bench/``) holding
 the machine (cores, CPU, load, torch and XLA threads and flags, versions), the settings and
@@ -10,6 +10,8 @@ JAX starts unless ``XLA_FLAGS`` already names a count), so the ``train`` suite c
 data-parallel row beside the single-device one; ``--host-devices 1`` turns that off.
 ``--gpu-preset`` (``train``/``generate`` on a GPU) benchmarks GPT-2 124M in bfloat16 and reports
 model-FLOPs utilisation against ``--peak-tflops`` (known for H100/H200 SXM: 989 bf16 dense).
+``compile`` times a new process's first training step with an empty persistent compilation
+cache (cold) and again in a second process that finds it filled (warm).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import sys
 import time
 
-SUITES = ("train", "generate", "rnn", "parallel")
+SUITES = ("train", "generate", "rnn", "parallel", "compile")
 DEFAULT_SUITES = ("train", "generate", "rnn")
 
 
