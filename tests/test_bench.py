@@ -252,3 +252,23 @@ def test_causal_attention_matches_the_einsum_reference(heads, kv_heads, dtype, t
             assert_close(g, r, GRAD, err_msg="attention gradient")
         else:
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), atol=tol * 10, rtol=tol)
+
+
+def test_gpu_preset_refuses_a_cpu_and_its_code_runs_on_a_tiny_gpt2():
+    """The GPU preset's measuring code, run on CPU at a tiny size (the preset itself needs a GPU)."""
+    from jaxllm.bench import gpu
+    from jaxllm.models.gpt2 import GPT2Config
+
+    with pytest.raises(ValueError, match="JAX sees only the CPU"):
+        main(["train", "--gpu-preset", "--rounds", "1"])
+    config = GPT2Config(vocab_size=64, context_length=16, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0)
+    row = gpu.measure_train(config, 2, rounds=2, warmup=0, peak_tflops=1.0)
+    # by hand: tok_emb 64*32 + block (Q, K, V 3*32*32; out_proj 32*32+32; ff 32*128+128 + 128*32+32;
+    # two norms 2*64) + final norm 64 + out_head 32*64; the 16*32 position table is left out
+    n = 2048 + (3072 + 1056 + 8352 + 128) + 64 + 2048
+    assert row["flops_per_token"] == 6 * n + 12 * 1 * 32 * 16
+    assert positive(row["tokens_per_s"]) and np.isfinite(row["loss"])
+    assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / 1e12)
+    assert gpu.device_peak_tflops("NVIDIA H100 80GB HBM3", None) == 989.0 and gpu.device_peak_tflops("cpu", None) is None
+    decode = gpu.measure_generate(config, 2, new_tokens=4, prompt_tokens=3)
+    assert positive(decode["ms_per_token"])
