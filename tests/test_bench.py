@@ -272,3 +272,16 @@ def test_gpu_preset_refuses_a_cpu_and_its_code_runs_on_a_tiny_gpt2():
     assert gpu.device_peak_tflops("NVIDIA H100 80GB HBM3", None) == 989.0 and gpu.device_peak_tflops("cpu", None) is None
     decode = gpu.measure_generate(config, 2, new_tokens=4, prompt_tokens=3)
     assert positive(decode["ms_per_token"])
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_the_gpu_fused_attention_call_matches_the_einsum_reference(heads, kv_heads):
+    """The call causal_attention makes on a GPU in bf16 (jax.nn.dot_product_attention), run here with
+    its XLA implementation: same layout, causal mask, scale and grouped-query heads as ours."""
+    rng = np.random.default_rng(1)
+    b, t, dh = 2, 6, 8
+    q = jnp.asarray(rng.standard_normal((b, t, heads, dh)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, t, kv_heads, dh)), jnp.float32) for _ in range(2))
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    got = attention.fused_causal_attention(q, k, v, implementation="xla").reshape(b, t, heads * dh)
+    assert_close(got, einsum_attention(q, k, v, causal), OUTPUT, err_msg="fused attention values")

@@ -135,17 +135,28 @@ def causal_attention(q, k, v, *, dropout_rate: float = 0.0, dropout_key=None):
     """
     b, t, h, dh = q.shape
     kv = k.shape[2]
+    dropout = dropout_key is not None and dropout_rate > 0.0
+    if not dropout and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() in ("gpu", "cuda", "rocm"):
+        return fused_causal_attention(q, k, v).reshape(b, t, h * dh)
     if kv != h:  # grouped-query: repeat each KV head for its group (the gradient sums the copies)
         k, v = jnp.repeat(k, h // kv, axis=2), jnp.repeat(v, h // kv, axis=2)
     q = q * jnp.asarray(1.0 / np.sqrt(dh), q.dtype)  # scale the small Q, not the [T, T] scores
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # heads first: [B, H, T, dh]
     mask = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [T, T], True on and below the diagonal
-    if dropout_key is not None and dropout_rate > 0.0:
+    if dropout:
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, (b, h, t, t))
         out = _dropped_softmax_attention(q, k, v, mask, keep.astype(jnp.float32) / (1.0 - dropout_rate))
     else:
         out = _softmax_attention(q, k, v, mask)
     return jnp.swapaxes(out, 1, 2).reshape(b, t, h * dh)
+
+
+def fused_causal_attention(q, k, v, implementation=None):
+    """``jax.nn.dot_product_attention`` (causal, scale 1/sqrt(dh), grouped-query heads as they come):
+    on a GPU in bf16/fp16 without dropout, JAX picks cuDNN's fused flash attention
+    (``implementation=None``); elsewhere ``causal_attention``'s own path is used. q float[B, T, H, dh],
+    k, v float[B, T, KV, dh] -> float[B, T, H, dh]."""
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
 
 def _attention_forward(q, k, v, mask, keep=None):
