@@ -67,7 +67,7 @@ def test_lm_resume_matches_an_uninterrupted_run(load_script, corpus, tmp_path):
 def test_lm_refuses_bad_input(load_script, corpus, tmp_path):
     lm = load_script("lm")
     with pytest.raises(ValueError, match="context"):
-        lm.main(small(corpus, tmp_path / "a", "decoder", "--steps", "2", "--context", "100000"))
+        lm.main(small(corpus, tmp_path / "a", "decoder", "--steps", "2", "--context", "10000000"))
     with pytest.raises(ValueError, match="preset"):
         lm.main(["--text", corpus, "--model", "decoder", "--preset", "gpt2_124m", "--out", str(tmp_path / "b")])
     gen = load_script("generate")

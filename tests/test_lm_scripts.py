@@ -52,7 +52,7 @@ def test_rnn_lm_refuses_bad_input(load_script, corpus, tmp_path):
     with pytest.raises(ValueError, match="empty"):
         rnn_lm.main(["--text", str(empty), "--out", str(tmp_path / "b")])
     with pytest.raises(ValueError, match="context"):
-        rnn_lm.main(["--text", corpus, "--vocab-size", "300", "--context", "100000", "--out", str(tmp_path / "c")])
+        rnn_lm.main(["--text", corpus, "--vocab-size", "300", "--context", "10000000", "--out", str(tmp_path / "c")])
 
 
 def test_rnn_lm_resume_reuses_the_tokenizer_and_continues(load_script, corpus, tmp_path):
