@@ -18,6 +18,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))  # tests/parity.py helper
 # notebooks, forced-device workers) too.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+# The training scripts split each batch over one CPU device per core by default (jaxllm.cpu_devices);
+# here two xdist workers already share the cores, and a script called in-process must not change
+# the device count of the worker's later tests: every test process gets one device unless a test
+# asks (tests/test_flags.py checks the default in a subprocess without this variable).
+os.environ.setdefault("JAXLLM_CPU_DEVICES", "1")
+
 # One directory per test session, shared by the xdist workers and every process they start
 # (created by the first process to import this file -- pytest itself, before the workers -- and
 # removed by it at the end):

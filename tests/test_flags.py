@@ -7,6 +7,7 @@ after parsing, before the tokenizer is trained; a warmup as long as the run is c
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -216,8 +217,10 @@ def test_short_runs_just_work(load_script, tmp_path, capsys, flags, note):
 
 # --- the issue's two command lines, as commands ---------------------------------------------------
 
-def run_lm(*args):
+def run_lm(*args, default_devices: bool = False):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    if default_devices:  # what a user gets: one CPU device per core (the suite sets 1, see conftest.py)
+        env.pop("JAXLLM_CPU_DEVICES", None)
     return subprocess.run([sys.executable, "train/lm.py", *args], cwd=ROOT, capture_output=True, text=True,
                           env=env, timeout=600)
 
@@ -230,13 +233,40 @@ def test_lm_refuses_sample_tokens_0_before_writing_anything(tmp_path):
     assert not out.exists(), "no tokenizer.json (nor anything else) may be left behind"
 
 
-def test_lm_short_run_clamps_the_default_warmup(tmp_path):
+def test_lm_short_run_clamps_the_default_warmup_and_splits_the_batch_over_the_cores(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
     out = tmp_path / "run"
     done = run_lm("--preset", "tiny", "--steps", "20", "--out", str(out), "--no-progress", "--text", str(corpus),
                   "--context", "16", "--vocab-size", "300", "--batch-size", "8", "--eval-batch-size", "64",
-                  "--sample-tokens", "5")
+                  "--sample-tokens", "5", default_devices=True)
     assert done.returncode == 0, done.stderr
     assert "note: --warmup-steps 100 clamped to 19 (the run has 20 steps)" in done.stdout.splitlines()
     assert (out / "summary.json").exists() and (out / "checkpoints" / "20").exists()
+    cores = os.cpu_count()
+    expected = {"strategy": "sharded", "devices": cores} if cores in (2, 4, 8) else None
+    if expected is not None:  # batch 8 splits over 2, 4 or 8 cores
+        assert json.loads((out / "summary.json").read_text())["parallel"] == expected
+
+
+def test_auto_uses_the_most_devices_that_divide_the_batch(capsys):
+    devices = ["d0", "d1", "d2", "d3"]  # only counted and sliced
+    assert cli._devices_dividing(12, 1, devices) == devices and capsys.readouterr().out == ""
+    assert cli._devices_dividing(10, 1, devices) == ["d0", "d1"]
+    assert "note: --batch-size 10 does not split over 4 devices x --accum-steps 1: training on 2 device(s)" \
+        in capsys.readouterr().out
+    assert cli._devices_dividing(455, 1, devices) == ["d0"]  # logreg's odd batch: one device
+    assert cli._devices_dividing(12, 4, devices) == ["d0", "d1", "d2"]
+
+
+def test_the_cpu_device_count_is_checked_and_a_fixed_count_left_alone(monkeypatch):
+    from jaxllm import cpu_devices
+
+    monkeypatch.setenv("JAXLLM_CPU_DEVICES", "two")
+    with pytest.raises(ValueError, match="JAXLLM_CPU_DEVICES must be a whole number of devices >= 1, got 'two'"):
+        cpu_devices.request()
+    monkeypatch.setenv("JAXLLM_CPU_DEVICES", "2")
+    import jax
+
+    jax.devices()  # this process's backend is running: its device count can no longer change
+    assert cpu_devices.request() is None and cpu_devices.request(4) is None

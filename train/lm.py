@@ -17,7 +17,8 @@ window (the first target of each window sees one token, the last sees ``--contex
 perplexity and bits per character (total NLL over the characters of the scored text) go to
 summary.json with the wall time and parameter count; a KV-cached sample goes to sample.txt.
 
-Devices and memory: ``--parallel`` picks the device strategy (auto: data-parallel ``sharded`` on
+Devices and memory: on a CPU the batch is split over one JAX device per core (``--cpu-devices``,
+``jaxllm.cpu_devices``); ``--parallel`` picks the device strategy (auto: data-parallel ``sharded`` on
 several devices; ``fsdp`` also splits params and optimiser state; ``shard_map``; ``pmap``) and
 ``--accum-steps k`` splits each ``--batch-size`` batch into k micro-batches -- the update is the
 same either way, only memory and speed change. ``--dtype bfloat16`` computes in bf16 with fp32

@@ -110,6 +110,10 @@ class ArgumentParser(argparse.ArgumentParser):
             from jaxllm import compile_cache
 
             compile_cache.enable(not parsed.no_compile_cache)
+        if hasattr(parsed, "cpu_devices"):  # a job with --parallel: its CPU devices, before JAX starts
+            from jaxllm import cpu_devices
+
+            cpu_devices.request(parsed.cpu_devices)
         return parsed, rest
 
     def error(self, message: str):
@@ -163,6 +167,9 @@ def add_parallel_flags(p: argparse.ArgumentParser, *, precision: bool = True) ->
                    help="device strategy: single | sharded (jit + NamedSharding, batch split, params replicated) "
                         "| fsdp (params and optimiser state split too) | shard_map (per-device code, explicit "
                         "psum) | pmap (classic, maintenance mode); auto = sharded on several devices, else single")
+    g.add_argument("--cpu-devices", type=positive_int, default=None,
+                   help="on a CPU: JAX host devices to split the batch over (default $JAXLLM_CPU_DEVICES, else one "
+                        "per core, the fastest setting measured; 1 = one device)")
     g.add_argument("--accum-steps", type=positive_int, default=1,
                    help="split each batch (--batch-size is the global batch per optimiser step) into this many "
                         "micro-batches and accumulate their gradients: the same update, 1/k the activation memory")
@@ -178,10 +185,26 @@ def strategy(args, *, devices=None) -> Strategy:
     before any work, that ``--batch-size`` divides by the devices x ``--accum-steps``."""
     if args.accum_steps < 1:
         raise ValueError(f"--accum-steps must be >= 1, got {args.accum_steps}")
+    rows = getattr(args, "batch_size", None)
+    if args.parallel == "auto" and rows:
+        devices = _devices_dividing(rows, args.accum_steps, devices)
     chosen = make_strategy(None if args.parallel == "auto" else args.parallel, devices=devices)
-    if getattr(args, "batch_size", None):
-        chosen.check_rows(args.batch_size, args.accum_steps)
+    if rows:
+        chosen.check_rows(rows, args.accum_steps)
     return chosen
+
+
+def _devices_dividing(rows: int, accum_steps: int, devices=None) -> list:
+    """``auto``: the most devices (of ``devices``, default all) whose count times ``accum_steps``
+    divides the batch, saying so when that is not all of them."""
+    import jax
+
+    devices = list(devices if devices is not None else jax.devices())
+    n = next((n for n in range(len(devices), 0, -1) if rows % (n * accum_steps) == 0), 1)
+    if n < len(devices):
+        print(f"note: --batch-size {rows} does not split over {len(devices)} devices x --accum-steps {accum_steps}: "
+              f"training on {n} device(s)", flush=True)
+    return devices[:n]
 
 
 def parallel_kwargs(args) -> dict:

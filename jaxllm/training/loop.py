@@ -151,14 +151,15 @@ def fit(
         return _fit(state, train_step, train_data, total=total, out_dir=out_dir, eval_fn=eval_fn,
                     eval_every=eval_every, checkpoint_every=checkpoint_every, keep=keep, resume=resume,
                     config=config, log_every=log_every, progress=progress, units_per_batch=units_per_batch,
-                    unit=unit, title=title, place=place, gather=gather)
+                    unit=unit, title=title, place=place, gather=gather,
+                    devices=None if strategy is None else {"strategy": strategy.name, "devices": strategy.num_devices})
     finally:
         if took_lock:
             unlock_run_dir(out_dir)
 
 
 def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, checkpoint_every, keep, resume,
-         config, log_every, progress, units_per_batch, unit, title, place, gather) -> TrainState:
+         config, log_every, progress, units_per_batch, unit, title, place, gather, devices) -> TrainState:
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
     summary_path = os.path.join(out_dir, "summary.json")
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=keep, config=config)
@@ -309,6 +310,7 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
         "steps_per_s": timed_steps / elapsed if timed_steps > 0 else None,
         f"{unit}_per_s": timed_steps * units_per_batch / elapsed if timed_steps > 0 else None,
         "last_checkpoint": last_saved,
+        "parallel": devices,  # the strategy and its device count
     }
     write_json(summary_path, summary)
     return gather(state)
