@@ -1,8 +1,9 @@
 """One JAX CPU device per core for the training jobs.
 
-On a CPU the data-parallel split of a batch over one host device per core trains 1.13-1.35x
-faster than one device using every core (``python -m jaxllm.bench train``, 2-core EPYC), so the
-training scripts ask for it by default: ``--cpu-devices N`` or ``$JAXLLM_CPU_DEVICES`` choose
+On a CPU the data-parallel split of a batch over one host device per core trains the
+transformers 1.13-1.42x and the CNN 2.4x faster than one device using every core (2-core EPYC), so
+those training scripts ask for it by default (the tiny logistic regression, MLP and Elman RNN run
+faster on one device and keep it): ``--cpu-devices N`` or ``$JAXLLM_CPU_DEVICES`` choose
 another count (1 = one device). It must be set before JAX starts its backends (``jax_num_cpu_devices``);
 a count already chosen -- ``XLA_FLAGS=--xla_force_host_platform_device_count``, the config option,
 or a backend already running in this process -- is left alone. It only concerns JAX's CPU
@@ -16,9 +17,10 @@ import os
 ENV = "JAXLLM_CPU_DEVICES"
 
 
-def request(count: int | None = None) -> int | None:
-    """Ask for ``count`` CPU devices (default ``$JAXLLM_CPU_DEVICES``, else one per core); returns
-    the count asked for, or None when the count was already fixed and is left alone."""
+def request(count: int | None = None, *, per_core: bool = True) -> int | None:
+    """Ask for ``count`` CPU devices (default ``$JAXLLM_CPU_DEVICES``, else one per core, or one
+    with ``per_core=False``); returns the count asked for, or None when the count was already fixed
+    and is left alone."""
     import jax
     from jax._src import xla_bridge
 
@@ -32,6 +34,6 @@ def request(count: int | None = None) -> int | None:
     if xla_bridge.backends_are_initialized() or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") \
             or jax.config.values.get("jax_num_cpu_devices", -1) not in (-1, None):
         return None
-    count = count or os.cpu_count() or 1
+    count = count or (os.cpu_count() or 1 if per_core else 1)
     jax.config.update("jax_num_cpu_devices", count)
     return count

@@ -21,7 +21,7 @@ from jaxllm.training.supervised import train_supervised
 
 
 def main(argv=None) -> dict:
-    parser = cli.make_parser(__doc__, out="runs/linreg", epochs=100, lr=0.1, optimizer="sgd")
+    parser = cli.make_parser(__doc__, split_cpu=False, out="runs/linreg", epochs=100, lr=0.1, optimizer="sgd")
     parser.add_argument("--points", type=cli.positive_int, default=10, help="number of (x, y) points")
     args = cli.parse_args(parser, argv)
     x, y = linear_toy(args.points, seed=args.seed)

@@ -21,7 +21,7 @@ from jaxllm.training.supervised import train_supervised
 
 
 def main(argv=None) -> dict:
-    parser = cli.make_parser(__doc__, out="runs/logreg", epochs=3000, lr=1e-3, optimizer="sgd", log_every=100,
+    parser = cli.make_parser(__doc__, split_cpu=False, out="runs/logreg", epochs=3000, lr=1e-3, optimizer="sgd", log_every=100,
                              precision=False)
     args = cli.parse_args(parser, argv)
     x, y = will_buy()

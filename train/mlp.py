@@ -19,7 +19,7 @@ from jaxllm.training.supervised import train_supervised
 
 
 def main(argv=None) -> dict:
-    parser = cli.make_parser(__doc__, out="runs/mlp", epochs=30, lr=3e-3, batch_size=32, precision=False)
+    parser = cli.make_parser(__doc__, split_cpu=False, out="runs/mlp", epochs=30, lr=3e-3, batch_size=32, precision=False)
     parser.add_argument("--hidden", type=cli.positive_int, nargs="+", default=[30, 20], help="hidden layer widths")
     args = cli.parse_args(parser, argv)
     train, test = breast_cancer(seed=args.seed)

@@ -28,7 +28,7 @@ from jaxllm.training.metrics import update_json
 
 
 def main(argv=None) -> dict:
-    parser = cli.make_parser(__doc__, out="runs/rnn_lm", epochs=5, lr=3e-3, batch_size=16, weight_decay=0.01,
+    parser = cli.make_parser(__doc__, split_cpu=False, out="runs/rnn_lm", epochs=5, lr=3e-3, batch_size=16, weight_decay=0.01,
                              log_every=50, precision=False)
     # Tuned on the default split to beat the n-gram baseline in under 10 minutes on 2 CPU cores
     # (see README): small batches, clipped gradients, a short warmup and a cosine decay.

@@ -113,7 +113,7 @@ class ArgumentParser(argparse.ArgumentParser):
         if hasattr(parsed, "cpu_devices"):  # a job with --parallel: its CPU devices, before JAX starts
             from jaxllm import cpu_devices
 
-            cpu_devices.request(parsed.cpu_devices)
+            cpu_devices.request(parsed.cpu_devices, per_core=parsed.split_cpu)
         return parsed, rest
 
     def error(self, message: str):
@@ -122,9 +122,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def make_parser(description: str, *, out: str, epochs: int, lr: float, optimizer: str = "adamw",
                 batch_size: int | None = None, weight_decay: float = 0.0, momentum: float = 0.0,
-                log_every: int = 10, precision: bool = True) -> argparse.ArgumentParser:
+                log_every: int = 10, precision: bool = True, split_cpu: bool = True) -> argparse.ArgumentParser:
     """The shared flags. ``precision=False`` leaves out ``--dtype``/``--remat`` for a script that
-    cannot honour them (better no flag than one silently ignored)."""
+    cannot honour them (better no flag than one silently ignored). ``split_cpu=False``: on a CPU the
+    job defaults to one device (a model so small that splitting its batch costs more than it saves)."""
     p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=out, help="output directory (metrics.jsonl, summary.json, loss.png, checkpoints/)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed for init, data order and splits")
@@ -151,7 +152,7 @@ def make_parser(description: str, *, out: str, epochs: int, lr: float, optimizer
                    help="delete a previous run's outputs in --out first (otherwise they are kept and the run refused)")
     p.add_argument("--log-every", type=positive_int, default=log_every, help="fetch and log metrics every N steps")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_parallel_flags(p, precision=precision)
+    add_parallel_flags(p, precision=precision, split_cpu=split_cpu)
     return p
 
 
@@ -159,17 +160,19 @@ PARALLEL_CHOICES = ("auto", *STRATEGIES)
 DTYPES = ("float32", "bfloat16")
 
 
-def add_parallel_flags(p: argparse.ArgumentParser, *, precision: bool = True) -> None:
-    """``--parallel``, ``--accum-steps`` (jaxllm.training.parallel) and, with ``precision``,
-    ``--dtype`` (jaxllm.training.precision) and ``--remat`` (the transformer configs' flag)."""
+def add_parallel_flags(p: argparse.ArgumentParser, *, precision: bool = True, split_cpu: bool = True) -> None:
+    """``--parallel``, ``--cpu-devices``, ``--accum-steps`` (jaxllm.training.parallel) and, with
+    ``precision``, ``--dtype`` (jaxllm.training.precision) and ``--remat`` (the transformer configs'
+    flag). ``split_cpu``: on a CPU, default to one device per core (else one device)."""
     g = p.add_argument_group("devices and memory")
+    p.set_defaults(split_cpu=split_cpu)
     g.add_argument("--parallel", choices=PARALLEL_CHOICES, default="auto",
                    help="device strategy: single | sharded (jit + NamedSharding, batch split, params replicated) "
                         "| fsdp (params and optimiser state split too) | shard_map (per-device code, explicit "
                         "psum) | pmap (classic, maintenance mode); auto = sharded on several devices, else single")
     g.add_argument("--cpu-devices", type=positive_int, default=None,
-                   help="on a CPU: JAX host devices to split the batch over (default $JAXLLM_CPU_DEVICES, else one "
-                        "per core, the fastest setting measured; 1 = one device)")
+                   help="on a CPU: JAX host devices to split the batch over (default $JAXLLM_CPU_DEVICES, else "
+                        + ("one per core" if split_cpu else "1") + ", what measured fastest for this job)")
     g.add_argument("--accum-steps", type=positive_int, default=1,
                    help="split each batch (--batch-size is the global batch per optimiser step) into this many "
                         "micro-batches and accumulate their gradients: the same update, 1/k the activation memory")
