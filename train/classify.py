@@ -51,7 +51,7 @@ from jaxllm.training.losses import classification_loss, last_token_logits
 from jaxllm.training.metrics import update_json, write_json
 from jaxllm.training.precision import mixed_precision
 
-# Measured on the `make demo` base (Burkov decoder, BPE 512) with the VADER snippets: see README.
+# Measured on a Burkov-decoder base (lm.py's defaults, BPE 512) with the VADER snippets: see README.
 DEFAULT_LR = {"lora": 8e-4, "last_block": 3e-3, "head": 1e-3, "full": 5e-4}
 # last-block on the small demo base: constant 1e-3 gave test +8.5 points over the majority class,
 # 3e-3 with 100 warmup steps and cosine decay +10.4 (README table)
