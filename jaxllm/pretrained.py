@@ -43,7 +43,7 @@ def load_base(path: str | os.PathLike, step: int | None = None) -> Base:
         raise ValueError(f"no base model directory {path}: pass a train/lm.py output directory "
                          "(run `make demo` to make runs/lm) or a local Hugging Face GPT-2 directory")
     if os.path.isfile(os.path.join(path, "tokenizer.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
-        config, params, encoding, step, context = _load_run(path, step)
+        config, params, encoding, step, context, _ = _load_run(path, step)
         return Base(config, params, encoding, f"run:{path}@{step}", context)
     if os.path.isfile(os.path.join(path, "config.json")):
         config, params = load_hf(path)
@@ -98,6 +98,7 @@ def load_run(run_dir: str, step: int | None = None):
 
 
 def _load_run(run_dir: str, step: int | None = None):
+    """``load_run``'s four, the context the run trained at and its whole run config (``jaxllm.export``)."""
     from jaxllm.data.tokenizer import load_encoding
     from jaxllm.training import TrainState, make_optimizer
     from jaxllm.training.checkpoint import Checkpointer
@@ -130,5 +131,6 @@ def _load_run(run_dir: str, step: int | None = None):
     with Checkpointer(ckpt_dir) as ckpt:
         state, meta = ckpt.restore_with(template, step)
     config = found["config"]
-    context = ((meta.get("config") or {}).get("data") or {}).get("context") or config.context_limit
-    return config, state.params, encoding, int(meta["step"]), int(context)
+    run = meta.get("config") or {}
+    context = (run.get("data") or {}).get("context") or config.context_limit
+    return config, state.params, encoding, int(meta["step"]), int(context), run

@@ -40,6 +40,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxllm.config import register
 from jaxllm.models.lm import LanguageModelConfig, run_blocks
@@ -171,6 +172,16 @@ class GPT2Config(LanguageModelConfig):
                 "n_head": self.n_heads, "n_layer": self.n_layers, "n_inner": None, "activation_function": "gelu_new",
                 "resid_pdrop": self.drop_rate, "embd_pdrop": self.drop_rate, "attn_pdrop": self.drop_rate,
                 "layer_norm_epsilon": 1e-5, "tie_word_embeddings": self.tie_embeddings}
+
+    def hf_exportable(self, params) -> tuple["GPT2Config", dict]:
+        """The book's GPT-2 has no Q/K/V biases (``qkv_bias=False``) but HF GPT-2 always has them:
+        zero biases compute the same function, so they are added as zeros."""
+        if self.qkv_bias:
+            return self, params
+        full = self.replace(qkv_bias=True)
+        flat = flatten_dict(params)
+        added = {p: np.zeros(s.shape, s.dtype) for p, s in flatten_dict(full.param_shapes()).items() if p not in flat}
+        return full, unflatten_dict({**flat, **added})
 
     def hf_mismatches(self, hf: dict | None) -> list[str]:
         """Every way this config differs from the HF config ``hf`` (None: what any HF GPT-2 needs)."""

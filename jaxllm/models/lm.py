@@ -83,6 +83,11 @@ class LanguageModelConfig(ModelConfig):
             raise ValueError(f"{type(self).__name__} has no dropout")
         return self
 
+    def hf_exportable(self, params) -> tuple["LanguageModelConfig", dict]:
+        """``(config, params)`` as its Hugging Face architecture holds them (``jaxllm.export``):
+        unchanged unless the model keeps a parameter HF always has as an implicit zero."""
+        return self, params
+
     def init_cache(self, batch: int, max_len: int | None = None):
         raise NotImplementedError(f"{type(self).__name__} has no cache")
 
