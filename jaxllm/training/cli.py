@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 from jaxllm.training.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from jaxllm.training.parallel import STRATEGIES, Strategy, make_strategy
 from jaxllm.training.run_lock import lock_run_dir
+from jaxllm.training.tensorboard import event_files
 
 
 # --- typed flag values -----------------------------------------------------------------------
@@ -229,8 +230,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
     lock_run_dir(args.out)  # before deleting anything: a live run's files are not ours to remove
     checkpoints = os.path.join(args.out, "checkpoints")
     if args.overwrite:
-        for name in RUN_OUTPUTS:
-            path = os.path.join(args.out, name)
+        for path in [os.path.join(args.out, name) for name in RUN_OUTPUTS] + event_files(args.out):
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):

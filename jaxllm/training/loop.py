@@ -2,8 +2,9 @@
 
 The loop keeps the device busy: step metrics stay on the device and are fetched every
 ``log_every`` steps (and before every checkpoint or evaluation), where they are checked for
-NaN/Inf, appended to ``metrics.jsonl`` and shown on the progress bar. Because the check runs
-before each save, no checkpoint ever holds a diverged state.
+NaN/Inf, appended to ``metrics.jsonl`` (and, as TensorBoard scalars, to an event file beside it)
+and shown on the progress bar. Because the check runs before each save, no checkpoint ever holds a
+diverged state.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import warnings
 from typing import Any, Callable, Protocol
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import MetricsLog, plot_losses, update_json, write_json
+from jaxllm.training.optim import OptimizerConfig, make_schedule
 from jaxllm.training.run_lock import lock_run_dir, unlock_run_dir
 from jaxllm.training.state import TrainState
+from jaxllm.training.tensorboard import open_event_log
 
 
 class TrainingDiverged(RuntimeError):
@@ -115,11 +119,17 @@ def fit(
     unit: str = "examples",
     title: str = "",
     strategy=None,
+    schedule: Callable[[Any], Any] | None = None,
 ) -> TrainState:
     """Train ``state`` for ``steps`` (or ``epochs`` x ``train_data.steps_per_epoch``) steps.
 
-    Writes ``out_dir/metrics.jsonl``, ``summary.json``, ``loss.png`` and ``checkpoints/``, and
-    holds ``out_dir``'s run lock (``jaxllm.training.run_lock``): a second run there is refused.
+    Writes ``out_dir/metrics.jsonl``, TensorBoard event files (``jaxllm.training.tensorboard``;
+    process 0 only), ``summary.json``, ``loss.png`` and ``checkpoints/``, and holds ``out_dir``'s
+    run lock (``jaxllm.training.run_lock``): a second run there is refused. Train rows hold the
+    step's metrics (``loss``, ``grad_norm`` before clipping, the loss's aux), the learning rate
+    ``lr`` the step trained with, when ``schedule`` (step -> lr, as optax counts steps from 0; default:
+    the schedule of ``config["optimizer"]``, a run config's ``OptimizerConfig``) is known, and
+    throughput ``<unit>_per_s`` on each flush's last row.
     ``eval_fn(params) -> {"loss": ..., ...}`` runs every ``eval_every`` steps and at the end.
     ``resume=True`` continues from the newest intact checkpoint (params, optimiser, step, RNG and
     data position), so the run ends exactly where an uninterrupted one would; damaged newer steps
@@ -138,6 +148,8 @@ def fit(
     onto the devices after any restore, and gathered back for every evaluation and checkpoint
     (so checkpoints do not depend on the device count). ``eval_fn`` gets one-device params.
     """
+    if schedule is None and isinstance((config or {}).get("optimizer"), dict):
+        schedule = make_schedule(OptimizerConfig(**config["optimizer"]))
     strategy = strategy if strategy is not None else getattr(train_step, "strategy", None)
     place = strategy.place if strategy is not None else (lambda s: s)
     gather = strategy.gather if strategy is not None else (lambda s: s)
@@ -151,7 +163,7 @@ def fit(
         return _fit(state, train_step, train_data, total=total, out_dir=out_dir, eval_fn=eval_fn,
                     eval_every=eval_every, checkpoint_every=checkpoint_every, keep=keep, resume=resume,
                     config=config, log_every=log_every, progress=progress, units_per_batch=units_per_batch,
-                    unit=unit, title=title, place=place, gather=gather,
+                    unit=unit, title=title, place=place, gather=gather, schedule=schedule,
                     devices=None if strategy is None else {"strategy": strategy.name, "devices": strategy.num_devices})
     finally:
         if took_lock:
@@ -159,7 +171,7 @@ def fit(
 
 
 def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, checkpoint_every, keep, resume,
-         config, log_every, progress, units_per_batch, unit, title, place, gather, devices) -> TrainState:
+         config, log_every, progress, units_per_batch, unit, title, place, gather, devices, schedule) -> TrainState:
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
     summary_path = os.path.join(out_dir, "summary.json")
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=keep, config=config)
@@ -204,6 +216,16 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
         update_json(summary_path, fields)
         return state
     state = place(state)
+    try:
+        events = open_event_log(out_dir, resumed_at=start if resume else None)
+    except Exception:
+        ckpt.close()
+        raise
+
+    def record(rows: list[dict]) -> None:
+        log.append(rows)
+        if events is not None:
+            events.append(rows)
 
     pending: list[tuple[int, Any]] = []
     last_train: dict[str, float] = {}
@@ -221,10 +243,13 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
     def flush(step_done: int) -> None:
         nonlocal pending, last_train, cache_size
         rows = []
-        for step, metrics in jax.device_get(pending):
+        lrs = _learning_rates(schedule, [step for step, _ in pending])
+        for (step, metrics), lr in zip(jax.device_get(pending), lrs):
             row = {"step": step, "split": "train", **{k: float(v) for k, v in metrics.items()}}
+            if lr is not None:
+                row["lr"] = lr
             if not math.isfinite(row["loss"]):
-                log.append(rows)
+                record(rows)
                 stopped("diverged", diverged_at_step=step)
                 raise TrainingDiverged(step, row["loss"], last_saved)
             rows.append(row)
@@ -236,7 +261,7 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
                 rows[-1][f"{unit}_per_s"] = rate
             last_train = rows[-1]
             bar.set_postfix(loss=f"{last_train['loss']:.4g}", **{f"{unit}/s": f"{rate:,.0f}"})
-        log.append(rows)
+        record(rows)
         size = getattr(train_step, "_cache_size", lambda: None)()
         if cache_size is not None and size is not None and size > cache_size:
             warnings.warn(
@@ -282,7 +307,7 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
                     one_device = gather(state)
                 if eval_now:
                     last_eval = {k: float(v) for k, v in eval_fn(one_device.params).items()}
-                    log.append([{"step": step, "split": "eval", **last_eval}])
+                    record([{"step": step, "split": "eval", **last_eval}])
                 if save_now:
                     last_saved = save(step, one_device)
                 t_aside += time.perf_counter() - t_before
@@ -296,7 +321,10 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
         raise TrainingInterrupted(signum, step, last_saved) from None
     finally:
         bar.close()
-        _plot_quietly(log, os.path.join(out_dir, "loss.png"), title)
+        png = os.path.join(out_dir, "loss.png")
+        _quietly(png, lambda: _plot(log, png, title))
+        if events is not None:
+            _quietly(events.path, events.close)
         ckpt.close()
 
     timed_steps = total - start_timed
@@ -316,12 +344,25 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
     return gather(state)
 
 
-def _plot_quietly(log: MetricsLog, path: str, title: str) -> None:
-    """The loss plot is a convenience: failing to draw it (disk full ...) must not hide why the run
-    stopped, so it becomes a warning line."""
+def _learning_rates(schedule, steps: list[int]) -> list:
+    """The lr each 1-based step trained with (optax's count is 0 there), one schedule call for the
+    window (a call per step costs about a millisecond); Nones without a schedule."""
+    if schedule is None:
+        return [None] * len(steps)
+    lrs = np.asarray(schedule(np.asarray(steps) - 1), np.float64)
+    return np.broadcast_to(lrs, (len(steps),)).tolist()  # a constant schedule returns one number
+
+
+def _plot(log: MetricsLog, path: str, title: str) -> None:
+    rows = log.read()
+    if rows:
+        plot_losses(rows, path, title=title)
+
+
+def _quietly(path: str, write: Callable[[], Any]) -> None:
+    """Run's end: the loss plot is a convenience and the event file is already flushed, so failing
+    to write either (disk full ...) must not hide why the run stopped: it becomes a warning line."""
     try:
-        rows = log.read()
-        if rows:
-            plot_losses(rows, path, title=title)
+        write()
     except Exception as exc:  # noqa: BLE001
         print(f"warning: could not write {path}: {exc}", file=sys.stderr, flush=True)

@@ -1,0 +1,81 @@
+"""TensorBoard event files beside ``metrics.jsonl``: the same rows, as scalars ``<split>/<metric>``
+(``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``, ``eval/loss`` ...).
+
+Records are written here, synchronously (TFRecord framing of tensorboardX's ``Event`` protos),
+not by tensorboardX's ``SummaryWriter``: that one writes from a background thread, where a failed
+write (disk full) is lost and later writes block on its full queue. Here a failure raises in the
+loop, naming the file, as a failed ``metrics.jsonl`` write does.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import struct
+import time
+from typing import Any
+
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.record_writer import masked_crc32c
+
+from jaxllm.training.metrics import naming_the_file
+from jaxllm.training.run_lock import _process_index
+
+EVENT_FILES = "events.out.tfevents.*"  # TensorBoard reads every file with "tfevents" in its name
+
+
+def event_files(directory: str | os.PathLike) -> list[str]:
+    """The event files in ``directory``, oldest first (TensorBoard reads them in name order)."""
+    return sorted(glob.glob(os.path.join(glob.escape(os.fspath(directory)), EVENT_FILES)))
+
+
+def open_event_log(directory: str | os.PathLike, *, resumed_at: int | None) -> "EventLog | None":
+    """This run's event log on process 0 (the processes of a run share ``directory``), else None.
+
+    A fresh run (``resumed_at=None``) removes earlier runs' event files, as it starts a fresh
+    ``metrics.jsonl``; a resumed one adds a file and hides what the earlier files logged after
+    ``resumed_at`` (steps trained again, as ``metrics.jsonl`` drops their rows)."""
+    if _process_index() != 0:
+        return None
+    if resumed_at is None:
+        for path in event_files(directory):
+            os.remove(path)
+    return EventLog(directory, purge_after=resumed_at)
+
+
+class EventLog:
+    """One new event file in ``directory``; ``append(rows)`` takes ``metrics.jsonl``'s rows."""
+
+    def __init__(self, directory: str | os.PathLike, *, purge_after: int | None = None):
+        # nanoseconds in the name: a run resumed within the second gets a file of its own, after the first
+        self.path = os.path.join(os.fspath(directory), f"events.out.tfevents.{time.time_ns()}.{socket.gethostname()}")
+        with naming_the_file(self.path):
+            self._file = open(self.path, "xb")
+            self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+            if purge_after is not None:  # TensorBoard drops the earlier files' events from this step on
+                self._write(Event(wall_time=time.time(), step=purge_after + 1,
+                                  session_log=SessionLog(status=SessionLog.START)))
+            self._file.flush()
+
+    def _write(self, event: Event) -> None:
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data
+                         + struct.pack("<I", masked_crc32c(data)))
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        """One event per row: its step, every metric as the scalar ``<split>/<metric>``."""
+        if not rows:
+            return
+        with naming_the_file(self.path):
+            for row in rows:
+                values = [Summary.Value(tag=f"{row['split']}/{k}", simple_value=v)
+                          for k, v in row.items() if k not in ("step", "split")]
+                self._write(Event(wall_time=time.time(), step=row["step"], summary=Summary(value=values)))
+            self._file.flush()  # to the OS at once: TensorBoard shows a live run
+
+    def close(self) -> None:
+        with naming_the_file(self.path):
+            self._file.close()
