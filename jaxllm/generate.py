@@ -6,6 +6,9 @@ then optionally to the nucleus (``top_p``: the smallest probability-sorted prefi
 reaches p, the crossing token included, never fewer than one token).
 ``generate`` decodes a batch of ragged prompts from any KV-cached decoder: one padded prefill,
 then every new token costs one cached step, the whole loop inside one jitted ``lax.while_loop``.
+``stream`` yields the same tokens for one prompt one at a time (``jaxllm.chat``): the same
+``prefill`` and ``decode_step``, each jitted on its own, so a token can be shown before the next
+is computed. ``fit_context`` cuts a prompt and its new-token budget to the context, saying so.
 ``sample_recurrent`` decodes from a model whose cache is a carried state (the Elman RNN's
 hidden state): the prompt is read once, then every new token costs one step, all inside one
 ``lax.scan``. Both take the model's config and use only the language-model interface
@@ -15,7 +18,7 @@ hidden state): the prompt is read once, then every new token costs one step, all
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Iterator
 
 import flax.struct
 import jax
@@ -102,6 +105,35 @@ def sample_recurrent(model, params, prompt: list[int], *, max_new_tokens: int, k
     return [int(t) for t in jax.device_get(tokens)[0]]
 
 
+def prefill(model, params, tokens, lengths, cache, key, *, temperature, top_k, top_p):
+    """Right-padded prompts int32[B, P] of ``lengths`` int32[B] -> (decode step 0's token int32[B],
+    the cache). One call writes slots 0..P-1 of every row; then each row's length is set to its real
+    one, so the pad slots are never attended to (causal) and the next writes overwrite them."""
+    logits, cache = model.forward(params, tokens, cache)
+    cache = cache.replace(lengths=lengths)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, vocab]
+    return _sample_step(last, key, 0, temperature, top_k, top_p), cache
+
+
+def decode_step(model, params, token, cache, key, step, *, temperature, top_k, top_p):
+    """Each row's newest token int32[B] -> (decode step ``step``'s token int32[B], the cache one slot
+    longer). The one cached step both ``generate``'s loop and ``stream`` run."""
+    logits, cache = model.forward(params, token[:, None], cache)
+    return _sample_step(logits[:, -1], key, step, temperature, top_k, top_p), cache
+
+
+def _sample_step(logits, key, step, temperature, top_k, top_p):
+    """Decode step ``step`` samples with ``fold_in(key, step)``: the same tokens whichever loop runs it."""
+    return sample_logits(logits, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+_SAMPLING = ("temperature", "top_k", "top_p")
+# ``stream``'s two jitted calls, the cache donated so every step writes it in place; compiled once per
+# model, sampling and shapes (the prompt bucket for the prefill, the cache length for both)
+_prefill = jax.jit(prefill, static_argnames=("model", *_SAMPLING), donate_argnames=("cache",))
+_decode_step = jax.jit(decode_step, static_argnames=("model", *_SAMPLING), donate_argnames=("cache",))
+
+
 @flax.struct.dataclass
 class DecodeState:
     """What the decode loop carries from one token to the next."""
@@ -113,34 +145,29 @@ class DecodeState:
     out: jax.Array  # int32[B, max_new_tokens]: the new tokens
 
 
-@partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"),
-         donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("model", "max_new_tokens", *_SAMPLING, "eos_id"), donate_argnames=("cache",))
 def _generate(model, params, tokens, lengths, cache, key, *, max_new_tokens, temperature, top_k, top_p, eos_id):
     """tokens int32[B, P] (right-padded), lengths int32[B] -> (new int32[B, N], steps run, the
     cache after them). The cache is donated and returned, so the whole loop runs in its buffers:
     each decode step writes its keys/values in place."""
-    batch = tokens.shape[0]
-    logits, cache = model.forward(params, tokens, cache)  # prefill writes slots 0..P-1 of every row
-    cache = cache.replace(lengths=lengths)  # pad slots >= len_b are overwritten by the next writes
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, vocab]
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
 
-    def pick(logits, step, done):
-        token = sample_logits(logits, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k,
-                              top_p=top_p)
+    def finish(token, done):
         token = jnp.where(done, 0, token)  # finished rows emit filler, cut on the host
         if eos_id is not None:
             done = done | (token == eos_id)
         return token, done
 
-    token, done = pick(last, 0, jnp.zeros((batch,), bool))
-    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
+    token, cache = prefill(model, params, tokens, lengths, cache, key, **sampling)
+    token, done = finish(token, jnp.zeros((tokens.shape[0],), bool))
+    out = jnp.zeros((tokens.shape[0], max_new_tokens), jnp.int32).at[:, 0].set(token)
 
     def cond(state: DecodeState):
         return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
     def body(state: DecodeState) -> DecodeState:
-        logits, cache = model.forward(params, state.token[:, None], state.cache)
-        token, done = pick(logits[:, -1], state.step, state.done)
+        token, cache = decode_step(model, params, state.token, state.cache, key, state.step, **sampling)
+        token, done = finish(token, state.done)
         return DecodeState(state.step + 1, token, cache, done, state.out.at[:, state.step].set(token))
 
     final = jax.lax.while_loop(cond, body, DecodeState(jnp.int32(1), token, cache, done, out))
@@ -172,15 +199,54 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, ke
     ``max_len`` (default ``model.context_limit``: GPT-2's ``context_length``, the transformer's
     ``max_len``) is the cache length; a GPT-2 cache may not be longer than ``context_length`` (its
     learned positions). Every prompt must satisfy ``len(prompt) + max_new_tokens <= max_len``,
-    else ``ValueError``: nothing is cut here (``train/lm.py``'s ``sample_text`` announces its
-    cuts). Ragged prompts are right-padded (with id 0) to a length bucket (``prompt_bucket``: a new
-    prompt length does not recompile) and prefilled in one call; then each row's ``lengths`` is set
-    to its real length, so the pads are never attended to (causal) and get overwritten. Decoding runs in one jitted ``lax.while_loop`` carrying a ``DecodeState``, the cache
-    updated in place; step ``i`` samples with ``fold_in(key, i)`` (one key for the batch; rows draw
-    independently). Sampling follows ``sample_logits`` (greedy at ``temperature == 0``). With
-    ``eos_id``, a row stops at its first EOS: its list ends with that EOS (included), and the loop
-    stops once every row is done.
+    else ``ValueError``: nothing is cut here (``fit_context`` cuts and announces). Ragged prompts
+    are right-padded (with id 0) to a length bucket (``prompt_bucket``: a new prompt length does not
+    recompile) and prefilled in one call (``prefill``). Decoding runs ``decode_step`` in one jitted
+    ``lax.while_loop`` carrying a ``DecodeState``, the cache updated in place; step ``i`` samples
+    with ``fold_in(key, i)`` (one key for the batch; rows draw independently). Sampling follows
+    ``sample_logits`` (greedy at ``temperature == 0``). With ``eos_id``, a row stops at its first
+    EOS: its list ends with that EOS (included), and the loop stops once every row is done.
     """
+    tokens, lengths, cache, sampling = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
+                                                max_len)
+    out, _, _ = _generate(model, params, tokens, lengths, cache, key, max_new_tokens=int(max_new_tokens),
+                          eos_id=eos_id, **sampling)
+    result = []
+    for row in np.asarray(jax.device_get(out)).tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[:row.index(eos_id) + 1]
+        result.append(row)
+    return result
+
+
+def stream(model, params, prompt: list[int], *, max_new_tokens: int, key, temperature: float = 0.0,
+           top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+           max_len: int | None = None) -> Iterator[int]:
+    """``generate``'s tokens for one prompt, one at a time: the same checks, bucket, cache and
+    sampling, so the tokens are ``generate(..., [prompt], ...)[0]`` (the same operations compiled
+    apart: only a near-tie of two logits could round the other way). Each token is yielded
+    before the next is computed: the prompt is prefilled once (``prefill``, jitted), then every
+    token the caller asks for is one jitted ``decode_step`` call with the cache donated. Ends after
+    ``eos_id`` (yielded) or ``max_new_tokens`` tokens. The arguments are checked now, not at the
+    first ``next``."""
+    tokens, lengths, cache, sampling = _prepare(model, [prompt], max_new_tokens, temperature, top_k, top_p, eos_id,
+                                                max_len)
+
+    def tokens_one_by_one(cache):
+        token, cache = _prefill(model, params, tokens, lengths, cache, key, **sampling)
+        for step in range(1, max_new_tokens + 1):
+            new = int(token[0])  # waits for this token only
+            yield new
+            if new == eos_id or step == max_new_tokens:
+                return
+            token, cache = _decode_step(model, params, token, cache, key, np.int32(step), **sampling)
+
+    return tokens_one_by_one(cache)
+
+
+def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, max_len):
+    """Check a request; -> (prompts padded to their bucket int32[B, P], lengths int32[B], an empty
+    cache of ``max_len``, the static sampling arguments)."""
     vocab_size = model.vocab_size
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
@@ -218,12 +284,30 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, ke
     for b, r in enumerate(rows):
         tokens[b, :len(r)] = r
     lengths = np.array([len(r) for r in rows], np.int32)
-    out, _, _ = _generate(model, params, jnp.asarray(tokens), jnp.asarray(lengths), cache, key,
-                          max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=top_k,
-                          top_p=None if top_p is None else float(top_p), eos_id=eos_id)
-    result = []
-    for row in np.asarray(jax.device_get(out)).tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[:row.index(eos_id) + 1]
-        result.append(row)
-    return result
+    sampling = dict(temperature=float(temperature), top_k=top_k, top_p=None if top_p is None else float(top_p))
+    return jnp.asarray(tokens), jnp.asarray(lengths), cache, sampling
+
+
+def fit_context(ids: list[int], max_new_tokens: int | None,
+                limit: int | None) -> tuple[list[int], int | None, list[str]]:
+    """Cut a prompt and its new-token budget to a context of ``limit`` tokens; -> (ids, new tokens,
+    one ``note:`` line per cut, for the caller to print). A prompt that fills the whole context
+    keeps its last half-context tokens; then the new tokens are reduced to the room that is left.
+    ``max_new_tokens=None`` asks for all that room (no note: nothing asked for was cut);
+    ``limit=None`` (no context limit) cuts nothing."""
+    notes = []
+    if limit is None:
+        return ids, max_new_tokens, notes
+    if len(ids) >= limit:  # no room for a single new token
+        keep = max(1, limit // 2)
+        notes.append(f"note: the prompt was cut from {len(ids)} to its last {keep} tokens because the context "
+                     f"is {limit}")
+        ids = ids[-keep:]
+    room = limit - len(ids)
+    if max_new_tokens is None:
+        max_new_tokens = room
+    elif max_new_tokens > room:
+        notes.append(f"note: the new tokens were reduced from {max_new_tokens} to {room} because the context is "
+                     f"{limit} and the prompt holds {len(ids)}")
+        max_new_tokens = room
+    return ids, max_new_tokens, notes

@@ -2,12 +2,13 @@
 model directory. Fine-tuning scripts (``train/classify.py``, ``train/instruct.py``) and
 ``train/generate.py`` start from here. Nothing downloads.
 
-``load_base(path) -> Base(config, params, encoding, source, context)``:
+``load_base(path) -> Base(config, params, encoding, source, context, run)``:
 
 * a run directory (``tokenizer.json`` + ``checkpoints/<step>``): the model config comes from the
   run config saved in the checkpoint's metadata, the params from the chosen (newest intact)
   checkpoint, the tokenizer from ``tokenizer.json``, the context it was trained at from the run's
-  data settings;
+  data settings, and the whole run config (``run``: what ``jaxllm.chat`` reads to tell an
+  instruction-tuned run from a language model);
 * an HF directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``): the config
   class whose ``hf_model_type`` is the file's ``model_type`` builds the config
   (``from_hf_config``), ``interop.from_hf`` the params; the tokenizer is the one that ships with
@@ -34,6 +35,7 @@ class Base(NamedTuple):
     encoding: tiktoken.Encoding
     source: str  # "run:<dir>@<step>" or "hf:<dir>"
     context: int  # the context the base was trained at: the default length of fine-tuning rows
+    run: dict  # the run config saved with the checkpoint ({} for a Hugging Face directory)
 
 
 def load_base(path: str | os.PathLike, step: int | None = None) -> Base:
@@ -43,14 +45,14 @@ def load_base(path: str | os.PathLike, step: int | None = None) -> Base:
         raise ValueError(f"no base model directory {path}: pass a train/lm.py output directory "
                          "(run `make demo` to make runs/lm) or a local Hugging Face GPT-2 directory")
     if os.path.isfile(os.path.join(path, "tokenizer.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
-        config, params, encoding, step, context, _ = _load_run(path, step)
-        return Base(config, params, encoding, f"run:{path}@{step}", context)
+        config, params, encoding, step, context, run = _load_run(path, step)
+        return Base(config, params, encoding, f"run:{path}@{step}", context, run)
     if os.path.isfile(os.path.join(path, "config.json")):
         config, params = load_hf(path)
         encoding = _hf_encoding(config, path)
         check_vocab_fits(encoding, config, f"{config.hf_tokenizer}'s tokenizer (used for {path})",
                          os.path.join(path, "config.json"))
-        return Base(config, params, encoding, f"hf:{path}", config.context_limit)
+        return Base(config, params, encoding, f"hf:{path}", config.context_limit, {})
     raise ValueError(f"{path} is neither a train/lm.py run (tokenizer.json + checkpoints/) nor a Hugging Face "
                      "model directory (config.json + model.safetensors or pytorch_model.bin)")
 
