@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 
 # the demo's model: chosen on the seed-1 split within 9 minutes on 2 CPU cores (README, Language models)
 demo: $(STAMP)
-	$(BIN)/python train/lm.py --out runs/lm --overwrite --preset llama --layers 4 --vocab-size 1024
+	$(BIN)/jaxllm train lm --out runs/lm --overwrite --preset llama --layers 4 --vocab-size 1024
 
-# VADER movie-review snippets for train/classify.py: pip downloads the vaderSentiment sdist (no install)
+# VADER movie-review snippets for jaxllm finetune classify: pip downloads the vaderSentiment sdist (no install)
 data/vader/movieReviewSnippets_GroundTruth.txt: | $(STAMP)
 	$(BIN)/python -m jaxllm.data.fetch_vader --dest data/vader
 
@@ -28,17 +28,17 @@ data: data/vader/movieReviewSnippets_GroundTruth.txt
 
 # fine-tuning demos on the `make demo` model (runs/lm)
 classify: data
-	$(BIN)/python train/classify.py --base runs/lm --mode lora --out runs/classify_lora --overwrite
-	$(BIN)/python train/classify.py --base runs/lm --mode last-block --out runs/classify_last_block --overwrite
+	$(BIN)/jaxllm finetune classify --base runs/lm --mode lora --out runs/classify_lora --overwrite
+	$(BIN)/jaxllm finetune classify --base runs/lm --mode last-block --out runs/classify_last_block --overwrite
 
 instruct: $(STAMP)
-	$(BIN)/python train/instruct.py --base runs/lm --out runs/instruct --overwrite
+	$(BIN)/jaxllm finetune instruct --base runs/lm --out runs/instruct --overwrite
 
 bench: $(STAMP)
-	$(BIN)/python -m jaxllm.bench train generate rnn
+	$(BIN)/jaxllm bench train generate rnn
 
 scaling: $(STAMP)
-	$(BIN)/python train/scaling.py --out runs/scaling
+	$(BIN)/jaxllm scaling --out runs/scaling
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=10 $(PYTEST_ARGS)

@@ -1,6 +1,6 @@
-"""Export a ``train/lm.py`` run directory for use outside this package. Nothing downloads.
+"""Export a ``jaxllm train lm`` run directory for use outside this package. Nothing downloads.
 
-``export_run(run, out_dir, fmt="hf")``:
+``export_run(run, out_dir, fmt="hf")``, or from the shell ``jaxllm export RUN OUT --format hf|safetensors``:
 
 * ``fmt="hf"``: a Hugging Face model directory that ``transformers`` loads with
   ``from_pretrained``: ``config.json`` and ``model.safetensors`` (``GPT2LMHeadModel`` for a GPT-2
@@ -64,6 +64,24 @@ def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "h
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def main(argv=None) -> str:
+    """``jaxllm export RUN OUT [--format hf|safetensors] [--step N] [--overwrite]``: ``export_run``."""
+    from jaxllm.training import cli
+
+    p = cli.ArgumentParser(description=__doc__, compile_cache=False)
+    p.add_argument("run", help="a `jaxllm train lm` output directory")
+    p.add_argument("out", help="the directory to write (refused when it exists and is not empty, unless --overwrite)")
+    p.add_argument("--format", choices=FORMATS, default="hf",
+                   help="hf: a transformers model directory; safetensors: the raw Flax params and the run config")
+    p.add_argument("--step", type=cli.non_negative_int, default=None,
+                   help="checkpoint step (default: the newest intact)")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
+    args = p.parse_args(argv)
+    out = export_run(args.run, args.out, args.format, step=args.step, overwrite=args.overwrite)
+    print(f"{args.run} -> {out} ({args.format})")
+    return out
 
 
 def _check_out_dir(run: str, out_dir: str, overwrite: bool) -> None:

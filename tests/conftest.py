@@ -1,4 +1,4 @@
-import importlib.util
+import importlib
 import os
 import pathlib
 import shutil
@@ -101,13 +101,9 @@ def multidevice_results():
 
 @pytest.fixture
 def load_script():
-    """Import ``train/<name>.py`` as a module so tests call its ``main(argv)`` in-process."""
+    """The job module ``jaxllm.jobs.<name>``, so tests call its ``main(argv)`` in-process."""
 
     def load(name: str):
-        path = ROOT / "train" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"train_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return importlib.import_module(f"jaxllm.jobs.{name}")
 
     return load

@@ -49,6 +49,20 @@ def test_checkpoint_for_another_config_is_refused(tmp_path):
             ckpt.restore(make_state(other))
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_refused_config_names_only_what_differs(tmp_path):
+    saved = {"model": CONFIG.to_dict(), "optimizer": {"name": "adamw", "lr": 0.1}, "data": {"seed": 0}}
+    with Checkpointer(tmp_path, config=saved) as ckpt:
+        ckpt.save(make_state())
+    changed = {**saved, "optimizer": {"name": "adamw", "lr": 0.05}, "data": {"seed": 0, "dtype": "bfloat16"}}
+    with Checkpointer(tmp_path, config=changed) as ckpt:
+        with pytest.raises(CheckpointError) as err:
+            ckpt.restore(make_state())
+    first, *lines = str(err.value).splitlines()
+    assert first.endswith("was written for a different config (saved → this run):")
+    assert lines == ["  data.dtype: None → 'bfloat16'", "  optimizer.lr: 0.1 → 0.05"]
+
+
 def _files(step_dir):
     return [os.path.join(root, name) for root, _, names in os.walk(step_dir) for name in names
             if name != "checksums.json"]

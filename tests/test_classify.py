@@ -1,5 +1,5 @@
 """Classifier heads on both LM families, last-real-token logits, freezing modes, and
-train/classify.py end to end on a tiny base made by train/lm.py."""
+``jaxllm finetune classify`` end to end on a tiny base made by ``jaxllm train lm``."""
 
 import json
 import math
@@ -160,25 +160,21 @@ def test_lora_mode_trains_only_the_adapters_the_heads_included():
         2 * per_layer + (16 * r + r * 2)
 
 
-# --------------------------------------------------------------------------- train/classify.py
+# --------------------------------------------------------------------------- jaxllm finetune classify
 
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 WORDS = "the film was movie plot actor story music and very".split()
 
 
 def load_train_script(name):
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(f"train_{name}_classify_test", ROOT / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"jaxllm.jobs.{name}")
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A tiny Burkov-decoder base made by train/lm.py (2 steps) and a keyword data set in SMS
+    """A tiny Burkov-decoder base made by ``jaxllm train lm`` (2 steps) and a keyword data set in SMS
     format: a text is ham when it holds "good", spam when it holds "bad", anywhere in it."""
     root = tmp_path_factory.mktemp("classify")
     rng = np.random.default_rng(0)

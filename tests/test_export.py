@@ -1,7 +1,6 @@
-"""jaxllm.export: train/lm.py runs as Hugging Face directories (GPT-2, Llama: same logits, same
+"""jaxllm.export: ``jaxllm train lm`` runs as Hugging Face directories (GPT-2, Llama: same logits, same
 token ids) or raw Flax safetensors; models without an HF architecture and unsafe targets refused."""
 
-import importlib.util
 import json
 import os
 
@@ -15,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from conftest import ROOT  # noqa: E402
 from flax.traverse_util import unflatten_dict  # noqa: E402
 from jaxllm import export  # noqa: E402
+from jaxllm.jobs import lm  # noqa: E402
 from jaxllm.config import config_from_dict  # noqa: E402
 from jaxllm.data.tokenizer import ENDOFTEXT, encode  # noqa: E402
 from jaxllm.pretrained import load_run  # noqa: E402
@@ -32,13 +32,10 @@ RUNS = {"gpt2": ("gpt2", "tiny"), "llama": ("decoder", "llama"), "burkov": ("dec
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """``run_dir(name)``: a 2-step train/lm.py run of ``RUNS[name]``, trained once per module."""
+    """``run_dir(name)``: a 2-step ``jaxllm train lm`` run of ``RUNS[name]``, trained once per module."""
     root = tmp_path_factory.mktemp("runs")
     corpus = root / "corpus.txt"
     corpus.write_text(TEXT)
-    spec = importlib.util.spec_from_file_location("train_lm", ROOT / "train" / "lm.py")
-    lm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lm)
     done = {}
 
     def get(name):
@@ -148,6 +145,18 @@ def test_an_existing_out_dir_is_refused_unless_overwrite(run_dir, tmp_path):
     export.export_run(run_dir("burkov"), out, fmt="safetensors", overwrite=True)
     assert sorted(os.listdir(out)) == ["params.safetensors", "run_config.json"]
     assert not leftovers(tmp_path)
+
+
+def test_the_export_command(run_dir, tmp_path, capsys):
+    """``jaxllm export RUN OUT --format F [--step N] [--overwrite]`` is ``export_run``; a bad flag is one line."""
+    out = export.main([run_dir("burkov"), str(tmp_path / "out"), "--format", "safetensors", "--step", "2"])
+    assert sorted(os.listdir(out)) == ["params.safetensors", "run_config.json"]
+    export.main([run_dir("burkov"), str(tmp_path / "out"), "--format", "safetensors", "--overwrite"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        export.main([run_dir("burkov"), str(tmp_path / "other"), "--format", "onnx"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith("error: argument --format: invalid choice: 'onnx'")
 
 
 def test_bad_arguments_are_refused(run_dir, tmp_path):

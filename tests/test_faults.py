@@ -22,24 +22,38 @@ FAST = ["--no-progress"]
 
 
 def script(name, *args, file_size_limit=None):
-    command = [sys.executable, str(ROOT / "train" / f"{name}.py"), *args]
+    """``python train/<name>.py ARGS`` (the old command form) in a subprocess."""
+    return start([sys.executable, str(ROOT / "train" / f"{name}.py"), *args], file_size_limit=file_size_limit)
+
+
+def jaxllm(*args):
+    """``jaxllm ARGS`` (``python -m jaxllm``) in a subprocess."""
+    return start([sys.executable, "-m", "jaxllm", *args])
+
+
+def start(command, file_size_limit=None):
     if file_size_limit is not None:  # writes past the limit fail with EFBIG, as on a full disk
         command = ["bash", "-c", f'trap "" XFSZ; ulimit -f {file_size_limit // 1024}; exec "$@"', "bash", *command]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_stops_the_script_with_a_checkpoint_and_one_line(tmp_path, signum):
-    proc = script("logreg", "--out", str(tmp_path), "--steps", "1000000", "--log-every", "50", *FAST)
+def interrupt_once_training(proc, out, signum=signal.SIGINT) -> str:
+    """Send ``signum`` once the run's first metrics are written; its stderr."""
     try:
         deadline = time.monotonic() + 120
-        while not (tmp_path / "metrics.jsonl").exists():  # training has started
+        while not (out / "metrics.jsonl").exists():  # training has started
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
         proc.send_signal(signum)
-        _, err = proc.communicate(timeout=120)
+        return proc.communicate(timeout=120)[1]
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_script_with_a_checkpoint_and_one_line(tmp_path, signum):
+    proc = script("logreg", "--out", str(tmp_path), "--steps", "1000000", "--log-every", "50", *FAST)
+    err = interrupt_once_training(proc, tmp_path, signum)
     assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err
     summary = json.load(open(tmp_path / "summary.json"))
@@ -52,6 +66,26 @@ def test_a_signal_stops_the_script_with_a_checkpoint_and_one_line(tmp_path, sign
                              "--steps 1000000 --log-every 50 --no-progress --resume")
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [step]
+
+
+def test_ctrl_c_long_before_an_evaluation_leaves_a_run_that_resumes_from_out_alone(tmp_path):
+    """No evaluation or periodic checkpoint is due, yet Ctrl-C after a few steps leaves a checkpoint,
+    and ``jaxllm train mlp --out DIR --resume`` (its config.yaml gives every other flag) finishes it."""
+    flags = ["--steps", "30000", "--eval-every", "1000000", "--log-every", "50", "--hidden", "16", *FAST]
+    err = interrupt_once_training(jaxllm("train", "mlp", "--out", str(tmp_path), *flags), tmp_path)
+    interrupted = json.load(open(tmp_path / "summary.json"))
+    step = interrupted["last_checkpoint"]
+    assert interrupted["status"] == "interrupted" and 0 < step < 30000, err
+    line = next(line for line in err.splitlines() if line.startswith("interrupted:"))
+    assert line.endswith(f"resume with: jaxllm train mlp --out {tmp_path} {' '.join(flags)} --resume")
+    proc = jaxllm("train", "mlp", "--out", str(tmp_path), "--resume")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["status"] == "finished" and summary["resumed_from"] == step and summary["steps"] == 30000
+    assert summary["test_accuracy"] > 0.9
+    train = [row["step"] for row in map(json.loads, open(tmp_path / "metrics.jsonl")) if row["split"] == "train"]
+    assert train == list(range(1, 30001))
 
 
 def test_a_full_disk_is_one_error_line_and_keeps_the_earlier_checkpoints(load_script, tmp_path):

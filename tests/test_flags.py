@@ -1,4 +1,4 @@
-"""Every flag of every train/ script is checked while the flags are parsed, before any data work.
+"""Every flag of every job (``jaxllm.jobs``) is checked while the flags are parsed, before any data work.
 
 A bad value is refused by the flag's argparse type (``jaxllm.training.cli``'s validators) with one
 ``error: argument --flag: ...`` line and exit 2, nothing written to ``--out``; combinations that
@@ -142,6 +142,19 @@ def test_a_bad_flag_is_refused_while_parsing(load_script, tmp_path, capsys, scri
     assert "\n" not in err, "one line"
     assert not out.exists(), "nothing may be written before the flags are known to be good"
 
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("linreg", ["--parallel", "single"]), ("linreg", ["--accum-steps", "2"]), ("linreg", ["--cpu-devices", "2"]),
+    ("linreg", ["--dtype", "bfloat16"]), ("linreg", ["--remat"]), ("linreg", ["--eval-every", "5"]),
+    ("logreg", ["--dtype", "bfloat16"]), ("logreg", ["--remat"]), ("logreg", ["--eval-every", "5"]),
+    ("mlp", ["--dtype", "bfloat16"]), ("mlp", ["--remat"]), ("cnn", ["--remat"]), ("rnn_lm", ["--dtype", "bfloat16"]),
+])
+def test_a_flag_the_job_would_ignore_is_refused(load_script, tmp_path, capsys, script, flags):
+    with pytest.raises(SystemExit) as exc:
+        load_script(script).main(["--out", str(tmp_path / "out"), *flags])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: unrecognized arguments: {' '.join(flags)}")
 
 # --- cross-flag checks: right after parsing, before the data is prepared -------------------------
 

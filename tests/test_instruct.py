@@ -1,5 +1,5 @@
 """Instruction fine-tuning: the book's template and collate, the masked loss, the loader's
-errors, the shipped data set, and train/instruct.py end to end on a tiny base."""
+errors, the shipped data set, and ``jaxllm finetune instruct`` end to end on a tiny base."""
 
 import json
 import re
@@ -314,15 +314,12 @@ def test_plural_rules():
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    """A GPT-2 base (tiny preset, 3 steps, its own 300-token BPE) written by train/lm.py."""
-    import importlib.util
+    """A GPT-2 base (tiny preset, 3 steps, its own 300-token BPE) written by ``jaxllm train lm``."""
+    from jaxllm.jobs import lm
 
     root = tmp_path_factory.mktemp("base")
     corpus = root / "corpus.txt"
     corpus.write_text((ROOT / "README.md").read_text() * 3)
-    spec = importlib.util.spec_from_file_location("train_lm_for_instruct", ROOT / "train" / "lm.py")
-    lm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lm)
     out = root / "lm"
     lm.main(["--text", str(corpus), "--model", "gpt2", "--preset", "tiny", "--steps", "3", "--vocab-size", "300",
              "--context", "256", "--batch-size", "4", "--warmup-steps", "0", "--d-model", "32", "--heads", "2",

@@ -32,3 +32,13 @@ def test_too_few_tokens():
     params = CONFIG.init(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="too few for 16 streams"):
         streaming_nll(CONFIG, params, np.arange(10) % 19)
+
+
+def test_max_chunks_scores_the_first_streams_x_chunk_x_max_chunks_tokens():
+    params = CONFIG.init(jax.random.PRNGKey(0))
+    ids = np.random.default_rng(0).integers(0, 19, 62).astype(np.int32)
+    capped = streaming_nll(CONFIG, params, ids, streams=3, chunk=4, max_chunks=2)
+    assert capped == streaming_nll(CONFIG, params, ids[:3 * 4 * 2 + 1], streams=3, chunk=4)
+    assert capped[1] == 24 and capped[2] == slice(1, 25)
+    assert streaming_nll(CONFIG, params, ids, streams=3, chunk=4, max_chunks=100) == \
+        streaming_nll(CONFIG, params, ids, streams=3, chunk=4)

@@ -1,4 +1,4 @@
-"""train/lm.py (decoder and GPT-2) and train/generate.py end to end on a small text file."""
+"""``jaxllm train lm`` (decoder and GPT-2) and ``jaxllm generate`` end to end on a small text file."""
 
 import json
 
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from jaxllm.training import lm_eval
 
 TEXT = (ROOT / "README.md").read_text() * 3
 
@@ -25,9 +26,13 @@ def small(corpus, out, model, *extra):
 
 
 @pytest.mark.parametrize("model", ["decoder", "gpt2"])
-def test_lm_trains_evaluates_and_samples(load_script, corpus, tmp_path, model):
+def test_lm_trains_evaluates_and_samples(load_script, corpus, tmp_path, monkeypatch, model):
     out = tmp_path / model
-    summary = load_script("lm").main(small(corpus, out, model, "--steps", "30", "--eval-every", "15"))
+    lm, scored = load_script("lm"), []  # batches per evaluation: --eval-batches caps all but the last
+    monkeypatch.setattr(lm, "window_nll", lambda config, params, batches: scored.append(len(batches)) or
+                        lm_eval.window_nll(config, params, batches))
+    summary = lm.main(small(corpus, out, model, "--steps", "30", "--eval-every", "15", "--eval-batches", "2"))
+    assert scored[0] == 2 and scored[1] > 2 and len(scored) == 2
     for key in ("val_loss", "val_perplexity", "val_bpc", "wall_seconds", "params"):
         assert summary[key] > 0, key
     assert summary["val_perplexity"] == pytest.approx(np.exp(summary["val_loss"]), rel=1e-9)

@@ -1,4 +1,4 @@
-"""train/ngram.py and train/rnn_lm.py end to end on a small text file, and their input errors."""
+"""``jaxllm train ngram`` and ``jaxllm train rnn`` end to end on a small text file, and their input errors."""
 
 import json
 

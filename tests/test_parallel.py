@@ -169,7 +169,7 @@ def test_single_default_step_is_the_plain_jitted_step():
 
 
 def test_cli_flags():
-    parser = cli.make_parser("test", out="unused", epochs=1, lr=1e-3, batch_size=8)
+    parser = cli.make_parser("test", job="test", epochs=1, lr=1e-3, batch_size=8)
     args = parser.parse_args(["--parallel", "shard_map", "--accum-steps", "2", "--dtype", "bfloat16", "--remat"])
     assert (args.parallel, args.accum_steps, args.dtype, args.remat) == ("shard_map", 2, "bfloat16", True)
     defaults = parser.parse_args([])
@@ -181,5 +181,5 @@ def test_cli_flags():
         cli.strategy(parser.parse_args(["--accum-steps", "3"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--parallel", "ddp"])
-    no_precision = cli.make_parser("test", out="unused", epochs=1, lr=1e-3, precision=False)
+    no_precision = cli.make_parser("test", job="test", epochs=1, lr=1e-3, precision=False)
     assert not hasattr(no_precision.parse_args([]), "dtype")

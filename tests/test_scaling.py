@@ -1,4 +1,4 @@
-"""train/scaling.py: a minimal sweep (2 points) writes scaling.csv and scaling.png on CPU."""
+"""``jaxllm scaling``: a minimal sweep (2 points) writes scaling.csv and scaling.png on CPU."""
 
 import csv
 import os

@@ -85,6 +85,30 @@ def test_fit_writes_metrics_summary_plot_and_checkpoints(tmp_path):
     assert len(evals) == 2
 
 
+def test_every_evaluation_checkpoints_and_only_the_last_is_the_final_one(tmp_path):
+    state, step, data = fresh()
+    calls = []
+
+    def evaluation(name, loss):
+        return lambda params: calls.append(name) or {"loss": loss}
+
+    fit(state, step, data, out_dir=tmp_path, steps=12, eval_fn=evaluation("periodic", 1.0), eval_every=4,
+        final_eval_fn=evaluation("final", 2.0), keep=10, log_every=100, progress=False)
+    assert calls == ["periodic", "periodic", "final"]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in rows if r["split"] == "eval"] == [(4, 1.0), (8, 1.0), (12, 2.0)]
+    assert json.load(open(tmp_path / "summary.json"))["eval"] == {"loss": 2.0}
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [4, 8, 12]
+
+
+@pytest.mark.parametrize("minutes, saved", [(None, [12]), (1e-9, [3, 6, 9, 12])])
+def test_checkpoint_minutes_saves_by_the_clock_where_metrics_are_fetched(tmp_path, minutes, saved):
+    state, step, data = fresh()
+    fit(state, step, data, out_dir=tmp_path, steps=12, checkpoint_minutes=minutes, keep=10, log_every=3,
+        progress=False)
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == saved
+
+
 def test_epochs_count_steps_from_the_data():
     state, step, data = fresh()
     with pytest.raises(ValueError, match="exactly one of"):

@@ -1,1 +1,1 @@
-"""Side-by-side benchmarks: ``python -m jaxllm.bench train generate rnn parallel`` (see ``__main__``)."""
+"""Side-by-side benchmarks: ``jaxllm bench train generate rnn parallel`` (see ``__main__``)."""

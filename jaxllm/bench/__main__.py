@@ -1,4 +1,4 @@
-"""``python -m jaxllm.bench [train] [generate] [rnn] [parallel] [compile] [flags]``: print tables, write JSON.
+"""``jaxllm bench [train] [generate] [rnn] [parallel] [compile] [flags]``: print tables, write JSON.
 
 Each suite prints a table and writes ``<out>/<suite>.json`` (default ``runs/bench/``) holding
 the machine (cores, CPU, load, torch and XLA threads and flags, versions), the settings and
@@ -26,7 +26,7 @@ DEFAULT_SUITES = ("train", "generate", "rnn")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jaxllm.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="jaxllm bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suites", nargs="*", default=list(DEFAULT_SUITES), help=f"any of {SUITES}")
     p.add_argument("--quick", action="store_true", help="smoke run: tiniest sizes, few rounds, no torch.compile")

@@ -90,7 +90,7 @@ def bench_case(name, family, config, *, batch, prompt_len, new, rounds, warmup, 
     calls: dict[str, Any] = {}
     outputs: dict[str, np.ndarray] = {}
 
-    # JAX, KV cache: the library's generate(), the cache exactly prompt + new long (as train/lm.py)
+    # JAX, KV cache: the library's generate(), the cache exactly prompt + new long (as jaxllm train lm)
     width = prompt_len + new
     compiled_before = gen._generate._cache_size()
 

@@ -1,6 +1,6 @@
 """One preparation for every language-model script: corpus -> split -> tokenizer -> ids.
 
-``train/ngram.py`` and ``train/rnn_lm.py`` both call ``prepare_lm_data`` with the same flags,
+``jaxllm train ngram``, ``rnn`` and ``lm`` call ``prepare_lm_data`` with the same flags,
 so the baseline and the neural models see the same split and the same token ids.
 """
 

@@ -109,7 +109,8 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, config: dict | None = None):
         self.directory = os.path.abspath(os.fspath(directory))
-        self.config = config
+        # as the checkpoint will hold it (JSON: a tuple comes back a list), so a resume compares like with like
+        self.config = None if config is None else json.loads(json.dumps(config))
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointWriteError(f"cannot keep checkpoints in {self.directory}: it is a file, not a directory")
         _ignore_abandoned_orbax_callbacks()  # before any read or write: the callbacks fire during it
@@ -223,7 +224,7 @@ class Checkpointer:
         except CheckpointError as exc:
             raise _Damaged(str(exc)) from exc
         if self.config is not None and meta.get("config") not in (None, self.config):
-            raise CheckpointError(f"{where} was written for a different config:\n"
+            raise CheckpointError(f"{where} was written for a different config (saved → this run):\n"
                                   f"{_config_diff(meta.get('config'), self.config)}")
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_dict(make_template(meta)))
         try:
@@ -271,15 +272,16 @@ class _Damaged(CheckpointError):
 
 
 def _config_diff(saved, current, prefix: str = "") -> str:
-    """The differing entries of two run configs, one ``  key: saved -> this run`` line each."""
-    if isinstance(saved, dict) and isinstance(current, dict):
+    """The differing entries of two run configs, one ``  key: saved → this run`` line each."""
+    if isinstance(saved, (dict, type(None))) and isinstance(current, (dict, type(None))) and (saved or current):
+        saved, current = saved or {}, current or {}  # a section only one side has: its keys one by one
         lines = []
         for key in sorted(set(saved) | set(current)):
             lines.append(_config_diff(saved.get(key), current.get(key), f"{prefix}{key}."))
         return "\n".join(line for line in lines if line)
     if saved == current:
         return ""
-    return f"  {prefix.rstrip('.')}: saved {saved!r}, this run {current!r}"
+    return f"  {prefix.rstrip('.')}: {saved!r} → {current!r}"
 
 
 def _root_cause(exc: BaseException) -> str:

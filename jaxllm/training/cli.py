@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import difflib
 import os
 import shutil
 import sys
 from typing import Callable, Sequence
 
+from jaxllm.training import run_flags
 from jaxllm.training.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from jaxllm.training.parallel import STRATEGIES, Strategy, make_strategy
 from jaxllm.training.run_lock import lock_run_dir
@@ -88,22 +91,70 @@ def int_list(low: int = 1) -> Callable[[str], list[int]]:
     return parse
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help``: the job's docstring as written, and every flag's default after its help, also
+    for a flag without help text (not a switch's: it is off unless given; nor where the help
+    already says what the default means)."""
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings and action.nargs != 0:
+            action = copy.copy(action)  # argparse prints no help line at all for help=None
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+# the sections of --help, in this order (argparse shows none that is empty)
+GROUPS = ("model", "data", "optimiser", "evaluation", "run", "devices and memory")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the scripts' one-line errors: a refused flag prints ``error: argument --steps:
     must be >= 1, got 0 (see lm.py --help)`` and exits 2, the form ``run`` gives errors found later
-    (the full usage stays in ``--help`` rather than burying the line that matters).
+    (the full usage stays in ``--help`` rather than burying the line that matters). ``--help`` is
+    laid out by ``HelpFormatter`` in the sections ``GROUPS`` (``group(title)``).
 
     Every job that compiles gets ``--no-compile-cache``: parsing turns on JAX's persistent
     compilation cache (``jaxllm.compile_cache``) unless the flag is given, so a second run of the
     same job skips most of its compile time. ``compile_cache=False`` for a job that compiles nothing."""
 
     def __init__(self, *args, compile_cache: bool = True, **kwargs):
+        if _command is not None:
+            kwargs.setdefault("prog", _command)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self._groups = {title: self.add_argument_group(title) for title in GROUPS}
         self.compile_cache = compile_cache
         if compile_cache:
-            self.add_argument("--no-compile-cache", action="store_true",
-                              help="compile from scratch: do not read or write JAX's persistent compilation cache "
-                                   "($JAXLLM_COMPILATION_CACHE, default ~/.cache/jaxllm/xla)")
+            self.group("run").add_argument(
+                "--no-compile-cache", action="store_true",
+                help="compile from scratch: do not read or write JAX's persistent compilation cache "
+                     "($JAXLLM_COMPILATION_CACHE, default ~/.cache/jaxllm/xla)")
+
+    def group(self, title: str):
+        """The ``--help`` section ``title`` (one of ``GROUPS``), to add flags to."""
+        return self._groups[title]
+
+    def reword(self, **helps: str) -> None:
+        """New help for shared flags, by dest: ``reword(lr="... (default: per --mode)")`` where a
+        job resolves the default itself (a help that says ``(default`` gets no other)."""
+        for dest, text in helps.items():
+            next(a for a in self._actions if a.dest == dest).help = text
+
+    def arrange(self, **sections: Sequence[str]) -> None:
+        """Move flags already added into ``--help`` sections: ``arrange(model=["--layers"], ...)``
+        (a job's own flags, listed after they are defined)."""
+        for title, flags in sections.items():
+            for flag in flags:
+                action = self._option_string_actions[flag]
+                for group in self._action_groups:
+                    if action in group._group_actions:
+                        group._group_actions.remove(action)
+                self.group(title)._group_actions.append(action)
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, rest = super().parse_known_args(args, namespace)
@@ -121,51 +172,85 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def make_parser(description: str, *, out: str, epochs: int, lr: float, optimizer: str = "adamw",
+def make_parser(description: str, *, job: str, epochs: int, lr: float, optimizer: str = "adamw",
                 batch_size: int | None = None, weight_decay: float = 0.0, momentum: float = 0.0,
-                log_every: int = 10, precision: bool = True, split_cpu: bool = True) -> argparse.ArgumentParser:
-    """The shared flags. ``precision=False`` leaves out ``--dtype``/``--remat`` for a script that
-    cannot honour them (better no flag than one silently ignored). ``split_cpu=False``: on a CPU the
-    job defaults to one device (a model so small that splitting its batch costs more than it saves)."""
-    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=out, help="output directory (metrics.jsonl, summary.json, loss.png, checkpoints/)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for init, data order and splits")
-    length = p.add_mutually_exclusive_group()
+                log_every: int = 10, precision: bool = True, parallel: bool = True, evaluation: bool = True,
+                split_cpu: bool = True) -> ArgumentParser:
+    """The shared flags of a training job (``job``: its module's name in ``jaxllm.jobs``, which
+    names its presets, ``jaxllm/configs/<job>/``, and its default ``--out runs/<job>``). A job gets
+    only the flags it honours (better no flag than one silently ignored): ``precision=False`` leaves
+    out ``--dtype``/``--remat``, ``parallel=False`` every device flag (a job that trains on one
+    device), ``evaluation=False`` ``--eval-every`` (a job with no held-out set). ``split_cpu=False``:
+    on a CPU the job defaults to one device (a model so small that splitting its batch costs more
+    than it saves)."""
+    p = ArgumentParser(description=description)
+    p.job = job
+    run = p.group("run")
+    run.add_argument("--out", default=f"runs/{job}",
+                     help="output directory (config.yaml, metrics.jsonl, summary.json, loss.png, checkpoints/)")
+    named = ", ".join(run_flags.presets(job))
+    run.add_argument("--config", default=None, metavar="FILE",
+                     help="a YAML file of flags (a run's config.yaml; keys are the long flag names) read as the "
+                          "defaults; flags given here override it" + (f"; or a preset: {named}" if named else ""))
+    run.add_argument("--seed", type=non_negative_int, default=0, help="seed for init, data order and splits")
+    length = run.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the training set")
     length.add_argument("--steps", type=positive_int, default=None, help="optimiser steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=positive_int, default=batch_size, help="rows per step (default: full batch)"
-                   if batch_size is None else "rows per step")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=optimizer)
-    p.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate")
-    p.add_argument("--weight-decay", type=non_negative_float, default=weight_decay,
-                   help="decoupled for adamw, L2 added to the gradient for sgd/adam")
-    p.add_argument("--momentum", type=fraction_below_1, default=momentum, help="sgd momentum, in [0, 1)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="constant")
-    p.add_argument("--warmup-steps", type=non_negative_int, default=0,
-                   help="linear warmup from 0 to --lr; at most the run's steps - 1 (longer is clamped, with a note)")
-    p.add_argument("--clip-norm", type=positive_float, default=None, help="clip gradients to this global norm")
-    p.add_argument("--eval-every", type=positive_int, default=None, help="evaluate every N steps (and at the end)")
-    p.add_argument("--checkpoint-every", type=positive_int, default=None,
-                   help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete a previous run's outputs in --out first (otherwise they are kept and the run refused)")
-    p.add_argument("--log-every", type=positive_int, default=log_every, help="fetch and log metrics every N steps")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_parallel_flags(p, precision=precision, split_cpu=split_cpu)
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the latest checkpoint in --out, with the flags of its config.yaml "
+                          "(flags given here override them)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete a previous run's outputs in --out first (otherwise they are kept and the run "
+                          "refused)")
+    run.add_argument("--checkpoint-every", type=positive_int, default=None,
+                     help="checkpoint every N steps (always: at every evaluation, at the end, on Ctrl-C/SIGTERM)")
+    run.add_argument("--checkpoint-minutes", type=non_negative_float, default=5.0,
+                     help="also checkpoint once this many minutes have passed since the last checkpoint, checked "
+                          "every --log-every steps (0: never for that reason)")
+    run.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
+    run.add_argument("--log-every", type=positive_int, default=log_every,
+                     help="fetch the step metrics from the device every N steps (each step still gets its row "
+                          "in metrics.jsonl); fewer fetches keep the device busier")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    opt = p.group("optimiser")
+    opt.add_argument("--batch-size", type=positive_int, default=batch_size, help="rows per step (default: full batch)"
+                     if batch_size is None else "rows per step")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, default=optimizer, help="the optax optimiser")
+    opt.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate")
+    opt.add_argument("--weight-decay", type=non_negative_float, default=weight_decay,
+                     help="decoupled for adamw, L2 added to the gradient for sgd/adam")
+    opt.add_argument("--momentum", type=fraction_below_1, default=momentum, help="sgd momentum, in [0, 1)")
+    opt.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                     help="learning rate over the run: constant, or linear warmup then cosine decay to 0")
+    opt.add_argument("--warmup-steps", type=non_negative_int, default=0,
+                     help="linear warmup from 0 to --lr; at most the run's steps - 1 (longer is clamped, with a note)")
+    opt.add_argument("--clip-norm", type=positive_float, default=None, help="clip gradients to this global norm")
+    if evaluation:
+        p.group("evaluation").add_argument("--eval-every", type=positive_int, default=None,
+                                           help="evaluate every N steps (and at the end)")
+    if parallel:
+        add_parallel_flags(p, precision=precision, split_cpu=split_cpu)
     return p
+
+
+def add_eval_batches(p: ArgumentParser, default: int = 50) -> None:
+    """``--eval-batches``: the jobs whose held-out set is large enough for periodic evaluations to
+    cost a noticeable share of the run score a fixed part of it then; the final one scores it all."""
+    p.group("evaluation").add_argument(
+        "--eval-batches", type=positive_int, default=default,
+        help="periodic evaluations score only the first N batches of the held-out set (the same ones each "
+             "time); the evaluation after the last step scores all of it")
 
 
 PARALLEL_CHOICES = ("auto", *STRATEGIES)
 DTYPES = ("float32", "bfloat16")
 
 
-def add_parallel_flags(p: argparse.ArgumentParser, *, precision: bool = True, split_cpu: bool = True) -> None:
+def add_parallel_flags(p: ArgumentParser, *, precision: bool = True, split_cpu: bool = True) -> None:
     """``--parallel``, ``--cpu-devices``, ``--accum-steps`` (jaxllm.training.parallel) and, with
     ``precision``, ``--dtype`` (jaxllm.training.precision) and ``--remat`` (the transformer configs'
     flag). ``split_cpu``: on a CPU, default to one device per core (else one device)."""
-    g = p.add_argument_group("devices and memory")
+    g = p.group("devices and memory")
     p.set_defaults(split_cpu=split_cpu)
     g.add_argument("--parallel", choices=PARALLEL_CHOICES, default="auto",
                    help="device strategy: single | sharded (jit + NamedSharding, batch split, params replicated) "
@@ -217,14 +302,21 @@ def parallel_kwargs(args) -> dict:
 
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "baseline", "tokenizer.json", "sample.txt",
-               "test_responses.json")
+               "test_responses.json", run_flags.CONFIG_FILE)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
     """Parse flags and claim ``--out`` before any work: it must be a writable directory that no
     other live run holds (its run lock is taken here); with ``--overwrite``, remove only the files
-    a previous run wrote there; ``--resume`` needs a checkpoint to resume from."""
+    a previous run wrote there; ``--resume`` needs a checkpoint to resume from.
+
+    The defaults come, in this order, from the parser, the run's own ``config.yaml`` (``--resume``),
+    the ``--config`` file; flags on the command line override them all (``jaxllm.training.run_flags``).
+    ``args.flags`` holds the resolved flags that ``fit`` writes to ``config.yaml``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser.set_defaults(**_file_defaults(parser, argv))
     args = parser.parse_args(argv)
+    args.flags = {key: getattr(args, action.dest) for key, action in _file_flags(parser).items()}
     if args.overwrite and args.resume:
         parser.error("--overwrite and --resume contradict each other")
     lock_run_dir(args.out)  # before deleting anything: a live run's files are not ours to remove
@@ -235,17 +327,116 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-    elif args.resume and not _has_checkpoints(checkpoints):
+    elif args.resume and not has_checkpoints(checkpoints):
         raise ValueError(f"--resume: there is no checkpoint to resume from in {checkpoints} "
                          "(run without --resume to start afresh)")
-    elif not args.resume and _has_checkpoints(checkpoints):
+    elif not args.resume and has_checkpoints(checkpoints):
         # refuse before any work (or any file written), not only when fit() starts
         raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue that run, "
                          "--overwrite to replace it, or choose a new --out")
     return args
 
 
-def _has_checkpoints(directory: str) -> bool:
+# what a run is and does, not how it trains: given on the command line only, never read from a file
+COMMAND_LINE_ONLY = ("out", "config", "resume", "overwrite")
+
+
+def _file_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The parser's flags that a config file may set, by key (the long flag without its dashes)."""
+    return {a.option_strings[-1][2:]: a for a in parser._actions
+            if a.option_strings and a.help is not argparse.SUPPRESS and a.dest not in (*COMMAND_LINE_ONLY, "help")}
+
+
+def _file_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> dict:
+    """``{dest: value}`` from the run's ``config.yaml`` (with ``--resume``) and then ``--config``;
+    a bad file, key or value is refused through ``parser.error`` naming it. Where the command line
+    gives one of mutually exclusive flags (``--epochs``/``--steps``), the files' others are dropped."""
+    given = _given(parser, argv)
+    sources = []
+    if given.get("resume"):
+        saved = os.path.join(given.get("out", parser.get_default("out")), run_flags.CONFIG_FILE)
+        if os.path.isfile(saved):
+            sources.append((saved, saved))
+    if given.get("config") is not None:
+        sources.append((f"--config {given['config']}", _config_path(parser, given["config"])))
+    defaults = {}
+    for source, path in sources:
+        try:
+            values = run_flags.read_flags(path)
+        except ValueError as exc:
+            parser.error(f"argument --config: {exc}" if source != path else str(exc))
+        defaults.update(_check_file_values(parser, values, source))
+    for group in parser._mutually_exclusive_groups:
+        dests = [a.dest for a in group._group_actions]
+        if any(d in given for d in dests):
+            for dest in dests:
+                if dest not in given:
+                    defaults.pop(dest, None)
+    return defaults
+
+
+_UNSET = object()
+
+
+def _given(parser: argparse.ArgumentParser, argv: list[str]) -> dict:
+    """The flags the command line itself sets: a parse whose defaults are all a marker (through
+    argparse's own method, so the parse has no side effects)."""
+    marked = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parsed, _ = argparse.ArgumentParser.parse_known_args(parser, argv, marked)
+    return {k: v for k, v in vars(parsed).items() if v is not _UNSET}
+
+
+def _config_path(parser: argparse.ArgumentParser, value: str) -> str:
+    """``--config``'s file: a path, or the bare name of one of the job's presets."""
+    if os.path.exists(value):
+        return value
+    job = getattr(parser, "job", None)
+    preset = run_flags.preset_path(job, value) if job and os.sep not in value else None
+    if preset is None:
+        named = ", ".join(run_flags.presets(job)) if job else ""
+        presets = f" and no such preset (presets: {named})" if named else ""
+        parser.error(f"argument --config: no file {value!r}{presets}")
+    return os.fspath(preset)
+
+
+def _check_file_values(parser: argparse.ArgumentParser, values: dict, source: str) -> dict:
+    """``{dest: value}`` for a file's ``{key: value}``, each value checked by its flag's own type
+    and choices (a YAML number reaches the validator as the text a user would type)."""
+    flags = _file_flags(parser)
+    unknown = [k for k in values if k not in flags]
+    if unknown:
+        hints = [f"{k} -> {m[0]}" for k in unknown if (m := difflib.get_close_matches(k.replace("_", "-"), flags, 1))]
+        only = [k for k in unknown if k in COMMAND_LINE_ONLY]
+        parser.error(f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
+                     + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                     + (f" ({', '.join(only)}: command line only)" if only else ""))
+    return {flags[k].dest: _file_value(parser, flags[k], v, source) for k, v in values.items()}
+
+
+def _file_value(parser: argparse.ArgumentParser, action: argparse.Action, value, source: str):
+    where = f"argument {action.option_strings[-1]} in {source}"
+    if value is None:
+        return None
+    if action.nargs == 0:  # a switch: store_true
+        if not isinstance(value, bool):
+            parser.error(f"{where}: must be true or false, got {value!r}")
+        return value
+    many = action.nargs in ("+", "*")
+    if isinstance(value, list) != many:
+        parser.error(f"{where}: must be {'a list' if many else 'one value'}, got {value!r}")
+    items = value if many else [value]
+    try:
+        items = [action.type(str(v)) if action.type else str(v) for v in items]
+    except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+        parser.error(f"{where}: {exc}")
+    for item in items:
+        if action.choices is not None and item not in action.choices:
+            parser.error(f"{where}: invalid choice: {item!r} (choose from {', '.join(map(str, action.choices))})")
+    return items if many else items[0]
+
+
+def has_checkpoints(directory: str) -> bool:
+    """Whether ``directory`` holds a checkpoint step."""
     return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
@@ -285,8 +476,9 @@ def clamp_warmup(warmup: int, total: int) -> int:
 def fit_kwargs(args, *, steps_per_epoch: int | None = None) -> dict:
     """The ``fit()`` keyword arguments that come from the shared flags (eval defaults to once an epoch)."""
     return dict(
-        eval_every=args.eval_every or steps_per_epoch, checkpoint_every=args.checkpoint_every, keep=args.keep,
-        resume=args.resume, log_every=args.log_every, progress=not args.no_progress,
+        eval_every=getattr(args, "eval_every", None) or steps_per_epoch, checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes or None, keep=args.keep, resume=args.resume,
+        log_every=args.log_every, progress=not args.no_progress, flags=args.flags,
     )
 
 
@@ -294,10 +486,17 @@ def length_kwargs(args) -> dict:
     return {"steps": args.steps} if args.steps is not None else {"epochs": args.epochs}
 
 
-def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run a script's ``main`` as a command: bad input, missing data, divergence or a file that
-    cannot be written exits 2 with one ``error:`` line; SIGINT/SIGTERM exit 130/143 with one line
-    saying how to resume; never a traceback for these."""
+# the command that runs a job ("jaxllm train lm"; None: a script, python train/lm.py): names the
+# job in its errors and --help, and starts the line that resumes it
+_command: str | None = None
+
+
+def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None, *,
+        prog: str | None = None) -> None:
+    """Run a job's ``main`` as a command (``prog``: its name, e.g. ``jaxllm train lm``): bad input,
+    missing data, divergence or a file that cannot be written exits 2 with one ``error:`` line;
+    SIGINT/SIGTERM exit 130/143 with one line saying how to resume; never a traceback for these."""
+    global _command
     import signal
 
     from jaxllm.data.tabular import DataUnavailable
@@ -307,6 +506,7 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         raise _Terminated
 
     signal.signal(signal.SIGTERM, terminate)
+    _command = prog
     try:
         main(argv)
     except (ValueError, DataUnavailable, TrainingDiverged, OSError) as exc:
@@ -320,6 +520,8 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     except KeyboardInterrupt as exc:
         print("interrupted outside the training loop: checkpoints already written are kept", file=sys.stderr)
         sys.exit(143 if isinstance(exc, _Terminated) else 130)
+    finally:
+        _command = None
 
 
 class _Terminated(KeyboardInterrupt):
@@ -333,4 +535,4 @@ def resume_command(argv: Sequence[str] | None = None) -> str:
     args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
     if "--resume" not in args:
         args.append("--resume")
-    return shlex.join(["python", sys.argv[0], *args])
+    return shlex.join([*(shlex.split(_command) if _command else ["python", sys.argv[0]]), *args])

@@ -29,14 +29,18 @@ def _chunk_nll(model, params, inputs, targets, carry):
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum(), carry
 
 
-def streaming_nll(model, params, ids, *, streams: int = 16, chunk: int = 256) -> tuple[float, int, slice]:
+def streaming_nll(model, params, ids, *, streams: int = 16, chunk: int = 256,
+                  max_chunks: int | None = None) -> tuple[float, int, slice]:
     """Total NLL (nats) of ``ids`` under a model with a carried state (``model.forward(params,
     tokens[b, t], carry) -> (logits, carry)``, ``model.init_cache(batch)``: the Elman RNN).
 
     Returns ``(total_nll, scored_tokens, scored)`` where ``ids[scored]`` are the tokens that were
-    predicted. The ids are checked to lie in the model's vocabulary.
+    predicted. The ids are checked to lie in the model's vocabulary. ``max_chunks``: score only the
+    text's first ``streams * chunk * max_chunks`` tokens (at most that many batches), a cheaper estimate.
     """
     ids = check_token_ids(ids, model.vocab_size, name="validation ids")
+    if max_chunks is not None:
+        ids = ids[: streams * chunk * max_chunks + 1]
     per_stream = (len(ids) - 1) // streams
     if per_stream < 1:
         raise ValueError(f"{len(ids)} validation tokens are too few for {streams} streams")
@@ -77,6 +81,12 @@ def _window_nll(model, params, batch):
 def window_nll(model, params, batches) -> float:
     """Total NLL (nats) of ``eval_windows`` batches under a language model config (deterministic)."""
     return float(sum(jax.device_get(_window_nll(model, params, b)) for b in batches))
+
+
+def lm_scores(total_nll_nats: float, tokens: int, chars: int) -> dict[str, float]:
+    """``{"loss"`` (nats per token), ``"perplexity"``, ``"bpc"}`` of a text's total NLL."""
+    return {"loss": total_nll_nats / tokens, "perplexity": math.exp(total_nll_nats / tokens),
+            "bpc": bits_per_char(total_nll_nats, chars)}
 
 
 def bits_per_char(total_nll_nats: float, num_chars: int) -> float:

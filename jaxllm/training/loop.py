@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import MetricsLog, plot_losses, update_json, write_json
 from jaxllm.training.optim import OptimizerConfig, make_schedule
+from jaxllm.training.run_flags import write_flags
 from jaxllm.training.run_lock import lock_run_dir, unlock_run_dir
 from jaxllm.training.state import TrainState
 from jaxllm.training.tensorboard import open_event_log
@@ -109,7 +110,9 @@ def fit(
     epochs: int | None = None,
     eval_fn: Callable[[Any], dict[str, float]] | None = None,
     eval_every: int | None = None,
+    final_eval_fn: Callable[[Any], dict[str, float]] | None = None,
     checkpoint_every: int | None = None,
+    checkpoint_minutes: float | None = None,
     keep: int = 3,
     resume: bool = False,
     config: dict | None = None,
@@ -120,6 +123,7 @@ def fit(
     title: str = "",
     strategy=None,
     schedule: Callable[[Any], Any] | None = None,
+    flags: dict | None = None,
 ) -> TrainState:
     """Train ``state`` for ``steps`` (or ``epochs`` x ``train_data.steps_per_epoch``) steps.
 
@@ -130,7 +134,14 @@ def fit(
     ``lr`` the step trained with, when ``schedule`` (step -> lr, as optax counts steps from 0; default:
     the schedule of ``config["optimizer"]``, a run config's ``OptimizerConfig``) is known, and
     throughput ``<unit>_per_s`` on each flush's last row.
-    ``eval_fn(params) -> {"loss": ..., ...}`` runs every ``eval_every`` steps and at the end.
+    ``eval_fn(params) -> {"loss": ..., ...}`` runs every ``eval_every`` steps and, unless
+    ``final_eval_fn`` is given (periodic evaluations on a sample, the last one on everything), at the end.
+    A checkpoint is written at every evaluation, every ``checkpoint_every`` steps, at the end, and
+    once ``checkpoint_minutes`` of wall time have passed since the last one (checked where metrics
+    are fetched, every ``log_every`` steps; process 0's clock decides for every process).
+    ``flags`` (the job's resolved command-line flags, ``cli.parse_args``) are written to
+    ``out_dir/config.yaml`` once the run starts, after a resume's checks have passed, so a refused
+    resume leaves the run's file as it was.
     ``resume=True`` continues from the newest intact checkpoint (params, optimiser, step, RNG and
     data position), so the run ends exactly where an uninterrupted one would; damaged newer steps
     are renamed ``damaged-<step>`` and their steps trained again. Without a checkpoint to resume
@@ -161,17 +172,19 @@ def fit(
     took_lock = lock_run_dir(out_dir)
     try:
         return _fit(state, train_step, train_data, total=total, out_dir=out_dir, eval_fn=eval_fn,
-                    eval_every=eval_every, checkpoint_every=checkpoint_every, keep=keep, resume=resume,
+                    eval_every=eval_every, final_eval_fn=final_eval_fn or eval_fn, checkpoint_every=checkpoint_every,
+                    checkpoint_minutes=checkpoint_minutes, keep=keep, resume=resume,
                     config=config, log_every=log_every, progress=progress, units_per_batch=units_per_batch,
-                    unit=unit, title=title, place=place, gather=gather, schedule=schedule,
+                    unit=unit, title=title, place=place, gather=gather, schedule=schedule, flags=flags,
                     devices=None if strategy is None else {"strategy": strategy.name, "devices": strategy.num_devices})
     finally:
         if took_lock:
             unlock_run_dir(out_dir)
 
 
-def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, checkpoint_every, keep, resume,
-         config, log_every, progress, units_per_batch, unit, title, place, gather, devices, schedule) -> TrainState:
+def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, final_eval_fn, checkpoint_every,
+         checkpoint_minutes, keep, resume, config, log_every, progress, units_per_batch, unit, title, place, gather,
+         devices, schedule, flags) -> TrainState:
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
     summary_path = os.path.join(out_dir, "summary.json")
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=keep, config=config)
@@ -208,11 +221,17 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
     if start > total:
         ckpt.close()
         raise ValueError(f"the checkpoint is at step {start}, beyond the {total} steps asked for")
+    if flags is not None:
+        try:
+            write_flags(out_dir, flags)
+        except Exception:
+            ckpt.close()
+            raise
     if start == total:  # resuming a finished run: nothing to train, keep what it measured
         ckpt.close()
         fields = {"status": "finished", "steps": total, "last_checkpoint": last_saved}
         if eval_fn is not None:
-            fields["eval"] = {k: float(v) for k, v in eval_fn(state.params).items()}
+            fields["eval"] = {k: float(v) for k, v in final_eval_fn(state.params).items()}
         update_json(summary_path, fields)
         return state
     state = place(state)
@@ -285,6 +304,7 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
 
     step = start
     stop = _StopRequests()
+    saved_at = time.monotonic()
     try:
         with stop:
             for step in range(start + 1, total + 1):
@@ -297,19 +317,24 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
                     start_timed = step
                 bar.update(1)
                 interrupted = stop.signum is not None  # read once: a signal may arrive at any moment
-                save_now = step % checkpoint_every == 0 or step == total or interrupted
                 eval_now = eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total)
                 eval_now = eval_now and not interrupted
+                # the same steps on every process ask (the collective must not depend on a signal)
+                clock_due = bool(checkpoint_minutes) and step % log_every == 0 and _process_0_decides(
+                    time.monotonic() - saved_at >= 60 * checkpoint_minutes)
+                save_now = step % checkpoint_every == 0 or step == total or interrupted or eval_now or clock_due
                 if step % log_every == 0 or save_now or eval_now:
                     flush(step)
                 t_before = time.perf_counter()
                 if eval_now or save_now:
                     one_device = gather(state)
                 if eval_now:
-                    last_eval = {k: float(v) for k, v in eval_fn(one_device.params).items()}
+                    evaluate = final_eval_fn if step == total else eval_fn
+                    last_eval = {k: float(v) for k, v in evaluate(one_device.params).items()}
                     record([{"step": step, "split": "eval", **last_eval}])
                 if save_now:
                     last_saved = save(step, one_device)
+                    saved_at = time.monotonic()
                 t_aside += time.perf_counter() - t_before
                 if interrupted:
                     stopped("interrupted", interrupted_at_step=step, signal=signal.Signals(stop.signum).name)
@@ -342,6 +367,16 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
     }
     write_json(summary_path, summary)
     return gather(state)
+
+
+def _process_0_decides(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process, so all of them act at the same step (their clocks
+    differ); one process: the flag itself, no collective."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
 def _learning_rates(schedule, steps: list[int]) -> list:

@@ -38,12 +38,16 @@ class MetricsLog:
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write atomically: a reader never sees half a file."""
+    write_atomically(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
     tmp = f"{os.fspath(path)}.tmp"
     with naming_the_file(path):
         try:
             with open(tmp, "w") as f:
-                json.dump(data, f, indent=2, sort_keys=True, default=float)
-                f.write("\n")
+                f.write(text)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
