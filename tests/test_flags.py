@@ -283,3 +283,16 @@ def test_the_cpu_device_count_is_checked_and_a_fixed_count_left_alone(monkeypatc
 
     jax.devices()  # this process's backend is running: its device count can no longer change
     assert cpu_devices.request() is None and cpu_devices.request(4) is None
+
+
+@pytest.mark.parametrize("optimizer,per_core", [("adamw", True), ("muon", False)])
+def test_muon_defaults_to_one_cpu_device(monkeypatch, optimizer, per_core):
+    """A muon run is not split over host devices unless asked (README: XLA's in-process all-reduce
+    hung with it); the same job with adamw asks for one device per core."""
+    from jaxllm import cpu_devices
+
+    asked = []
+    monkeypatch.setattr(cpu_devices, "request", lambda count, per_core: asked.append((count, per_core)))
+    parser = cli.make_parser("test", job="lm", epochs=1, lr=1e-3, batch_size=8)
+    parser.parse_args(["--optimizer", optimizer, "--weight-decay", "0"])
+    assert asked == [(None, per_core)]

@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -15,7 +16,9 @@ def test_adamw_requires_explicit_weight_decay():
 @pytest.mark.parametrize("kwargs,match", [
     ({"name": "lion", "weight_decay": 0.0}, "optimizer must be one of"),
     ({"schedule": "step", "weight_decay": 0.0}, "schedule must be one of"),
-    ({"lr": 0.0, "weight_decay": 0.0}, "lr must be > 0"),
+    ({"lr": 0.0, "weight_decay": 0.0}, "lr and muon_lr must be > 0"),
+    ({"name": "muon", "muon_lr": 0.0, "weight_decay": 0.0}, "lr and muon_lr must be > 0"),
+    ({"name": "muon"}, "muon needs weight_decay passed explicitly"),
     ({"schedule": "warmup_cosine", "weight_decay": 0.0}, "needs total_steps"),
     ({"warmup_steps": 20, "total_steps": 10, "weight_decay": 0.0}, "exceeds total_steps"),
     # optax's cosine needs a step after the warmup: refused here, in our words, not in optax's
@@ -47,3 +50,25 @@ def test_global_norm_clipping():
     updates, _ = opt.update(grads, opt.init(params), params)
     np.testing.assert_allclose(float(optax.tree.norm(updates)), 1.0, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(updates["a"]), [-0.6, 0.0], rtol=1e-6)
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    """Only 2-D params under ``muon_blocks`` get Muon's orthogonalised step (its momentum buffer);
+    a block's vector and everything outside the blocks get AdamW's (mu and nu)."""
+    from jaxllm.training.optim import orthogonalize
+
+    params = {"embedding": jnp.ones((5, 4)), "layers_0": {"W": jnp.ones((4, 6)), "scale": jnp.ones(4)},
+              "output": jnp.ones((4, 5))}
+    opt = make_optimizer(OptimizerConfig("muon", lr=1e-3, weight_decay=0.0, muon_blocks=["layers_0"]))
+    state = opt.init(params)
+    muon_state, adamw_state = state.inner_states["muon"], state.inner_states["adamw"]
+    muon_leaves = [x for x in jax.tree_util.tree_leaves(muon_state) if getattr(x, "ndim", 0) == 2]
+    assert [x.shape for x in muon_leaves] == [(4, 6)]  # the one block matrix
+    adam_mu = adamw_state.inner_state[0].mu
+    assert adam_mu["embedding"].shape == (5, 4) and adam_mu["output"].shape == (4, 5)
+    assert adam_mu["layers_0"]["scale"].shape == (4,)
+    # the direction is orthogonal-ish: singular values of NS(G) lie near 1 (0.5-1.5 by design)
+    g = jax.random.normal(jax.random.PRNGKey(0), (16, 48))
+    s = np.linalg.svd(np.asarray(orthogonalize(g)), compute_uv=False)
+    assert 0.5 < s.min() and s.max() < 1.5
+    np.testing.assert_allclose(np.asarray(orthogonalize(g.T)), np.asarray(orthogonalize(g)).T, rtol=1e-5, atol=1e-6)

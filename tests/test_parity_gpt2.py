@@ -1,5 +1,5 @@
 """GPT-2 (Raschka ch. 4): the Flax model and the book's PyTorch twin agree on logits (with and
-without Q/K/V biases), gradients and a 10-step AdamW trajectory; the twin's state dict (with its
+without Q/K/V biases), gradients and 10-step AdamW and Muon trajectories; the twin's state dict (with its
 mask buffers) loads through interop; cached decoding equals the full forward; the book's seed-123
 greedy generation reproduces in JAX; the 124M parameter counts are the book's."""
 
@@ -108,6 +108,61 @@ def test_ten_step_adamw_trajectory_matches():
     assert jax_losses[-1] < jax_losses[0]
     assert_same_tensors(state.params, t_gpt2.drop_masks(to_numpy_state(twin)), TRAJECTORY,
                         what="gpt2 params after 10 AdamW steps")
+
+
+def fp32_newton_schulz(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim.Muon's ``_zeropower_via_newtonschulz`` without its cast to bf16 (ours runs in
+    the params' fp32): the same quintic iteration on the wide orientation."""
+    a, b, c = ns_coefficients
+    tall = grad.size(0) > grad.size(1)
+    x = grad.T if tall else grad
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class BothOptimizers:
+    """torch.optim.Muon for the blocks' matrices and AdamW for the rest, stepped together."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    def zero_grad(self):
+        for opt in self.optimizers:
+            opt.zero_grad()
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+
+def test_ten_step_muon_trajectory_matches(monkeypatch):
+    """``--optimizer muon``: torch.optim.Muon on every 2-D weight of the blocks (nn.Linear, so
+    torch's [out, in] is our kernel transposed), AdamW on embeddings, head, norms and biases."""
+    monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", fp32_newton_schulz)
+    twin, params = twin_and_params(seed=3)
+    twin.train()
+    rng = np.random.default_rng(4)
+    batches = [make_batch(rng) for _ in range(10)]
+
+    optimizer = make_optimizer(OptimizerConfig("muon", lr=4e-4, muon_lr=0.02, weight_decay=0.1,
+                                               muon_blocks=CONFIG.block_names))
+    step = make_train_step(lm_cross_entropy(apply_logits(CONFIG)), optimizer)
+    state = TrainState.create(params, optimizer, jax.random.PRNGKey(0))
+    named = list(twin.named_parameters())
+    matrices = [p for n, p in named if n.startswith("trf_blocks.") and p.ndim == 2]
+    rest = [p for n, p in named if not (n.startswith("trf_blocks.") and p.ndim == 2)]
+    assert len(matrices) == 2 * 6 and rest  # Q, K, V, out_proj and the two MLP weights per block
+    torch_opt = BothOptimizers(torch.optim.Muon(matrices, lr=0.02, weight_decay=0.1),
+                               torch.optim.AdamW(rest, lr=4e-4, weight_decay=0.1))
+    state, jax_losses, torch_losses = run_both_trajectories(step, state, twin, torch_opt, torch_loss, batches)
+
+    assert_close(jax_losses, torch_losses, TRAJECTORY, err_msg="gpt2 losses over 10 Muon steps")
+    assert jax_losses[-1] < jax_losses[0]
+    assert_same_tensors(state.params, t_gpt2.drop_masks(to_numpy_state(twin)), TRAJECTORY,
+                        what="gpt2 params after 10 Muon steps")
 
 
 def test_cached_decoding_equals_full_forward():

@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
           f"rows of {width} tokens; val loss before fine-tuning {val_first:.4f}")
 
     total = cli.total_steps(args, batches.steps_per_epoch)
-    opt_config = cli.optimizer_config(args, total)
+    opt_config = cli.optimizer_config(args, total, muon_blocks=config.block_names)
     optimizer = make_optimizer(opt_config)
     run = run_config(config, opt_config, batch_size=args.batch_size, seed=args.seed, context=max_length,
                      **({"dtype": args.dtype} if args.dtype != "float32" else {}),

@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
         return dict(last_eval)
 
     total = cli.total_steps(args, batches.steps_per_epoch)
-    opt_config = cli.optimizer_config(args, total)
+    opt_config = cli.optimizer_config(args, total, muon_blocks=config.block_names)
     optimizer = make_optimizer(opt_config)
     run = run_config(config, opt_config, batch_size=args.batch_size, seed=args.seed, context=args.context,
                      stride=stride, text=args.text, tokenizer=args.tokenizer,

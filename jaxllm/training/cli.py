@@ -165,7 +165,9 @@ class ArgumentParser(argparse.ArgumentParser):
         if hasattr(parsed, "cpu_devices"):  # a job with --parallel: its CPU devices, before JAX starts
             from jaxllm import cpu_devices
 
-            cpu_devices.request(parsed.cpu_devices, per_core=parsed.split_cpu)
+            # muon on several CPU devices hung twice in XLA's in-process all-reduce (README): one device
+            per_core = parsed.split_cpu and getattr(parsed, "optimizer", None) != "muon"
+            cpu_devices.request(parsed.cpu_devices, per_core=per_core)
         return parsed, rest
 
     def error(self, message: str):
@@ -220,6 +222,8 @@ def make_parser(description: str, *, job: str, epochs: int, lr: float, optimizer
     opt.add_argument("--weight-decay", type=non_negative_float, default=weight_decay,
                      help="decoupled for adamw, L2 added to the gradient for sgd/adam")
     opt.add_argument("--momentum", type=fraction_below_1, default=momentum, help="sgd momentum, in [0, 1)")
+    opt.add_argument("--muon-lr", type=positive_float, default=0.02,
+                     help="muon: peak learning rate of the blocks' matrices (--lr is AdamW's, for the rest)")
     opt.add_argument("--schedule", choices=SCHEDULES, default="constant",
                      help="learning rate over the run: constant, or linear warmup then cosine decay to 0")
     opt.add_argument("--warmup-steps", type=non_negative_int, default=0,
@@ -444,14 +448,16 @@ def total_steps(args, steps_per_epoch: int) -> int:
     return args.steps if args.steps is not None else args.epochs * steps_per_epoch
 
 
-def optimizer_config(args, total: int) -> OptimizerConfig:
+def optimizer_config(args, total: int, *, muon_blocks: Sequence[str] = ()) -> OptimizerConfig:
     """The run's optimiser. ``total_steps`` only matters to a decaying schedule; leaving it out of a
     constant one lets ``--resume --steps N`` extend such a run (the config is checked on resume).
 
     A warmup as long as the run or longer (the scripts' default warmup on a short ``--steps`` run)
     is not an error: it is clamped to ``total - 1`` steps, so the last step trains at the peak
     ``--lr`` (and a cosine decay keeps at least one step), and one ``note:`` line says so. With
-    ``--epochs`` the total is known only after the data is prepared, hence here."""
+    ``--epochs`` the total is known only after the data is prepared, hence here. ``muon_blocks``:
+    the top-level param names whose matrices ``--optimizer muon`` trains (a model's
+    ``block_names``; empty: every 2-D param)."""
     if total < 1 and args.schedule != "constant":
         raise ValueError(f"--schedule {args.schedule} needs the run's length, but the run has {total} steps "
                          "(is --batch-size larger than the training set?)")
@@ -460,6 +466,7 @@ def optimizer_config(args, total: int) -> OptimizerConfig:
         name=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
         schedule=args.schedule, warmup_steps=warmup, clip_norm=args.clip_norm,
         total_steps=total if args.schedule != "constant" else None,
+        **({"muon_lr": args.muon_lr, "muon_blocks": tuple(muon_blocks)} if args.optimizer == "muon" else {}),
     )
 
 

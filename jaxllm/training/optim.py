@@ -5,6 +5,13 @@
 * ``adam``: torch's ``Adam``; ``weight_decay`` again coupled L2.
 * ``adamw``: decoupled decay ``p -= lr*wd*p``. optax defaults it to 1e-4 and torch to 0.01, so
   we refuse to guess: pass ``weight_decay`` explicitly.
+* ``muon``: torch's ``Muon`` (Keller Jordan's) for the 2-D matrices of ``muon_blocks`` (the
+  top-level param names of a model's blocks; every 2-D param when empty) at ``muon_lr``, and
+  ``AdamW`` at ``lr`` for the rest (embeddings, output head, norms, biases), as Muon's authors
+  advise. Its update: momentum ``b = lerp(b, g, 1 - 0.95)``, Nesterov ``u = lerp(g, b, 0.95)``,
+  five Newton-Schulz steps orthogonalise ``u``, scaled by ``sqrt(max(1, fan_out / fan_in))``,
+  decoupled decay ``p -= lr*wd*p``. Unlike torch, which runs Newton-Schulz in bf16, it runs in the
+  params' dtype (fp32): the twin test patches torch's to fp32 so both compute the same thing.
 Schedules: ``constant`` or ``warmup_cosine`` (linear warmup from 0, cosine down to ``min_lr``).
 ``clip_norm`` clips the global gradient norm first (torch's ``clip_grad_norm_``).
 """
@@ -12,10 +19,13 @@ Schedules: ``constant`` or ``warmup_cosine`` (linear warmup from 0, cosine down 
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import jax
+import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "muon")
 SCHEDULES = ("constant", "warmup_cosine")
 
 
@@ -34,19 +44,22 @@ class OptimizerConfig:
     total_steps: int | None = None
     min_lr: float = 0.0
     clip_norm: float | None = None
+    muon_lr: float = 0.02
+    muon_blocks: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.name!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.name == "adamw" and self.weight_decay is None:
+        if self.name in ("adamw", "muon") and self.weight_decay is None:
             raise ValueError(
-                "adamw needs weight_decay passed explicitly (torch's AdamW defaults to 0.01, "
+                f"{self.name} needs weight_decay passed explicitly (torch's AdamW defaults to 0.01, "
                 "optax's adamw to 1e-4); use 0.0 for none"
             )
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.lr > 0 or not self.muon_lr > 0:
+            raise ValueError(f"lr and muon_lr must be > 0, got {self.lr} and {self.muon_lr}")
+        object.__setattr__(self, "muon_blocks", tuple(self.muon_blocks))  # a list from a saved run config
         if self.schedule == "warmup_cosine" and not self.total_steps:
             raise ValueError("the warmup_cosine schedule needs total_steps")
         if self.warmup_steps < 0:
@@ -85,8 +98,65 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
         chain.append(optax.add_decayed_weights(wd))  # coupled L2, as torch's SGD/Adam
     if cfg.name == "sgd":
         chain.append(optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+    elif cfg.name == "muon":
+        chain.append(muon(cfg, lr, wd))
     elif cfg.name == "adam":
         chain.append(optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
     else:
         chain.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd))
     return optax.chain(*chain) if len(chain) > 1 else chain[0]
+
+
+# torch.optim.Muon's defaults (its Newton-Schulz coefficients maximise the slope at zero)
+MUON_MOMENTUM = 0.95
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+NS_EPS = 1e-7
+
+
+def muon(cfg: OptimizerConfig, adamw_lr: optax.Schedule, wd: float) -> optax.GradientTransformation:
+    """Muon on the 2-D matrices of ``cfg.muon_blocks``, AdamW on every other param (module docstring)."""
+    blocks = set(cfg.muon_blocks)
+
+    def labels(params):
+        def label(path, leaf):
+            top = getattr(path[0], "key", None)
+            return "muon" if leaf.ndim == 2 and (not blocks or top in blocks) else "adamw"
+
+        return jax.tree_util.tree_map_with_path(label, params)
+
+    muon_lr = make_schedule(dataclasses.replace(cfg, lr=cfg.muon_lr))
+    return optax.partition({
+        "muon": optax.chain(scale_by_muon(), optax.add_decayed_weights(wd), optax.scale_by_learning_rate(muon_lr)),
+        "adamw": optax.adamw(adamw_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd),
+    }, labels)
+
+
+def scale_by_muon(momentum: float = MUON_MOMENTUM, nesterov: bool = True) -> optax.GradientTransformation:
+    """torch.optim.Muon's direction for Flax kernels ``[fan_in, fan_out]`` (torch's weight transposed)."""
+
+    def init(params):
+        return optax.TraceState(trace=jax.tree_util.tree_map(jnp.zeros_like, params))
+
+    def update(grads, state, params=None):
+        del params
+        buf = jax.tree_util.tree_map(lambda b, g: b + (1 - momentum) * (g - b), state.trace, grads)
+        direction = jax.tree_util.tree_map(lambda g, b: g + momentum * (b - g), grads, buf) if nesterov else buf
+        scaled = jax.tree_util.tree_map(
+            lambda u: orthogonalize(u) * math.sqrt(max(1.0, u.shape[1] / u.shape[0])), direction)
+        return scaled, optax.TraceState(trace=buf)
+
+    return optax.GradientTransformation(init, update)
+
+
+def orthogonalize(matrix: jax.Array) -> jax.Array:
+    """Quintic Newton-Schulz: ``matrix`` -> about ``U V^T`` of its SVD (singular values ~ 0.5-1.5),
+    computed on the wide orientation (rows <= columns), as torch does."""
+    a, b, c = NS_COEFFICIENTS
+    tall = matrix.shape[0] > matrix.shape[1]
+    x = matrix.T if tall else matrix
+    x = x / jnp.maximum(jnp.linalg.norm(x), NS_EPS)  # spectral norm <= 1
+    for _ in range(NS_STEPS):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
