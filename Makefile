@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 
 # the demo's model: chosen on the seed-1 split within 9 minutes on 2 CPU cores (README, Language models)
 demo: $(STAMP)
-	$(BIN)/jaxllm train lm --out runs/lm --overwrite --preset llama --layers 4 --vocab-size 1024
+	$(BIN)/jaxllm train lm --config demo --out runs/lm --overwrite
 
 # VADER movie-review snippets for jaxllm finetune classify: pip downloads the vaderSentiment sdist (no install)
 data/vader/movieReviewSnippets_GroundTruth.txt: | $(STAMP)
