@@ -138,8 +138,6 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=cli.non_negative_int, default=0, help="seed of the sampling keys")
     args = p.parse_args(argv)
     base = load_base(args.run, args.step)
-    if args.step is not None and base.source.startswith("hf:"):
-        raise ValueError("--step picks a checkpoint of a run directory; a Hugging Face directory has none")
     chat = Chat(base, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed)
     chat.warm_up()

@@ -1,4 +1,4 @@
-"""Load a base language model from disk: a ``train/lm.py`` run directory or a local Hugging Face
+"""Load a base language model from disk: a ``jaxllm train lm`` run directory or a local Hugging Face
 model directory. Fine-tuning scripts (``train/classify.py``, ``train/instruct.py``) and
 ``train/generate.py`` start from here. Nothing downloads.
 
@@ -39,21 +39,23 @@ class Base(NamedTuple):
 
 
 def load_base(path: str | os.PathLike, step: int | None = None) -> Base:
-    """A ``train/lm.py`` run directory or a local HF model directory -> ``Base``."""
+    """A ``jaxllm train lm`` run directory or a local HF model directory -> ``Base``."""
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise ValueError(f"no base model directory {path}: pass a train/lm.py output directory "
+        raise ValueError(f"no base model directory {path}: pass a `jaxllm train lm` output directory "
                          "(run `make demo` to make runs/lm) or a local Hugging Face GPT-2 directory")
     if os.path.isfile(os.path.join(path, "tokenizer.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
         config, params, encoding, step, context, run = _load_run(path, step)
         return Base(config, params, encoding, f"run:{path}@{step}", context, run)
     if os.path.isfile(os.path.join(path, "config.json")):
+        if step is not None:
+            raise ValueError(f"--step picks a checkpoint of a run directory; the Hugging Face directory {path} has none")
         config, params = load_hf(path)
         encoding = _hf_encoding(config, path)
         check_vocab_fits(encoding, config, f"{config.hf_tokenizer}'s tokenizer (used for {path})",
                          os.path.join(path, "config.json"))
         return Base(config, params, encoding, f"hf:{path}", config.context_limit, {})
-    raise ValueError(f"{path} is neither a train/lm.py run (tokenizer.json + checkpoints/) nor a Hugging Face "
+    raise ValueError(f"{path} is neither a `jaxllm train lm` run (tokenizer.json + checkpoints/) nor a Hugging Face "
                      "model directory (config.json + model.safetensors or pytorch_model.bin)")
 
 
@@ -88,7 +90,7 @@ def _hf_encoding(config, directory: str) -> tiktoken.Encoding:
 
 
 def load_run(run_dir: str, step: int | None = None):
-    """``(model config, params, encoding, step)`` of a ``train/lm.py`` output directory.
+    """``(model config, params, encoding, step)`` of a ``jaxllm train lm`` output directory.
 
     The whole train state of the chosen checkpoint is restored into a template of the same
     shapes (zeros shaped by ``jax.eval_shape``, so no initialiser runs) built from the model and
@@ -110,7 +112,7 @@ def _load_run(run_dir: str, step: int | None = None):
         raise ValueError(f"no run directory {run_dir}")
     tokenizer = os.path.join(run_dir, "tokenizer.json")
     if not os.path.exists(tokenizer):
-        raise ValueError(f"{run_dir} has no tokenizer.json: is it a train/lm.py output directory?")
+        raise ValueError(f"{run_dir} has no tokenizer.json: is it a `jaxllm train lm` output directory?")
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
         raise ValueError(f"{run_dir} holds no checkpoint (expected {ckpt_dir}/<step>)")

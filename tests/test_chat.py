@@ -203,15 +203,16 @@ def test_the_repl_end_to_end_on_piped_stdin(lm_run):
     base = load_base(lm_run)
     lines = ["The model", "chat with a run"]
     proc = subprocess.run([sys.executable, "-m", "jaxllm.chat", str(lm_run), "--max-new-tokens", "6",
-                           "--temperature", "0"], input="\n".join([lines[0], "", lines[1], "/quit", "never"]) + "\n",
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
+                           "--temperature", "0"], input=("\n".join([lines[0], "", lines[1], "/quit", "never"]) + "\n").encode(),
+                          capture_output=True, timeout=300, cwd=ROOT)  # bytes: a sampled "\r" must stay one
+    stdout, stderr = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+    assert proc.returncode == 0, stderr
     answers = []
     for line in lines:
         new = generate(base.config, base.params, [encode(base.encoding, line)], max_new_tokens=6,
                        key=jax.random.PRNGKey(0), eos_id=base.encoding.eot_token)[0]
         answers.append(base.encoding.decode([t for t in new if t != base.encoding.eot_token]) + "\n")
-    assert proc.stdout == "".join(answers) and proc.stderr == ""  # the answers alone: no "> " prompt, no note
+    assert stdout == "".join(answers) and stderr == ""  # the answers alone: no "> " prompt, no note
 
 
 def test_the_repl_reads_until_end_of_input(lm_run, monkeypatch, capsys):

@@ -6,6 +6,8 @@ import jax
 import numpy as np
 import pytest
 
+from jaxllm.pretrained import load_run
+
 from conftest import ROOT
 from jaxllm.training import lm_eval
 
@@ -47,7 +49,7 @@ def test_lm_trains_evaluates_and_samples(load_script, corpus, tmp_path, monkeypa
 
 
 def _params(load_script, out):
-    config, params, _, step = load_script("generate").load_run(str(out))
+    config, params, _, step = load_run(str(out))
     return step, jax.tree_util.tree_leaves(params)
 
 
@@ -76,9 +78,9 @@ def test_lm_refuses_bad_input(load_script, corpus, tmp_path):
     with pytest.raises(ValueError, match="preset"):
         lm.main(["--text", corpus, "--model", "decoder", "--preset", "gpt2_124m", "--out", str(tmp_path / "b")])
     gen = load_script("generate")
-    with pytest.raises(ValueError, match="no run directory"):
+    with pytest.raises(ValueError, match="no base model directory"):
         gen.main(["--run", str(tmp_path / "missing")])
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "tokenizer.json").write_text("{}")
-    with pytest.raises(ValueError, match="no checkpoint"):
+    with pytest.raises(ValueError, match="empty is neither a `jaxllm train lm` run"):
         gen.main(["--run", str(tmp_path / "empty")])
