@@ -2,7 +2,6 @@
 generate's, prompts of one bucket compiled once, the instruction template, the REPL end to end."""
 
 import codecs
-import importlib.util
 import io
 import json
 import subprocess
@@ -19,6 +18,8 @@ from jaxllm.chat import Chat, Utf8Writer
 from jaxllm.data.instruct import SHIPPED_PATH, format_prompt, load_instructions
 from jaxllm.data.tokenizer import encode
 from jaxllm.generate import generate, stream
+from jaxllm.jobs import instruct as instruct_job
+from jaxllm.jobs import lm as lm_job
 from jaxllm.models import transformer
 from jaxllm.pretrained import load_base
 
@@ -26,21 +27,14 @@ TINY = transformer.tiny(29)
 CONTEXT = 128
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"train_{name}_for_chat", ROOT / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
-    """A tiny GPT-2 run (2 steps, its own 300-token BPE, context 128) written by train/lm.py."""
+    """A tiny GPT-2 run (2 steps, its own 300-token BPE, context 128) written by ``jaxllm train lm``."""
     root = tmp_path_factory.mktemp("chat")
     corpus = root / "corpus.txt"
     corpus.write_text((ROOT / "README.md").read_text() * 2)
     out = root / "lm"
-    _script("lm").main(["--text", str(corpus), "--model", "gpt2", "--preset", "tiny", "--steps", "2",
+    lm_job.main(["--text", str(corpus), "--model", "gpt2", "--preset", "tiny", "--steps", "2",
                         "--vocab-size", "300", "--context", str(CONTEXT), "--batch-size", "4", "--warmup-steps", "0",
                         "--d-model", "16", "--heads", "2", "--sample-tokens", "2", "--eval-batch-size", "8",
                         "--no-progress", "--out", str(out)])
@@ -54,7 +48,7 @@ def instruct_run(lm_run, tmp_path_factory):
     data = root / "data.json"
     data.write_text(json.dumps(load_instructions(SHIPPED_PATH)[:12]))
     out = root / "instruct"
-    _script("instruct").main(["--base", str(lm_run), "--data", str(data), "--out", str(out), "--steps", "1",
+    instruct_job.main(["--base", str(lm_run), "--data", str(data), "--out", str(out), "--steps", "1",
                               "--batch-size", "4", "--max-new-tokens", "2", "--eval-batch-size", "4", "--no-progress"])
     return out
 
@@ -153,7 +147,11 @@ def test_prompts_of_one_bucket_compile_once(lm_run):
     """main's warm-up compiles the smallest bucket's prefill and the decode step; prompts of other
     lengths in that bucket then compile nothing."""
     chat = Chat(load_base(lm_run), max_new_tokens=5)
-    lines = ("a short prompt", "model", "the run")
+    by_length = {}  # three lines of three token lengths (whatever the BPE trained on the README merged)
+    for k in range(1, 12):
+        line = " ".join(["the run"] * k)
+        by_length.setdefault(len(chat.prompt(line)[0]), line)
+    lines = [line for n, line in sorted(by_length.items()) if n <= gen.SMALLEST_BUCKET][:3]
     lengths = [len(chat.prompt(line)[0]) for line in lines]
     assert len(set(lengths)) == 3 and max(lengths) <= gen.SMALLEST_BUCKET  # one bucket
     chat.warm_up()
