@@ -221,12 +221,14 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
     if start > total:
         ckpt.close()
         raise ValueError(f"the checkpoint is at step {start}, beyond the {total} steps asked for")
-    if flags is not None:
-        try:
+    try:
+        if flags is not None:
             write_flags(out_dir, flags)
-        except Exception:
-            ckpt.close()
-            raise
+        # a fresh run drops earlier event files; a finished run resumed writes nothing new
+        events = open_event_log(out_dir, resumed_at=start if resume else None) if start < total else None
+    except Exception:
+        ckpt.close()
+        raise
     if start == total:  # resuming a finished run: nothing to train, keep what it measured
         ckpt.close()
         fields = {"status": "finished", "steps": total, "last_checkpoint": last_saved}
@@ -235,11 +237,6 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
         update_json(summary_path, fields)
         return state
     state = place(state)
-    try:
-        events = open_event_log(out_dir, resumed_at=start if resume else None)
-    except Exception:
-        ckpt.close()
-        raise
 
     def record(rows: list[dict]) -> None:
         log.append(rows)

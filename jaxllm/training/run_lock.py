@@ -27,16 +27,17 @@ class RunDirectoryBusy(ValueError):
     """Another live run holds the output directory."""
 
 
-def _process_index() -> int:
-    """This process's index in a multi-host run, known before or after ``jax.distributed`` starts."""
+def is_first_process() -> bool:
+    """Whether this is process 0 of a multi-host run (or the only process), known before or after
+    ``jax.distributed`` starts: the one that writes a run's shared files."""
     import jax
 
     if jax.distributed.is_initialized():
-        return jax.process_index()
+        return jax.process_index() == 0
     try:
-        return int(os.environ.get("JAX_PROCESS_ID") or 0)
+        return int(os.environ.get("JAX_PROCESS_ID") or 0) == 0
     except ValueError:
-        return 0
+        return True
 
 
 def check_output_dir(out_dir: str | os.PathLike) -> str:
@@ -61,7 +62,7 @@ def lock_run_dir(out_dir: str | os.PathLike, *, process_index: int | None = None
     ``RunDirectoryBusy`` naming the run that holds it. Returns whether this call took it (False on
     processes other than 0 and when this process already holds it)."""
     out_dir = check_output_dir(out_dir)
-    if (process_index if process_index is not None else _process_index()) != 0:
+    if not (process_index == 0 if process_index is not None else is_first_process()):
         return False
     key = os.path.realpath(out_dir)
     if key in _held:

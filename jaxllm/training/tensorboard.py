@@ -21,7 +21,7 @@ from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.record_writer import masked_crc32c
 
 from jaxllm.training.metrics import naming_the_file
-from jaxllm.training.run_lock import _process_index
+from jaxllm.training.run_lock import is_first_process
 
 EVENT_FILES = "events.out.tfevents.*"  # TensorBoard reads every file with "tfevents" in its name
 
@@ -37,7 +37,7 @@ def open_event_log(directory: str | os.PathLike, *, resumed_at: int | None) -> "
     A fresh run (``resumed_at=None``) removes earlier runs' event files, as it starts a fresh
     ``metrics.jsonl``; a resumed one adds a file and hides what the earlier files logged after
     ``resumed_at`` (steps trained again, as ``metrics.jsonl`` drops their rows)."""
-    if _process_index() != 0:
+    if not is_first_process():
         return None
     if resumed_at is None:
         for path in event_files(directory):
