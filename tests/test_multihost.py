@@ -57,9 +57,11 @@ def worker(devices: int) -> dict:
             ckpt.save(state)
     final = strategy.gather(state).params
     checksum = float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree_util.tree_leaves(final)))
-    from jaxllm.training.loop import _process_0_decides  # fit()'s time-based checkpoints: process 0's clock
+    from jaxllm.training.loop import _decide  # fit(): a signal to any process stops all, process 0's clock decides
 
-    decided = [_process_0_decides(process_id == 0), _process_0_decides(process_id != 0)]
+    decided = [_decide(4, 2, signalled=process_id == 1, clock=process_id == 0),
+               _decide(4, 2, signalled=False, clock=process_id != 0),
+               _decide(3, 2, signalled=True, clock=True)]  # between log steps nothing is decided
     return {"process": process_id, "processes": processes, "devices": jax.device_count(), "losses": losses,
             "rows": rows_seen, "checksum": checksum, "decided": decided}
 
@@ -109,7 +111,7 @@ def test_two_processes_reproduce_one_process_with_four_devices(tmp_path):
     for process_id, r in enumerate(results):
         assert r["process"] == process_id and r["processes"] == 2 and r["devices"] == 4
         assert r["rows"] == [ROWS // 2] * STEPS  # each process fed only its half
-        assert r["decided"] == [True, False], "every process takes process 0's answer"
+        assert r["decided"] == [[True, True], [False, False], [False, False]], "every process acts alike"
         assert_close(r["losses"], reference["losses"], TRAJECTORY, err_msg=f"process {process_id}: losses")
         # sum of |params|: within TRAJECTORY whenever every param is
         assert_close(r["checksum"], reference["checksum"], TRAJECTORY, err_msg=f"process {process_id}: checksum")

@@ -141,11 +141,15 @@ def test_a_fresh_run_and_overwrite_remove_earlier_event_files(tmp_path):
     assert tensorboard.event_files(tmp_path) == [] and not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_only_process_0_writes_event_files(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAX_PROCESS_ID", "1")  # how the run lock tells the processes of a run apart
+def test_only_process_0_writes_the_run_files(tmp_path, monkeypatch):
     state, step, data = fresh()
-    fit(state, step, data, out_dir=tmp_path, steps=3, progress=False, config=RUN)
-    assert tensorboard.event_files(tmp_path) == [] and len(jsonl(tmp_path, "train")) == 3
+    fit(state, step, data, out_dir=tmp_path / "first", steps=3, progress=False, config=RUN, flags={"lr": 0.1})
+    written = {"metrics.jsonl", "summary.json", "loss.png", "config.yaml"}
+    assert written <= set(os.listdir(tmp_path / "first")) and tensorboard.event_files(tmp_path / "first")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")  # how the writers tell the processes of a run apart
+    state, step, data = fresh()
+    fit(state, step, data, out_dir=tmp_path / "other", steps=3, progress=False, config=RUN, flags={"lr": 0.1})
+    assert not written & set(os.listdir(tmp_path / "other")) and tensorboard.event_files(tmp_path / "other") == []
 
 
 class DiskFullAfter:

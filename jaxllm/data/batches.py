@@ -42,11 +42,16 @@ class ArrayBatches:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
 
     def next(self) -> dict[str, np.ndarray]:
+        return self.next_rows(slice(None))
+
+    def next_rows(self, rows: slice) -> dict[str, np.ndarray]:
+        """``rows`` of the next global batch (one process's block, ``jaxllm.training.distributed``);
+        the position moves on by the whole batch, as for ``next()``."""
         if self.index >= self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        rows = self._order(self.epoch)[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        take = self._order(self.epoch)[self.index * self.batch_size:(self.index + 1) * self.batch_size][rows]
         self.index += 1
-        return {name: a[rows] for name, a in self.arrays.items()}
+        return {name: a[take] for name, a in self.arrays.items()}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """One pass over every row in order (for evaluation; includes the last partial batch)."""

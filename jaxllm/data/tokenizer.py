@@ -216,14 +216,13 @@ def _checksum(payload: dict) -> str:
 def save_encoding(enc: tiktoken.Encoding, path: str | os.PathLike) -> None:
     """Write ``enc`` as JSON (name, pat_str, base64 token -> rank, special tokens, sha256).
 
-    Written to a temporary file and renamed, so a failed save never leaves half a file.
+    Written to a temporary file and renamed, so a failed save never leaves half a file; by process
+    0 only in a multi-host run (``write_atomically``).
     """
+    from jaxllm.training.metrics import write_atomically
+
     payload = _payload(enc)
-    doc = {"format": ENCODING_FORMAT, **payload, "sha256": _checksum(payload)}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps({"format": ENCODING_FORMAT, **payload, "sha256": _checksum(payload)}))
 
 
 def load_encoding(path: str | os.PathLike) -> tiktoken.Encoding:

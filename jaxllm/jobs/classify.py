@@ -50,6 +50,7 @@ from jaxllm.training.freeze import (count_params, freeze_optimizer, stop_frozen_
 from jaxllm.training.losses import classification_loss, last_token_logits
 from jaxllm.training.metrics import update_json, write_json
 from jaxllm.training.precision import mixed_precision
+from jaxllm.training.run_lock import is_first_process
 
 # Measured on a Burkov-decoder base (lm.py's defaults, BPE 512) with the VADER snippets: see README.
 DEFAULT_LR = {"lora": 8e-4, "last_block": 3e-3, "head": 1e-3, "full": 5e-4}
@@ -112,6 +113,8 @@ def export(out: str, config, params, encoding, meta: dict) -> str:
     from jaxllm.training.freeze import path_str
 
     directory = os.path.join(out, EXPORT_DIR)
+    if not is_first_process():  # a multi-host run: process 0 writes the run's files
+        return directory
     os.makedirs(directory, exist_ok=True)
     flat = {path_str(p): np.asarray(jax.device_get(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     save_file(flat, os.path.join(directory, "params.safetensors"))
@@ -203,7 +206,7 @@ def main(argv=None) -> dict:
             print(f"{r['label']} ({p:.3f}){' [truncated]' if r['truncated'] else ''}: {r['text']}")
         return {"predictions": results}
     args = cli.parse_args(parser, argv)  # now refuse (or --overwrite) an existing run
-    if args.overwrite:  # the export is ours, not one of cli's run outputs
+    if args.overwrite and is_first_process():  # the export is ours, not one of cli's run outputs
         shutil.rmtree(os.path.join(args.out, EXPORT_DIR), ignore_errors=True)
     mode = args.mode.replace("-", "_")
     lr = DEFAULT_LR[mode] if args.lr is None else args.lr

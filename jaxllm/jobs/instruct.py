@@ -41,7 +41,7 @@ from jaxllm.training import TrainState, cli, fit, make_optimizer
 from jaxllm.training.precision import mixed_precision
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.losses import lm_loss
-from jaxllm.training.metrics import update_json
+from jaxllm.training.metrics import update_json, write_atomically
 
 
 def make_evaluate(config, batches):
@@ -187,8 +187,8 @@ def main(argv=None) -> dict:
     responses = respond(config, state.params, base.encoding, test_records, max_new_tokens=args.max_new_tokens,
                         batch_size=args.eval_batch_size)
     answered = [{**record, "model_response": text} for record, text in zip(test_records, responses)]
-    with open(os.path.join(args.out, "test_responses.json"), "w", encoding="utf-8") as f:
-        json.dump(answered, f, indent=1, ensure_ascii=False)  # record order and key order kept
+    write_atomically(os.path.join(args.out, "test_responses.json"),  # record order and key order kept
+                     json.dumps(answered, indent=1, ensure_ascii=False))
     exact = sum(r["model_response"] == r["output"].strip() for r in answered)
     summary = update_json(os.path.join(args.out, "summary.json"), {
         "val_loss_first": val_first, "val_loss_last": val_last, "base": base.source,

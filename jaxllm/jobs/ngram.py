@@ -18,7 +18,7 @@ from jaxllm.data.lm_data import TOKENIZERS, describe, prepare_lm_data
 from jaxllm.models.ngram import BookCountLM, KneserNeyLM, book_tokens
 from jaxllm.training.lm_eval import bits_per_char
 from jaxllm.training import cli
-from jaxllm.training.metrics import MetricsLog, write_json
+from jaxllm.training.metrics import MetricsLog, write_atomically, write_json
 
 
 def main(argv=None) -> dict:
@@ -56,8 +56,7 @@ def main(argv=None) -> dict:
     book_s = time.perf_counter() - t0
 
     sample_ids = lm.sample(data.train_ids[:args.order - 1].tolist(), args.sample_tokens, np.random.default_rng(args.seed))
-    with open(os.path.join(args.out, "sample.txt"), "w") as f:
-        f.write(data.encoding.decode(sample_ids.tolist()) + "\n")
+    write_atomically(os.path.join(args.out, "sample.txt"), data.encoding.decode(sample_ids.tolist()) + "\n")
     MetricsLog(os.path.join(args.out, "metrics.jsonl")).append([{
         "step": 0, "split": "train", "fit_s": fit_s, "tokens_per_s": data.train_ids.size / fit_s,
     }, {"step": 0, "split": "eval", "loss": val_loss, "score_s": score_s, "tokens_per_s": data.val_ids.size / score_s}])

@@ -23,7 +23,7 @@ from jaxllm.training import TrainState, cli, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.lm_eval import lm_scores, streaming_nll
 from jaxllm.training.losses import lm_loss
-from jaxllm.training.metrics import update_json
+from jaxllm.training.metrics import update_json, write_atomically
 
 
 def main(argv=None) -> dict:
@@ -95,8 +95,7 @@ def main(argv=None) -> dict:
     prompt = encode(data.encoding, data.val_text[:40])
     sample = sample_recurrent(config, state.params, prompt, max_new_tokens=args.sample_tokens,
                               key=jax.random.PRNGKey(args.seed), temperature=args.temperature)
-    with open(os.path.join(args.out, "sample.txt"), "w") as f:
-        f.write(data.encoding.decode(prompt + sample) + "\n")
+    write_atomically(os.path.join(args.out, "sample.txt"), data.encoding.decode(prompt + sample) + "\n")
     summary = update_json(os.path.join(args.out, "summary.json"), {
         "val_loss": final["loss"], "val_perplexity": final["perplexity"], "val_bpc": final["bpc"],
         "params": sum(x.size for x in jax.tree_util.tree_leaves(state.params)), "data": data.report,

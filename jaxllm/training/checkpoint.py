@@ -257,6 +257,10 @@ class Checkpointer:
             self.manager.reload()
         return moved
 
+    def reload(self) -> None:
+        """See the steps on disk again (another process may have added or set aside some)."""
+        self.manager.reload()
+
     def close(self) -> None:
         self.manager.close()
 

@@ -10,10 +10,10 @@ import shutil
 import sys
 from typing import Callable, Sequence
 
-from jaxllm.training import run_flags
+from jaxllm.training import distributed, run_flags
 from jaxllm.training.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from jaxllm.training.parallel import STRATEGIES, Strategy, make_strategy
-from jaxllm.training.run_lock import lock_run_dir
+from jaxllm.training.run_lock import is_first_process, lock_run_dir
 from jaxllm.training.tensorboard import event_files
 
 
@@ -109,7 +109,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 # the sections of --help, in this order (argparse shows none that is empty)
-GROUPS = ("model", "data", "optimiser", "evaluation", "run", "devices and memory")
+GROUPS = ("model", "data", "optimiser", "evaluation", "run", "devices and memory", "multi-host")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -168,6 +168,8 @@ class ArgumentParser(argparse.ArgumentParser):
             # muon on several CPU devices hung twice in XLA's in-process all-reduce (README): one device
             per_core = parsed.split_cpu and getattr(parsed, "optimizer", None) != "muon"
             cpu_devices.request(parsed.cpu_devices, per_core=per_core)
+        if hasattr(parsed, "num_processes"):  # a training job: join a multi-host run, before JAX starts
+            distributed.initialize_from_args(parsed)
         return parsed, rest
 
     def error(self, message: str):
@@ -234,6 +236,7 @@ def make_parser(description: str, *, job: str, epochs: int, lr: float, optimizer
                                            help="evaluate every N steps (and at the end)")
     if parallel:
         add_parallel_flags(p, precision=precision, split_cpu=split_cpu)
+    distributed.add_flags(p, p.group("multi-host"))
     return p
 
 
@@ -279,7 +282,11 @@ def strategy(args, *, devices=None) -> Strategy:
     if args.accum_steps < 1:
         raise ValueError(f"--accum-steps must be >= 1, got {args.accum_steps}")
     rows = getattr(args, "batch_size", None)
-    if args.parallel == "auto" and rows:
+    processes = distributed.process_count()
+    if processes > 1 and args.parallel in ("single", "pmap"):
+        raise ValueError(f"--parallel {args.parallel} runs in one process; this run has {processes}: use "
+                         "sharded, fsdp or shard_map (or auto), which span every process's devices")
+    if args.parallel == "auto" and rows and processes == 1:  # several processes: every device takes part
         devices = _devices_dividing(rows, args.accum_steps, devices)
     chosen = make_strategy(None if args.parallel == "auto" else args.parallel, devices=devices)
     if rows:
@@ -325,24 +332,26 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
         parser.error("--overwrite and --resume contradict each other")
     lock_run_dir(args.out)  # before deleting anything: a live run's files are not ours to remove
     checkpoints = os.path.join(args.out, "checkpoints")
-    if args.overwrite:
+    if args.overwrite and is_first_process():  # the processes of a multi-host run share --out
         for path in [os.path.join(args.out, name) for name in RUN_OUTPUTS] + event_files(args.out):
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-    elif args.resume and not has_checkpoints(checkpoints):
+    distributed.barrier("--out claimed")  # no process looks at --out while process 0 clears it
+    if args.resume and not has_checkpoints(checkpoints):
         raise ValueError(f"--resume: there is no checkpoint to resume from in {checkpoints} "
                          "(run without --resume to start afresh)")
-    elif not args.resume and has_checkpoints(checkpoints):
+    if not args.resume and has_checkpoints(checkpoints):  # (--overwrite removed them)
         # refuse before any work (or any file written), not only when fit() starts
         raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue that run, "
                          "--overwrite to replace it, or choose a new --out")
     return args
 
 
-# what a run is and does, not how it trains: given on the command line only, never read from a file
-COMMAND_LINE_ONLY = ("out", "config", "resume", "overwrite")
+# what a run is and does, not how it trains -- and where this one process stands in a multi-host
+# launch, which a resume on other hosts does not share: given on the command line only, never in a file
+COMMAND_LINE_ONLY = ("out", "config", "resume", "overwrite", "coordinator", "num_processes", "process_id")
 
 
 def _file_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:

@@ -72,38 +72,79 @@ def _as_int(value, name: str, env: str) -> int | None:
         raise ValueError(f"{name} (or {env}) must be an integer, got {value!r}") from None
 
 
+def cluster_processes() -> int:
+    """Processes of the cluster job this process was started in, as JAX's own auto-detection sees
+    it (SLURM, Open MPI, Cloud TPU, Kubernetes); 1 outside any. The detection is JAX-internal, so
+    anything unexpected from it counts as "no cluster" rather than stopping a one-process run."""
+    try:
+        from jax._src.clusters import ClusterEnv
+
+        env = next((e for e in ClusterEnv._cluster_types if not e.opt_in_only_method and e.is_env_present()), None)
+        return int(env.get_process_count()) if env is not None else 1
+    except Exception:  # noqa: BLE001
+        return 1
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               *, local_device_ids=None, timeout_s: int = 300) -> tuple[int, int]:
+               *, local_device_ids=None, timeout_s: int = 300, environ: Mapping[str, str] = os.environ
+               ) -> tuple[int, int]:
     """Join the run's processes; returns ``(process_id, num_processes)``.
 
-    A no-op for one process. Otherwise calls ``jax.distributed.initialize`` (which must happen
-    before any JAX computation) with CPU collectives set to gloo, so forced host devices work
-    across processes too. Idempotent: a second call in a connected process returns at once.
+    Several processes named by the arguments or the ``JAX_*`` variables: ``jax.distributed.initialize``
+    with them. Nothing named and a cluster job of several processes detected (``cluster_processes``):
+    ``jax.distributed.initialize()`` lets JAX read the cluster's own settings. Otherwise -- one process,
+    which ``num_processes=1`` also forces -- a no-op: a bare ``jax.distributed.initialize()`` raises on
+    a plain machine. CPU collectives are set to gloo, so forced host devices work across processes
+    too. Must run before any JAX computation; idempotent.
     """
-    coordinator, num_processes, process_id = settings(coordinator, num_processes, process_id)
-    if num_processes == 1:
-        return 0, 1
+    named = num_processes is not None or bool(environ.get(ENV_NUM_PROCESSES))
+    coordinator, num_processes, process_id = settings(coordinator, num_processes, process_id, environ)
     if jax.distributed.is_initialized():
         return jax.process_index(), jax.process_count()
+    if num_processes == 1 and (named or cluster_processes() == 1):
+        return 0, 1
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids,
-                               initialization_timeout=timeout_s)
+    if num_processes == 1:  # a detected cluster job: JAX reads its coordinator, count and id
+        jax.distributed.initialize(local_device_ids=local_device_ids, initialization_timeout=timeout_s)
+    else:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, local_device_ids=local_device_ids,
+                                   initialization_timeout=timeout_s)
     return jax.process_index(), jax.process_count()
 
 
-def add_flags(parser) -> None:
-    """``--coordinator``, ``--num-processes``, ``--process-id`` (defaults: the environment)."""
-    g = parser.add_argument_group("multi-host (jax.distributed)")
+FLAGS = ("--coordinator", "--num-processes", "--process-id")
+
+
+def add_flags(parser, group=None) -> None:
+    """``--coordinator``, ``--num-processes``, ``--process-id`` (defaults: the environment), in
+    ``group`` (default: a new "multi-host" section of ``parser``'s help)."""
+    g = group if group is not None else parser.add_argument_group("multi-host (jax.distributed)")
     g.add_argument("--coordinator", default=None,
-                   help=f"host:port of process 0 (default ${ENV_COORDINATOR}; none for one process)")
+                   help=f"host:port of process 0, the same on every process (default ${ENV_COORDINATOR}; "
+                        "none for one process)")
     g.add_argument("--num-processes", type=int, default=None,
-                   help=f"processes in the run (default ${ENV_NUM_PROCESSES} or 1)")
+                   help=f"processes in the run (default ${ENV_NUM_PROCESSES}, else what a SLURM / Open MPI / "
+                        "Cloud TPU / Kubernetes job says, else 1; 1 forces one process)")
     g.add_argument("--process-id", type=int, default=None, help=f"this process's id (default ${ENV_PROCESS_ID} or 0)")
 
 
 def initialize_from_args(args) -> tuple[int, int]:
     return initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def process_count() -> int:
+    """Processes in this run: ``jax.process_count()`` once ``jax.distributed`` has started, else 1
+    (without starting a JAX backend)."""
+    return jax.process_count() if jax.distributed.is_initialized() else 1
+
+
+def barrier(name: str) -> None:
+    """Wait until every process of the run reaches ``barrier(name)``; nothing for one process."""
+    if process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def process_rows(global_rows: int, process_id: int | None = None, num_processes: int | None = None) -> slice:
@@ -152,11 +193,12 @@ def global_batch(local_batch, sharding):
 
 
 class ProcessBatches:
-    """Wrap a batch source (``ArrayBatches``: ``next()``, ``steps_per_epoch``, ``batch_size``,
-    ``state_dict``) so each ``next()`` keeps only this process's rows of the global batch and
-    returns them as global arrays laid out by ``sharding`` -- what ``fit()`` feeds a strategy's
-    step on several hosts. Every process must draw the same global batches (same seed); only its
-    own rows are ever sent to its devices. The data position is the wrapped source's."""
+    """Wrap a batch source (``ArrayBatches``, ``TokenWindows``: ``next_rows(rows)``,
+    ``steps_per_epoch``, ``batch_size``, ``state_dict``) so each ``next()`` reads only this
+    process's rows of the global batch (``next_rows``: a memory-mapped source reads no other row
+    from disk) and returns them as global arrays laid out by ``sharding`` -- what ``fit()`` feeds a
+    strategy's step on several hosts. Every process draws the same global batches (same seed);
+    only its own rows are ever read or sent to its devices. The data position is the wrapped source's."""
 
     def __init__(self, batches, sharding):
         self.batches, self.sharding = batches, sharding
@@ -170,7 +212,8 @@ class ProcessBatches:
         return self.batches.steps_per_epoch
 
     def next(self):
-        return global_batch(local_rows(self.batches.next(), sharding=self.sharding), self.sharding)
+        rows = sharding_rows(self.sharding, self.batches.batch_size)
+        return global_batch(self.batches.next_rows(rows), self.sharding)
 
     def state_dict(self) -> dict:
         return self.batches.state_dict()

@@ -5,6 +5,12 @@ The loop keeps the device busy: step metrics stay on the device and are fetched 
 NaN/Inf, appended to ``metrics.jsonl`` (and, as TensorBoard scalars, to an event file beside it)
 and shown on the progress bar. Because the check runs before each save, no checkpoint ever holds a
 diverged state.
+
+Several processes (``jax.distributed``, started by the jobs' flag parsing): every process runs
+``fit`` with the same arguments; each reads only its rows of every batch (``ProcessBatches``),
+all of them write each checkpoint together, only process 0 writes the run's other files, and
+whatever must happen at the same step everywhere -- a time-based checkpoint, stopping on a signal
+-- is decided together every ``log_every`` steps.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxllm.training import distributed
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import MetricsLog, plot_losses, update_json, write_json
 from jaxllm.training.optim import OptimizerConfig, make_schedule
 from jaxllm.training.run_flags import write_flags
-from jaxllm.training.run_lock import lock_run_dir, unlock_run_dir
+from jaxllm.training.run_lock import is_first_process, lock_run_dir, unlock_run_dir
 from jaxllm.training.state import TrainState
 from jaxllm.training.tensorboard import open_event_log
 
@@ -96,6 +103,7 @@ class BatchSource(Protocol):
     steps_per_epoch: int
 
     def next(self) -> Any: ...
+    def next_rows(self, rows: slice) -> Any: ...  # several processes: this process's rows of the next batch
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -169,6 +177,8 @@ def fit(
     total = steps if steps is not None else epochs * train_data.steps_per_epoch
     if total < 1:
         raise ValueError(f"nothing to train: {total} steps")
+    if jax.process_count() > 1 and not isinstance(train_data, distributed.ProcessBatches):
+        train_data = distributed.ProcessBatches(train_data, strategy.batch_sharding)  # this process's rows only
     took_lock = lock_run_dir(out_dir)
     try:
         return _fit(state, train_step, train_data, total=total, out_dir=out_dir, eval_fn=eval_fn,
@@ -206,17 +216,21 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
     last_saved = None
     if resume:
         try:
-            state, meta = ckpt.restore(state)
+            # several processes restore straight into the devices' layout (any process/device count)
+            state, meta = ckpt.restore(place(state) if jax.process_count() > 1 else state)
         except Exception:
             ckpt.close()
             raise
         start = int(state.step)
-        for moved in ckpt.set_aside(newer_than=start):
-            print(f"warning: set aside {moved}; resuming from step {start}", file=sys.stderr, flush=True)
+        if is_first_process():
+            for moved in ckpt.set_aside(newer_than=start):
+                print(f"warning: set aside {moved}; resuming from step {start}", file=sys.stderr, flush=True)
+        distributed.barrier("resume: newer steps set aside")
+        ckpt.reload()
         train_data.load_state_dict(meta["data"])
         log.truncate_after(start)
         last_saved = start
-    elif os.path.exists(log.path):
+    elif os.path.exists(log.path) and is_first_process():
         os.remove(log.path)  # nothing to continue from: a fresh run starts a fresh log
     if start > total:
         ckpt.close()
@@ -250,7 +264,7 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
     t_aside = 0.0  # seconds spent evaluating and checkpointing, left out of throughput
     t0 = time.perf_counter()
     cache_size = None
-    bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True, desc=title or None)
+    bar = tqdm(total=total, initial=start, disable=not progress or not is_first_process(), unit="step", dynamic_ncols=True, desc=title or None)
 
     def stopped(status: str, **fields) -> None:
         bar.close()
@@ -313,12 +327,11 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
                     t0 = time.perf_counter()
                     start_timed = step
                 bar.update(1)
-                interrupted = stop.signum is not None  # read once: a signal may arrive at any moment
+                interrupted, clock_due = _decide(step, log_every, signalled=stop.signum is not None,
+                                                 clock=bool(checkpoint_minutes)
+                                                 and time.monotonic() - saved_at >= 60 * checkpoint_minutes)
                 eval_now = eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total)
                 eval_now = eval_now and not interrupted
-                # the same steps on every process ask (the collective must not depend on a signal)
-                clock_due = bool(checkpoint_minutes) and step % log_every == 0 and _process_0_decides(
-                    time.monotonic() - saved_at >= 60 * checkpoint_minutes)
                 save_now = step % checkpoint_every == 0 or step == total or interrupted or eval_now or clock_due
                 if step % log_every == 0 or save_now or eval_now:
                     flush(step)
@@ -366,14 +379,19 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
     return gather(state)
 
 
-def _process_0_decides(flag: bool) -> bool:
-    """Process 0's ``flag`` on every process, so all of them act at the same step (their clocks
-    differ); one process: the flag itself, no collective."""
+def _decide(step: int, log_every: int, *, signalled: bool, clock: bool) -> tuple[bool, bool]:
+    """``(stop now, checkpoint now for the clock)`` after ``step``. One process: a signal stops at
+    once, the clock is looked at every ``log_every`` steps. Several: every process must save and
+    stop at the same step, so both are decided together every ``log_every`` steps -- a signal to
+    any process stops them all, process 0's clock decides for all (the clocks differ)."""
+    if step % log_every:
+        return signalled and jax.process_count() == 1, False
     if jax.process_count() == 1:
-        return flag
+        return signalled, clock
     from jax.experimental import multihost_utils
 
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+    flags = np.asarray(multihost_utils.process_allgather(np.asarray([signalled, clock])))  # [processes, 2]
+    return bool(flags[:, 0].any()), bool(flags[0, 1])
 
 
 def _learning_rates(schedule, steps: list[int]) -> list:

@@ -1,4 +1,9 @@
-"""Metrics on disk: one JSON object per line in ``metrics.jsonl``, a ``summary.json``, a loss PNG."""
+"""Metrics on disk: one JSON object per line in ``metrics.jsonl``, a ``summary.json``, a loss PNG.
+
+The processes of a multi-host run share its output directory: every writer here writes on process
+0 only (``run_lock.is_first_process``) and does nothing elsewhere, so a job writes its run files
+the same way on one process or many.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import math
 import os
 from typing import Any
 
+from jaxllm.training.run_lock import is_first_process
+
 
 class MetricsLog:
     """Append-only ``metrics.jsonl``. Rows: ``{"step", "split": "train"|"eval", <metric>: float}``."""
@@ -16,7 +23,7 @@ class MetricsLog:
         self.path = os.fspath(path)
 
     def append(self, rows: list[dict[str, Any]]) -> None:
-        if not rows:
+        if not rows or not is_first_process():
             return
         with naming_the_file(self.path), open(self.path, "a") as f:
             for row in rows:
@@ -30,6 +37,8 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after ``step`` (a resumed run re-logs them; no duplicates)."""
+        if not is_first_process():
+            return
         rows = [r for r in self.read() if r["step"] <= step]
         with open(self.path, "w") as f:
             for row in rows:
@@ -43,10 +52,12 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
 
 def write_atomically(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    if not is_first_process():
+        return
     tmp = f"{os.fspath(path)}.tmp"
     with naming_the_file(path):
         try:
-            with open(tmp, "w") as f:
+            with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
             os.replace(tmp, path)
         finally:
@@ -76,6 +87,8 @@ def _ema(values, alpha: float) -> list[float]:
 
 def plot_losses(rows: list[dict[str, Any]], png_path: str | os.PathLike, *, title: str = "") -> None:
     """Train loss per step (and eval loss where logged) against step, log-scaled when it spans decades."""
+    if not is_first_process():
+        return
     import matplotlib
 
     matplotlib.use("Agg")

@@ -42,12 +42,10 @@ def write_flags(out_dir: str | os.PathLike, flags: dict) -> None:
     import yaml
 
     from jaxllm.training.metrics import write_atomically
-    from jaxllm.training.run_lock import is_first_process
 
-    if is_first_process():
-        text = yaml.safe_dump(flags, sort_keys=False, default_flow_style=False)
-        write_atomically(os.path.join(out_dir, CONFIG_FILE),
-                         f"# the flags of this run: --resume reads them, --config FILE takes a copy\n{text}")
+    text = yaml.safe_dump(flags, sort_keys=False, default_flow_style=False)
+    write_atomically(os.path.join(out_dir, CONFIG_FILE),
+                     f"# the flags of this run: --resume reads them, --config FILE takes a copy\n{text}")
 
 
 def presets(job: str) -> list[str]:

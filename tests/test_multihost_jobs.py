@@ -1,0 +1,143 @@
+"""The language-model job across processes, launched as the README's localhost recipe does: two
+``jaxllm train lm`` processes with 2 CPU devices each (``--coordinator/--num-processes/--process-id``,
+gloo collectives) train as one process with 4 devices does -- the same losses and final
+parameters -- with the data-parallel split, with FSDP, and when the run is stopped by SIGTERM as
+2 x 2 and resumed as 1 x 4. One 1 x 4 reference run serves all three.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+STEPS, TIMEOUT_S = 24, 240
+TEXT = (ROOT / "README.md").read_text()[:60000]
+
+
+def lm_flags(corpus, out, *extra) -> list[str]:
+    return ["train", "lm", "--text", str(corpus), "--preset", "tiny", "--vocab-size", "300", "--context", "16",
+            "--batch-size", "8", "--d-model", "16", "--heads", "2", "--steps", str(STEPS), "--log-every", "4",
+            "--sample-tokens", "8", "--eval-batch-size", "8", "--no-progress", "--out", str(out), *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(flags: list[str], *, processes: int, devices: int) -> list[subprocess.Popen]:
+    """``jaxllm FLAGS`` as ``processes`` localhost processes of ``devices`` CPU devices each."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k == "JAX_DISABLE_MOST_OPTIMIZATIONS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    port = free_port()
+    multihost = lambda i: (["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                            "--process-id", str(i)] if processes > 1 else [])
+    return [subprocess.Popen([sys.executable, "-m", "jaxllm", *flags, "--cpu-devices", str(devices), *multihost(i)],
+                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(processes)]
+
+
+def wait(procs: list[subprocess.Popen], *, returncode: int = 0) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            assert p.returncode == returncode, f"process exited {p.returncode}, expected {returncode}:\n{err[-3000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def train_losses(out) -> list[float]:
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    steps = [r["step"] for r in rows if r["split"] == "train"]
+    assert steps == list(range(1, STEPS + 1)), f"{out}: one train row per step, logged once"
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def final_params(out):
+    from jaxllm.pretrained import load_run
+
+    _, params, _, step = load_run(str(out))
+    assert step == STEPS
+    import jax
+
+    return jax.tree_util.tree_leaves(params)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Output directories: the 1 x 4 reference, 2 x 2 sharded, 2 x 2 fsdp, and 2 x 2 stopped by
+    SIGTERM then resumed 1 x 4 (with the interrupted run's summary)."""
+    root = tmp_path_factory.mktemp("multihost_lm")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXT)
+    out = {name: root / name for name in ("reference", "sharded", "fsdp", "resumed")}
+    first = [*launch(lm_flags(corpus, out["reference"]), processes=1, devices=4),
+             *launch(lm_flags(corpus, out["sharded"]), processes=2, devices=2)]
+    # a checkpoint at every step makes each step slow enough for the signal to land mid-run
+    cut = launch(lm_flags(corpus, out["resumed"], "--checkpoint-every", "1"), processes=2, devices=2)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (out["resumed"] / "checkpoints" / "2").exists():
+            assert all(p.poll() is None for p in cut) and time.monotonic() < deadline, cut[0].communicate()[1][-3000:]
+            time.sleep(0.05)
+        for p in cut:  # as a cluster's scheduler stops a job: every process gets the signal
+            p.send_signal(signal.SIGTERM)
+        wait(cut, returncode=128 + signal.SIGTERM)
+        interrupted = json.load(open(out["resumed"] / "summary.json"))
+        fsdp = launch(lm_flags(corpus, out["fsdp"], "--parallel", "fsdp"), processes=2, devices=2)
+        resumed = launch(["train", "lm", "--resume", "--out", str(out["resumed"]), "--checkpoint-every", "100"],
+                         processes=1, devices=4)
+        wait(first)
+        wait(fsdp)
+        wait(resumed)
+    finally:
+        for p in first + cut:
+            if p.poll() is None:
+                p.kill()
+    return out, interrupted
+
+
+def assert_same_run(out, reference) -> None:
+    from parity import TRAJECTORY, assert_close  # here: it imports torch
+
+    assert_close(train_losses(out), train_losses(reference), TRAJECTORY, err_msg=f"{out.name}: losses")
+    for a, b in zip(final_params(out), final_params(reference), strict=True):
+        assert_close(np.asarray(a), np.asarray(b), TRAJECTORY, err_msg=f"{out.name}: final parameters")
+
+
+def test_two_processes_train_as_one_process_with_four_devices(runs):
+    out, _ = runs
+    summary = json.load(open(out["sharded"] / "summary.json"))
+    assert summary["parallel"] == {"strategy": "sharded", "devices": 4} and summary["status"] == "finished"
+    assert_same_run(out["sharded"], out["reference"])
+    losses = train_losses(out["reference"])
+    assert losses[-1] < losses[0]  # it trained
+
+
+def test_fsdp_across_two_processes_matches(runs):
+    out, _ = runs
+    assert json.load(open(out["fsdp"] / "summary.json"))["parallel"] == {"strategy": "fsdp", "devices": 4}
+    assert_same_run(out["fsdp"], out["reference"])
+
+
+def test_a_run_stopped_as_2x2_resumes_as_1x4_and_ends_equal(runs):
+    out, interrupted = runs
+    assert interrupted["status"] == "interrupted" and interrupted["signal"] == "SIGTERM"
+    # every process stopped at the same step, decided together at a --log-every step
+    stopped = interrupted["interrupted_at_step"]
+    assert stopped % 4 == 0 and interrupted["last_checkpoint"] == stopped < STEPS
+    summary = json.load(open(out["resumed"] / "summary.json"))
+    assert summary["resumed_from"] == stopped and summary["parallel"] == {"strategy": "sharded", "devices": 4}
+    assert_same_run(out["resumed"], out["reference"])
