@@ -17,6 +17,10 @@ class Job(NamedTuple):
 
 
 SECTIONS = (  # (heading, {command words: job}), listed in this order
+    ("prepare data", {
+        ("prepare",): Job("jaxllm.jobs.prepare:main",
+                          "tokenize a corpus once into memory-mapped files for jaxllm train lm --tokens"),
+    }),
     ("train a model from scratch", {
         ("train", "lm"): Job("jaxllm.jobs.lm:main",
                              "transformer LM on Shakespeare or --text: Burkov's decoder, llama-style, GPT-2"),

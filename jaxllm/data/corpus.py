@@ -78,26 +78,43 @@ def train_val_split(documents: list[tuple[str, str]], val_fraction: float = 0.1,
         raise ValueError("empty corpus: no documents with text")
     if len(documents) == 1:
         name, text = documents[0]
-        cut = len(text) - max(1, int(round(len(text) * val_fraction)))
-        if cut < 1:
-            raise ValueError(f"document {name} has {len(text)} characters, too few to split")
+        cut = single_document_cut(len(text), val_fraction, name)
         train_text, val_text, val_names = text[:cut], text[cut:], [f"{name} (last {len(text) - cut} chars)"]
     else:
-        total = sum(len(text) for _, text in documents)
-        order = np.random.default_rng(seed).permutation(len(documents))
-        held, held_chars = set(), 0
-        # Add documents while doing so brings the held-out share closer to the target.
-        # The last document in the order stays in train, so train is never empty.
-        for i in order[:-1]:
-            size = len(documents[i][1])
-            if abs(held_chars + size - val_fraction * total) < abs(held_chars - val_fraction * total):
-                held.add(int(i))
-                held_chars += size
-        if not held:  # every document is too large to help: hold out the smallest one
-            held.add(min(range(len(documents)), key=lambda i: len(documents[i][1])))
+        held = held_out_documents([len(text) for _, text in documents], val_fraction, seed)
         train_text = DOCUMENT_SEPARATOR.join(t for i, (_, t) in enumerate(documents) if i not in held)
         val_text = DOCUMENT_SEPARATOR.join(t for i, (_, t) in enumerate(documents) if i in held)
         val_names = [documents[i][0] for i in sorted(held)]
     report = {"train_chars": len(train_text), "val_chars": len(val_text),
               "val_fraction": len(val_text) / (len(train_text) + len(val_text)), "val_documents": val_names}
     return train_text, val_text, report
+
+
+# The split rules on character counts alone, so a corpus too large to hold in memory
+# (jaxllm.data.token_file, which streams it) is split exactly as train_val_split splits it.
+
+
+def single_document_cut(size: int, val_fraction: float, name: str = "the document") -> int:
+    """Where ``train_val_split`` cuts one document of ``size`` characters: train is ``[:cut]``."""
+    cut = size - max(1, int(round(size * val_fraction)))
+    if cut < 1:
+        raise ValueError(f"document {name} has {size} characters, too few to split")
+    return cut
+
+
+def held_out_documents(sizes: list[int], val_fraction: float, seed: int) -> set[int]:
+    """The indices of the documents (two or more, ``sizes`` their character counts) that
+    ``train_val_split`` holds out for validation."""
+    total = sum(sizes)
+    order = np.random.default_rng(seed).permutation(len(sizes))
+    held, held_chars = set(), 0
+    # Add documents while doing so brings the held-out share closer to the target.
+    # The last document in the order stays in train, so train is never empty.
+    for i in order[:-1]:
+        size = sizes[i]
+        if abs(held_chars + size - val_fraction * total) < abs(held_chars - val_fraction * total):
+            held.add(int(i))
+            held_chars += size
+    if not held:  # every document is too large to help: hold out the smallest one
+        held.add(min(range(len(sizes)), key=lambda i: sizes[i]))
+    return held

@@ -8,7 +8,9 @@ learned positions) is set to ``--context``, and its vocabulary to the tokenizer'
 Same split and tokenizer as ``jaxllm train ngram`` and ``jaxllm train rnn`` (a byte-level BPE of
 ``--vocab-size`` trained on the training plays, or GPT-2's), so bits per character compare on the
 same held-out text. Training uses non-overlapping windows of ``--context`` tokens, AdamW with
-warmup, cosine decay and gradient clipping.
+warmup, cosine decay and gradient clipping. ``--tokens DIR`` trains on a token directory written by
+``jaxllm prepare`` instead, read through memory maps (for corpora larger than memory): the same ids,
+split and batches as ``--text`` on the files it was prepared from, its tokenizer and vocabulary.
 
 Validation: a transformer cannot carry state across chunks, so the held-out ids are cut into
 non-overlapping windows of ``--context`` tokens (the last one padded and masked) and every token
@@ -35,6 +37,7 @@ import jax
 
 from jaxllm.data.batches import ArrayBatches
 from jaxllm.data.lm_data import TOKENIZERS, describe, prepare_lm_data
+from jaxllm.data.token_file import TokenData, TokenWindows, load_token_dir
 from jaxllm.data.tokenizer import decode_bytes, encode
 from jaxllm.data.windows import lm_windows
 from jaxllm.generate import fit_context, generate
@@ -43,7 +46,7 @@ from jaxllm.training import TrainState, cli, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.lm_eval import eval_windows, lm_scores, window_nll
 from jaxllm.training.losses import lm_loss
-from jaxllm.training.metrics import update_json
+from jaxllm.training.metrics import update_json, write_atomically
 from jaxllm.training.precision import mixed_precision
 
 ALL_PRESETS = tuple(dict.fromkeys(p for family in LANGUAGE_MODELS.values() for p in family.PRESETS))  # --preset's choices
@@ -90,6 +93,32 @@ def sample_text(config, params, encoding, prompt: str, *, max_new_tokens: int, k
     return encoding.decode(ids), encoding.decode(new)
 
 
+def data_flags(args) -> TokenData | None:
+    """Resolve ``--tokenizer``/``--vocab-size``: with ``--tokens``, the directory's (loaded and
+    returned; ``--text``, or a ``--tokenizer``/``--vocab-size`` other than it was prepared with, is
+    refused), else bpe and 512, recorded so in the run's config.yaml."""
+    if args.tokens is None:
+        for key, dest, default in (("tokenizer", "tokenizer", "bpe"), ("vocab-size", "vocab_size", 512)):
+            if getattr(args, dest) is None:
+                setattr(args, dest, default)
+                args.flags[key] = default
+        return None
+    if args.text:
+        raise ValueError(f"--tokens and --text contradict each other: {args.tokens} holds the corpus it was prepared "
+                         f"from (drop --text, or prepare the files: jaxllm prepare --text FILE... --out DIR)")
+    tokens = load_token_dir(args.tokens)
+    meta = tokens.meta
+    if args.tokenizer not in (None, meta["tokenizer"]):
+        raise ValueError(f"--tokenizer {args.tokenizer} contradicts --tokens {args.tokens}, prepared with "
+                         f"{meta['tokenizer']} (drop --tokenizer: the directory decides)")
+    if args.vocab_size not in (None, meta["requested_vocab_size"], meta["vocab_size"]):
+        raise ValueError(f"--vocab-size {args.vocab_size} contradicts --tokens {args.tokens}, whose "
+                         f"{meta['tokenizer']} vocabulary has {meta['vocab_size']:,} ids (drop --vocab-size: the "
+                         "directory decides)")
+    args.tokenizer, args.vocab_size = meta["tokenizer"], tokens.vocab_size
+    return tokens
+
+
 def main(argv=None) -> dict:
     t_start = time.perf_counter()
     parser = cli.make_parser(__doc__, job="lm", epochs=3, lr=2e-3, batch_size=32, weight_decay=0.1,
@@ -99,6 +128,9 @@ def main(argv=None) -> dict:
     # reached 2.261 bits/char (2 epochs at lr 1e-3: 5 min 53 s, 2.442).
     parser.set_defaults(clip_norm=1.0, schedule="warmup_cosine", warmup_steps=100, eval_every=576)
     parser.add_argument("--text", nargs="+", default=None, help="text files to use instead of Shakespeare")
+    parser.add_argument("--tokens", default=None, metavar="DIR",
+                        help="train on a token directory written by `jaxllm prepare` (memory-mapped, for corpora "
+                             "larger than memory) instead of --text; its tokenizer and vocabulary are used")
     parser.add_argument("--model", choices=tuple(LANGUAGE_MODELS), default="decoder")
     parser.add_argument("--preset", choices=ALL_PRESETS, default=None,
                         help="decoder: burkov|tiny|llama (default burkov); gpt2: tiny|gpt2_124m|gpt2_medium "
@@ -108,9 +140,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--heads", type=cli.positive_int, default=None, help="override the preset's number of heads")
     parser.add_argument("--dropout", type=cli.fraction_below_1, default=None,
                         help="GPT-2's drop rate (default: the preset's)")
-    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="bpe")
-    parser.add_argument("--vocab-size", type=cli.bpe_vocab_size, default=512,
-                        help="size of the trained BPE (bpe tokenizer)")
+    # None: resolved by data_flags (bpe and 512, or the --tokens directory's), so a value given is known to be given
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default=None,
+                        help="bpe: a byte-level BPE trained on the training text; gpt2: GPT-2's (default: bpe; with "
+                             "--tokens: the directory's)")
+    parser.add_argument("--vocab-size", type=cli.bpe_vocab_size, default=None,
+                        help="size of the trained BPE (bpe tokenizer) (default: 512; with --tokens: the directory's)")
     parser.add_argument("--context", type=cli.positive_int, default=128,
                         help="tokens per training and validation window")
     parser.add_argument("--stride", type=cli.positive_int, default=None,
@@ -121,10 +156,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--top-k", type=cli.positive_int, default=40)
     cli.add_eval_batches(parser)
     parser.arrange(model=["--model", "--preset", "--d-model", "--layers", "--heads", "--dropout"],
-                   data=["--text", "--tokenizer", "--vocab-size", "--context", "--stride"],
+                   data=["--text", "--tokens", "--tokenizer", "--vocab-size", "--context", "--stride"],
                    evaluation=["--eval-batch-size", "--sample-tokens", "--temperature", "--top-k"])
     args = cli.parse_args(parser, argv)
     strategy = cli.strategy(args)  # checks --batch-size against the devices and --accum-steps now
+    token_dir = data_flags(args)  # --tokens: its directory, read (a contradicting flag is refused now)
     preset = args.preset or next(iter(LANGUAGE_MODELS[args.model].PRESETS))  # the family's first preset
     # the model from the flags alone (the tokenizer's size stands in for the vocabulary until the
     # data is ready): --model/--preset and --d-model/--heads/... that do not fit fail before any data work
@@ -134,13 +170,23 @@ def main(argv=None) -> dict:
         config = config.replace(remat=True)
     stride = args.context if args.stride is None else args.stride
 
-    data = prepare_lm_data(args.text, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seed=args.seed,
-                           out_dir=args.out, reuse_tokenizer=args.resume)
+    if token_dir is None:
+        data = prepare_lm_data(args.text, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seed=args.seed,
+                               out_dir=args.out, reuse_tokenizer=args.resume)
+        val_prompt = data.val_text[:40]
+    else:  # the same ids, split and batches as --text on the corpus it was prepared from, read from disk
+        data = token_dir
+        data.save_tokenizer(args.out, resume=args.resume)  # generate, chat and export read the run's copy
+        val_prompt = data.val_prefix(40)
     print(describe(data.report))
     config = config.replace(vocab_size=data.vocab_size)
-    windows = lm_windows(data.train_ids, args.context, stride, vocab_size=data.vocab_size)
+    if token_dir is None:
+        batches = ArrayBatches(lm_windows(data.train_ids, args.context, stride, vocab_size=data.vocab_size),
+                               args.batch_size, seed=args.seed)
+    else:
+        batches = TokenWindows(data.train_ids, args.context, args.batch_size, stride=stride, seed=args.seed,
+                               vocab_size=data.vocab_size)
     val_batches = eval_windows(data.val_ids, args.context, args.eval_batch_size)  # fails before training
-    batches = ArrayBatches(windows, args.batch_size, seed=args.seed)
     params = config.init(jax.random.PRNGKey(args.seed))
 
     def scorer(batches):
@@ -172,11 +218,10 @@ def main(argv=None) -> dict:
                 **cli.length_kwargs(args), **cli.fit_kwargs(args, steps_per_epoch=batches.steps_per_epoch))
 
     final = last_eval or evaluate(state.params)  # fit() evaluates after its last step
-    prompt, sample = sample_text(config, state.params, data.encoding, data.val_text[:40],
+    prompt, sample = sample_text(config, state.params, data.encoding, val_prompt,
                                  max_new_tokens=args.sample_tokens, key=jax.random.PRNGKey(args.seed),
                                  temperature=args.temperature, top_k=args.top_k)
-    with open(os.path.join(args.out, "sample.txt"), "w") as f:
-        f.write(prompt + sample + "\n")
+    write_atomically(os.path.join(args.out, "sample.txt"), prompt + sample + "\n")
     summary = update_json(os.path.join(args.out, "summary.json"), {
         "val_loss": final["loss"], "val_perplexity": final["perplexity"], "val_bpc": final["bpc"],
         "model": args.model, "preset": preset, "context": args.context,
