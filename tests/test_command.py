@@ -106,3 +106,6 @@ def test_help_shows_every_flags_default_in_its_section(monkeypatch, job):
         titled = {a for group in parser._action_groups if group.title in cli.GROUPS for a in group._group_actions}
         loose = [a.option_strings for a in parser._actions if a.option_strings and a not in titled and a.dest != "help"]
         assert not loose, (job, loose)
+        multihost = next(group for group in parser._action_groups if group.title == "multi-host")
+        assert [a.option_strings[0] for a in multihost._group_actions] == ["--coordinator", "--num-processes",
+                                                                           "--process-id"], job
