@@ -338,8 +338,9 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     with_mfu = any(r["mfu"] is not None for r in rows)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8)) if with_mfu else plt.subplots(1, 3, figsize=(15, 4.2))
-    axes = list(np.ravel(axes))
+    panels = 4 if with_mfu else 3  # one row: the legends go below the first two panels
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 6.5))
+    axes = list(axes)
     process_counts = sorted({r["processes"] for r in rows})
     styles = {p: ("o-", "s--", "^:", "D-.")[i % 4] for i, p in enumerate(process_counts)}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -373,8 +374,8 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(counts, [str(c) for c in counts])
         ax.grid(alpha=0.3)
-    for ax in axes[:2]:
-        ax.legend(fontsize=7)
+    for ax in axes[:2]:  # below the panel: inside it would hide the points
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     first = rows[0]
     note = (" -- forced host devices share the same CPU cores: correctness, not speed"
             if first["backend"] == "cpu" else "")
@@ -383,7 +384,7 @@ def plot(rows: list[dict], path: str) -> None:
                  f"context {first['context']}, {'/'.join(map(str, process_counts))} process(es); "
                  f"{first['backend']} ({first['device_kind']}){note}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
