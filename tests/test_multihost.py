@@ -59,9 +59,9 @@ def worker(devices: int) -> dict:
     checksum = float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree_util.tree_leaves(final)))
     from jaxllm.training.loop import _decide  # fit(): a signal to any process stops all, process 0's clock decides
 
-    decided = [_decide(4, 2, signalled=process_id == 1, clock=process_id == 0),
-               _decide(4, 2, signalled=False, clock=process_id != 0),
-               _decide(3, 2, signalled=True, clock=True)]  # between log steps nothing is decided
+    decided = [_decide(4, 2, signum=15 if process_id == 1 else 0, clock=process_id == 0),
+               _decide(4, 2, signum=0, clock=process_id != 0),
+               _decide(3, 2, signum=2, clock=True)]  # between log steps nothing is decided
     return {"process": process_id, "processes": processes, "devices": jax.device_count(), "losses": losses,
             "rows": rows_seen, "checksum": checksum, "decided": decided}
 
@@ -111,7 +111,7 @@ def test_two_processes_reproduce_one_process_with_four_devices(tmp_path):
     for process_id, r in enumerate(results):
         assert r["process"] == process_id and r["processes"] == 2 and r["devices"] == 4
         assert r["rows"] == [ROWS // 2] * STEPS  # each process fed only its half
-        assert r["decided"] == [[True, True], [False, False], [False, False]], "every process acts alike"
+        assert r["decided"] == [[15, True], [0, False], [0, False]], "every process acts alike"
         assert_close(r["losses"], reference["losses"], TRAJECTORY, err_msg=f"process {process_id}: losses")
         # sum of |params|: within TRAJECTORY whenever every param is
         assert_close(r["checksum"], reference["checksum"], TRAJECTORY, err_msg=f"process {process_id}: checksum")
@@ -152,6 +152,24 @@ def test_settings_come_from_arguments_or_the_environment():
         settings(environ={"JAX_NUM_PROCESSES": "two"})
     with pytest.raises(ValueError, match="host:port"):
         settings("localhost", 2, 0, environ={})
+
+
+def test_a_cluster_job_of_several_processes_is_detected(monkeypatch):
+    """JAX's own detection, consulted only where a scheduler's variables are set (a plain machine
+    never asks it): a SLURM step of 4 tasks is 4 processes, one of 1 task stays one process."""
+    from jaxllm.training import distributed
+
+    for name in distributed.SCHEDULER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.cluster_processes() == 1
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "4", "SLURM_PROCID": "1",
+             "SLURM_LOCALID": "1"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.cluster_processes() == 4
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed.cluster_processes() == 1
+    assert distributed.initialize() == (0, 1)  # one task: jax.distributed is not started
 
 
 def test_each_process_reads_its_own_block_of_rows():

@@ -1,8 +1,8 @@
 """The language-model job across processes, launched as the README's localhost recipe does: two
 ``jaxllm train lm`` processes with 2 CPU devices each (``--coordinator/--num-processes/--process-id``,
 gloo collectives) train as one process with 4 devices does -- the same losses and final
-parameters -- with the data-parallel split, with FSDP, and when the run is stopped by SIGTERM as
-2 x 2 and resumed as 1 x 4. One 1 x 4 reference run serves all three.
+parameters -- with the data-parallel split, with FSDP, and when the run is stopped by a SIGTERM
+to one of its two processes and resumed as 1 x 4. One 1 x 4 reference run serves all three.
 """
 
 import json
@@ -94,8 +94,7 @@ def runs(tmp_path_factory):
         while not (out["resumed"] / "checkpoints" / "2").exists():
             assert all(p.poll() is None for p in cut) and time.monotonic() < deadline, cut[0].communicate()[1][-3000:]
             time.sleep(0.05)
-        for p in cut:  # as a cluster's scheduler stops a job: every process gets the signal
-            p.send_signal(signal.SIGTERM)
+        cut[1].send_signal(signal.SIGTERM)  # one process only (one pod evicted): every process stops
         wait(cut, returncode=128 + signal.SIGTERM)
         interrupted = json.load(open(out["resumed"] / "summary.json"))
         fsdp = launch(lm_flags(corpus, out["fsdp"], "--parallel", "fsdp"), processes=2, devices=2)
@@ -144,3 +143,29 @@ def test_a_run_stopped_as_2x2_resumes_as_1x4_and_ends_equal(runs):
     summary = json.load(open(out["resumed"] / "summary.json"))
     assert summary["resumed_from"] == stopped and summary["parallel"] == {"strategy": "sharded", "devices": 4}
     assert_same_run(out["resumed"], out["reference"])
+
+
+def test_an_error_on_one_process_ends_every_process_at_once(tmp_path):
+    """Process 0 alone refuses a --out that another run holds; the other process must not wait in
+    JAX's shutdown barrier (minutes) for it: both end within seconds."""
+    from jaxllm.training.run_lock import lock_run_dir, unlock_run_dir
+
+    (tmp_path / "corpus.txt").write_text(TEXT[:5000])
+    out = tmp_path / "busy"
+    assert lock_run_dir(out, process_index=0)  # this test process holds it, as a live run would
+    try:
+        procs = launch(lm_flags(tmp_path / "corpus.txt", out), processes=2, devices=2)
+        results = []
+        for p in procs:
+            try:
+                results.append((p.wait(timeout=90), p.stderr.read()))
+            except subprocess.TimeoutExpired:
+                pytest.fail("a process of a failed multi-host run was still waiting after 90 s")
+    finally:
+        unlock_run_dir(out)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    (code0, err0), (code1, _) = results
+    assert code0 == 2 and "in use by another run" in err0, err0[-2000:]
+    assert code1 != 0

@@ -430,8 +430,10 @@ class TokenWindows:
         if not self.shuffle:
             return np.arange(self.num_rows)
         if self._cached is None or self._cached[0] != epoch:  # ArrayBatches' order, computed once an epoch
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-            self._cached = (epoch, order.astype(np.uint32) if self.num_rows < 2 ** 32 else order)
+            # permutation()'s order, shuffled in place in 4 bytes a window (permutation builds int64)
+            order = np.arange(self.num_rows, dtype=np.uint32 if self.num_rows < 2 ** 32 else np.int64)
+            np.random.default_rng([self.seed, epoch]).shuffle(order)
+            self._cached = (epoch, order)
         return self._cached[1]
 
     def next(self) -> dict[str, np.ndarray]:

@@ -207,7 +207,10 @@ def main(argv=None) -> dict:
     optimizer = make_optimizer(opt_config)
     run = run_config(config, opt_config, batch_size=args.batch_size, seed=args.seed, context=args.context,
                      stride=stride, text=args.text, tokenizer=args.tokenizer,
-                     vocab_size=data.vocab_size, **({"dtype": args.dtype} if args.dtype != "float32" else {}))
+                     vocab_size=data.vocab_size, **({"dtype": args.dtype} if args.dtype != "float32" else {}),
+                     # a resume must read the same token files: their place and size
+                     **({"tokens": os.path.abspath(args.tokens), "train_tokens": int(data.train_ids.size),
+                         "val_tokens": int(data.val_ids.size)} if token_dir is not None else {}))
     title = f"{args.model} LM ({preset})"
     loss_fn = mixed_precision(lm_loss(config), args.dtype)  # float32: unchanged
     train_step = strategy.train_step(loss_fn, optimizer, accum_steps=args.accum_steps)

@@ -8,6 +8,7 @@ import difflib
 import os
 import shutil
 import sys
+import traceback
 from typing import Callable, Sequence
 
 from jaxllm.training import distributed, run_flags
@@ -527,17 +528,33 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         main(argv)
     except (ValueError, DataUnavailable, TrainingDiverged, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingInterrupted as exc:
+        _exit_alone(2)
+    except TrainingInterrupted as exc:  # every process stops at the same step: they exit together
         resume = (f"resume with: {resume_command(argv)}" if exc.last_checkpoint is not None
                   else "no checkpoint yet: run the same command again to start over")
         print(f"interrupted: {exc}; {resume}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt as exc:
         print("interrupted outside the training loop: checkpoints already written are kept", file=sys.stderr)
-        sys.exit(143 if isinstance(exc, _Terminated) else 130)
+        _exit_alone(143 if isinstance(exc, _Terminated) else 130)
+    except Exception:
+        if distributed.process_count() == 1:
+            raise
+        traceback.print_exc()
+        _exit_alone(1)
     finally:
         _command = None
+
+
+def _exit_alone(code: int) -> None:
+    """Exit with ``code`` -- at once when this is one of several processes: an error may stop one
+    process only, and a normal exit would wait in JAX's shutdown barrier (minutes) for the others,
+    which wait for it in their next collective; exiting lets the coordinator stop them all now."""
+    if distributed.process_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 class _Terminated(KeyboardInterrupt):

@@ -72,11 +72,20 @@ def _as_int(value, name: str, env: str) -> int | None:
         raise ValueError(f"{name} (or {env}) must be an integer, got {value!r}") from None
 
 
-def cluster_processes() -> int:
+# what each scheduler JAX detects sets in a process's environment: without one of them, JAX's
+# detection (which may query the Kubernetes API or a metadata server) is not consulted at all
+SCHEDULER_VARIABLES = ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST", "TPU_WORKER_HOSTNAMES")
+
+
+def cluster_processes(environ: Mapping[str, str] = os.environ) -> int:
     """Processes of the cluster job this process was started in, as JAX's own auto-detection sees
     it (SLURM, Open MPI, Cloud TPU, Kubernetes); 1 outside any. The detection is JAX-internal, so
     anything unexpected from it counts as "no cluster" rather than stopping a one-process run."""
     try:
+        from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm
+
+        if not running_in_cloud_tpu_vm and not any(name in environ for name in SCHEDULER_VARIABLES):
+            return 1
         from jax._src.clusters import ClusterEnv
 
         env = next((e for e in ClusterEnv._cluster_types if not e.opt_in_only_method and e.is_env_present()), None)

@@ -177,6 +177,9 @@ def fit(
     total = steps if steps is not None else epochs * train_data.steps_per_epoch
     if total < 1:
         raise ValueError(f"nothing to train: {total} steps")
+    if jax.process_count() > 1 and getattr(strategy, "batch_sharding", None) is None:
+        raise ValueError(f"this job trains on one device ({getattr(strategy, 'name', 'no strategy')}); run it as one "
+                         f"process, not {jax.process_count()}")
     if jax.process_count() > 1 and not isinstance(train_data, distributed.ProcessBatches):
         train_data = distributed.ProcessBatches(train_data, strategy.batch_sharding)  # this process's rows only
     took_lock = lock_run_dir(out_dir)
@@ -245,6 +248,7 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
         raise
     if start == total:  # resuming a finished run: nothing to train, keep what it measured
         ckpt.close()
+        state = gather(state)  # several processes restored it onto their devices
         fields = {"status": "finished", "steps": total, "last_checkpoint": last_saved}
         if eval_fn is not None:
             fields["eval"] = {k: float(v) for k, v in final_eval_fn(state.params).items()}
@@ -327,9 +331,10 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
                     t0 = time.perf_counter()
                     start_timed = step
                 bar.update(1)
-                interrupted, clock_due = _decide(step, log_every, signalled=stop.signum is not None,
-                                                 clock=bool(checkpoint_minutes)
-                                                 and time.monotonic() - saved_at >= 60 * checkpoint_minutes)
+                signum, clock_due = _decide(step, log_every, signum=stop.signum or 0,
+                                            clock=bool(checkpoint_minutes)
+                                            and time.monotonic() - saved_at >= 60 * checkpoint_minutes)
+                interrupted = signum != 0
                 eval_now = eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total)
                 eval_now = eval_now and not interrupted
                 save_now = step % checkpoint_every == 0 or step == total or interrupted or eval_now or clock_due
@@ -347,8 +352,8 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
                     saved_at = time.monotonic()
                 t_aside += time.perf_counter() - t_before
                 if interrupted:
-                    stopped("interrupted", interrupted_at_step=step, signal=signal.Signals(stop.signum).name)
-                    raise TrainingInterrupted(stop.signum, step, last_saved)
+                    stopped("interrupted", interrupted_at_step=step, signal=signal.Signals(signum).name)
+                    raise TrainingInterrupted(signum, step, last_saved)
         elapsed = time.perf_counter() - t0 - t_aside
     except KeyboardInterrupt:  # a second signal, or a Ctrl-C outside the handler's reach: keep what is saved
         signum = stop.signum or signal.SIGINT
@@ -379,19 +384,21 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
     return gather(state)
 
 
-def _decide(step: int, log_every: int, *, signalled: bool, clock: bool) -> tuple[bool, bool]:
-    """``(stop now, checkpoint now for the clock)`` after ``step``. One process: a signal stops at
-    once, the clock is looked at every ``log_every`` steps. Several: every process must save and
-    stop at the same step, so both are decided together every ``log_every`` steps -- a signal to
-    any process stops them all, process 0's clock decides for all (the clocks differ)."""
+def _decide(step: int, log_every: int, *, signum: int, clock: bool) -> tuple[int, bool]:
+    """``(the signal to stop on now or 0, checkpoint now for the clock)`` after ``step``; ``signum``
+    is this process's pending signal (0: none). One process: a signal stops at once, the clock is
+    looked at every ``log_every`` steps. Several: every process must save and stop at the same
+    step, so both are decided together every ``log_every`` steps -- a signal to any process stops
+    them all (the first process's signal names it), process 0's clock decides for all."""
     if step % log_every:
-        return signalled and jax.process_count() == 1, False
+        return (signum if jax.process_count() == 1 else 0), False
     if jax.process_count() == 1:
-        return signalled, clock
+        return signum, clock
     from jax.experimental import multihost_utils
 
-    flags = np.asarray(multihost_utils.process_allgather(np.asarray([signalled, clock])))  # [processes, 2]
-    return bool(flags[:, 0].any()), bool(flags[0, 1])
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray([signum, int(clock)])))  # [processes, 2]
+    signals = gathered[:, 0][gathered[:, 0] != 0]
+    return (int(signals[0]) if signals.size else 0), bool(gathered[0, 1])
 
 
 def _learning_rates(schedule, steps: list[int]) -> list:
@@ -404,6 +411,8 @@ def _learning_rates(schedule, steps: list[int]) -> list:
 
 
 def _plot(log: MetricsLog, path: str, title: str) -> None:
+    if not is_first_process():  # only process 0 writes the log and the plot
+        return
     rows = log.read()
     if rows:
         plot_losses(rows, path, title=title)

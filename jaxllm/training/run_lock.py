@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import uuid
 
 LOCK_FILE = ".lock"
 
@@ -48,7 +49,7 @@ def check_output_dir(out_dir: str | os.PathLike) -> str:
         raise ValueError(f"--out {out_dir} is a file, not a directory: choose a directory for the run's outputs")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+        probe = os.path.join(out_dir, f".write-test-{uuid.uuid4().hex}")  # unique across hosts and pods
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
