@@ -1,8 +1,9 @@
 """The language-model job across processes, launched as the README's localhost recipe does: two
 ``jaxllm train lm`` processes with 2 CPU devices each (``--coordinator/--num-processes/--process-id``,
 gloo collectives) train as one process with 4 devices does -- the same losses and final
-parameters -- with the data-parallel split, with FSDP, and when the run is stopped by a SIGTERM
-to one of its two processes and resumed as 1 x 4. One 1 x 4 reference run serves all three.
+parameters -- with the data-parallel split reading a memory-mapped token directory, with FSDP,
+and with shard_map stopped by a SIGTERM to one of its two processes and resumed as 1 x 4 (sharded).
+One 1 x 4 reference run (``--text``) serves all three.
 """
 
 import json
@@ -23,7 +24,9 @@ TEXT = (ROOT / "README.md").read_text()[:60000]
 
 
 def lm_flags(corpus, out, *extra) -> list[str]:
-    return ["train", "lm", "--text", str(corpus), "--preset", "tiny", "--vocab-size", "300", "--context", "16",
+    """The job's flags on ``corpus``: a text file, or a token directory (``jaxllm prepare``) of one."""
+    data = ["--tokens", str(corpus)] if corpus.is_dir() else ["--text", str(corpus), "--vocab-size", "300"]
+    return ["train", "lm", *data, "--preset", "tiny", "--context", "16",
             "--batch-size", "8", "--d-model", "16", "--heads", "2", "--steps", str(STEPS), "--log-every", "4",
             "--sample-tokens", "8", "--eval-batch-size", "8", "--no-progress", "--out", str(out), *extra]
 
@@ -85,10 +88,14 @@ def runs(tmp_path_factory):
     corpus = root / "corpus.txt"
     corpus.write_text(TEXT)
     out = {name: root / name for name in ("reference", "sharded", "fsdp", "resumed")}
+    from jaxllm.data.token_file import prepare_tokens
+
+    prepare_tokens([str(corpus)], root / "tokens", vocab_size=300)  # the same ids as --text (test_token_file)
     first = [*launch(lm_flags(corpus, out["reference"]), processes=1, devices=4),
-             *launch(lm_flags(corpus, out["sharded"]), processes=2, devices=2)]
+             *launch(lm_flags(root / "tokens", out["sharded"]), processes=2, devices=2)]  # memory-mapped rows
     # a checkpoint at every step makes each step slow enough for the signal to land mid-run
-    cut = launch(lm_flags(corpus, out["resumed"], "--checkpoint-every", "1"), processes=2, devices=2)
+    cut = launch(lm_flags(corpus, out["resumed"], "--checkpoint-every", "1", "--parallel", "shard_map"),
+                 processes=2, devices=2)
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while not (out["resumed"] / "checkpoints" / "2").exists():
@@ -98,8 +105,8 @@ def runs(tmp_path_factory):
         wait(cut, returncode=128 + signal.SIGTERM)
         interrupted = json.load(open(out["resumed"] / "summary.json"))
         fsdp = launch(lm_flags(corpus, out["fsdp"], "--parallel", "fsdp"), processes=2, devices=2)
-        resumed = launch(["train", "lm", "--resume", "--out", str(out["resumed"]), "--checkpoint-every", "100"],
-                         processes=1, devices=4)
+        resumed = launch(["train", "lm", "--resume", "--out", str(out["resumed"]), "--checkpoint-every", "100",
+                          "--parallel", "sharded"], processes=1, devices=4)
         wait(first)
         wait(fsdp)
         wait(resumed)
@@ -123,6 +130,7 @@ def test_two_processes_train_as_one_process_with_four_devices(runs):
     for run in ("reference", "sharded"):
         summary = json.load(open(out[run] / "summary.json"))
         assert summary["parallel"] == {"strategy": "sharded", "devices": 4} and summary["status"] == "finished"
+    assert summary["data"]["tokens"].endswith("tokens")  # the 2 x 2 run read the token directory
     assert_same_run(out["sharded"], out["reference"])
     losses = train_losses(out["reference"])
     assert losses[-1] < losses[0]  # it trained
