@@ -146,3 +146,22 @@ def test_a_full_disk_under_the_metrics_log_names_the_file(tmp_path):
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == (f"error: [Errno 27] cannot write {tmp_path / 'metrics.jsonl'}: "
                                             "File too large")
+
+
+def test_abandoned_orbax_writes_are_not_logged_after_the_error(tmp_path):
+    """asyncio logs "Task exception was never retrieved" (a traceback each) for orbax's write tasks
+    of a failed save when Python happens to collect them: those records are dropped, others kept."""
+    import logging
+
+    Checkpointer(tmp_path / "checkpoints").close()  # installs the filter
+    asyncio_log = logging.getLogger("asyncio")
+
+    def passes(message: str) -> bool:
+        record = asyncio_log.makeRecord("asyncio", logging.ERROR, __file__, 1, message, None, None)
+        return all(f.filter(record) for f in asyncio_log.filters)
+
+    orbax_task = ("Task exception was never retrieved\nfuture: <Task finished name='Task-163' coro=<async_serialize_"
+                  "from_host.<locals>.write_fragment() done, defined at /x/orbax/checkpoint/_src/serialization.py:188>")
+    assert not passes(orbax_task)
+    assert passes("Task exception was never retrieved\nfuture: <Task finished coro=<mine() done, defined at /x/app.py:1>")
+    assert passes("Executing <Task pending> took 0.2 seconds")

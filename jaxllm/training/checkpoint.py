@@ -324,6 +324,9 @@ def _ignore_abandoned_orbax_callbacks() -> None:
     previous = sys.unraisablehook
     if getattr(previous, "_drops_closed_loop_callbacks", False):
         return
+    # the same abandoned writes, when Python collects their tasks, log "Task exception was never
+    # retrieved" through asyncio's logger (a traceback each, sometimes: it depends on when they are collected)
+    logging.getLogger("asyncio").addFilter(_AbandonedOrbaxWrites())
 
     def hook(unraisable):
         if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
@@ -332,3 +335,12 @@ def _ignore_abandoned_orbax_callbacks() -> None:
 
     hook._drops_closed_loop_callbacks = True
     sys.unraisablehook = hook
+
+
+class _AbandonedOrbaxWrites(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records of orbax's own write tasks
+    (their error was already raised as a ``CheckpointWriteError``); every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("Task exception was never retrieved" in text and "orbax" in text)
