@@ -82,6 +82,29 @@ def test_cached_greedy_generate_equals_full_recomputation(config):
     assert generate(config, params, [PROMPTS[1]], max_new_tokens=10, key=jax.random.PRNGKey(0)) == [fast[1]]
 
 
+def test_a_long_generation_in_two_phases_equals_one_phase_and_full_recomputation():
+    """With room to spare, the decode loop runs its first half on a shorter cache, then copies it
+    into the full one: the same greedy tokens as one loop over the full cache and as recomputing
+    the whole prefix for every token, for ragged rows that cross the switch at different fills."""
+    from jaxllm.generate import _generate, _prepare, first_phase_slots
+
+    params, n = params_of(BURKOV), 120
+    prompts = [*PROMPTS, list(range(3, 19))]  # one row fills its 16-token bucket: the first phase's last slot
+    assert first_phase_slots(16, n, 160) == 80 and first_phase_slots(16, n, 136) is None
+    two = generate(BURKOV, params, prompts, max_new_tokens=n, key=jax.random.PRNGKey(0), max_len=160)
+    one = generate(BURKOV, params, prompts, max_new_tokens=n, key=jax.random.PRNGKey(0), max_len=136)
+    assert two == one == reference_greedy(BURKOV, params, prompts, n)
+    # greedy tokens of a tiny model hardly notice a missing key: the caches themselves must agree
+    caches = []
+    for max_len in (160, 136):
+        tokens, lengths, cache, sampling = _prepare(BURKOV, prompts, n, 0.0, None, None, None, max_len)
+        caches.append(_generate(BURKOV, params, tokens, lengths, cache, jax.random.PRNGKey(0), max_new_tokens=n,
+                                eos_id=None, **sampling)[2])
+    np.testing.assert_array_equal(caches[0].lengths, caches[1].lengths)
+    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+        np.testing.assert_allclose(np.asarray(a)[:, :, :136], np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_eos_stops_a_row_and_is_included():
     params = params_of(LLAMA)
     full = generate(LLAMA, params, PROMPTS, max_new_tokens=10, key=jax.random.PRNGKey(0))
