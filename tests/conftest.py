@@ -46,7 +46,7 @@ def pytest_configure(config):
 # Under --dist loadfile, xdist hands out whole files in collection order: the longest first keeps
 # both workers busy to the end; test_accumulation reads the multidevice runs that test_parallel
 # starts, so it goes last rather than wait on their lock.
-RUN_FIRST = ("test_notebooks.py", "test_multihost_jobs.py", "test_parallel.py", "test_scripts.py", "test_checkpoint_devices.py",
+RUN_FIRST = ("test_notebooks.py", "test_parallel.py", "test_scripts.py", "test_checkpoint_devices.py",
              "test_multihost.py", "test_bench.py", "test_classify.py")
 RUN_LAST = ("test_accumulation.py",)
 

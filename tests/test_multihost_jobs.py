@@ -39,9 +39,10 @@ def free_port() -> int:
 
 def launch(flags: list[str], *, processes: int, devices: int) -> list[subprocess.Popen]:
     """``jaxllm FLAGS`` as ``processes`` localhost processes of ``devices`` CPU devices each."""
-    # --cpu-devices sets the count: no device count inherited from this test process (another test may set XLA_FLAGS)
+    # --cpu-devices sets the count: no device count inherited from this test process (another test
+    # may set XLA_FLAGS), and no multi-host settings; the session's compilation cache is shared
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("JAX_") and k != "XLA_FLAGS" or k == "JAX_DISABLE_MOST_OPTIMIZATIONS"}
+           if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     port = free_port()
     multihost = lambda i: (["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
