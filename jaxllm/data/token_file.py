@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import tiktoken
 
+from jaxllm.data.batches import ShuffledBatches
 from jaxllm.data.corpus import (DOCUMENT_SEPARATOR, held_out_documents, load_documents, single_document_cut)
 from jaxllm.data.lm_data import TOKENIZERS
 from jaxllm.data.tokenizer import decode_bytes, encode, gpt2_encoding, load_encoding, save_encoding, train_bpe
@@ -384,21 +385,15 @@ def load_token_dir(path: str | os.PathLike) -> TokenData:
 # --------------------------------------------------------------------------- batches
 
 
-class TokenWindows:
+class TokenWindows(ShuffledBatches):
     """Training batches of next-token windows read from a token stream ``ids`` (a memmap).
 
     The windows are ``lm_windows(ids, context, stride)``'s -- window ``k``: ``inputs =
-    ids[k * stride : k * stride + context]``, ``targets`` the same shifted by one -- and the batches
-    ``ArrayBatches``' over them: epoch ``e`` shuffled by ``numpy.random.default_rng([seed, e])``, the
-    last partial batch dropped, position ``(epoch, index)`` in ``state_dict``. So a run draws the same
-    batches whether its ids are in memory or in a file. Only a batch's rows are read from the file.
-
-    ``next_rows(rows)`` returns only ``rows`` (a slice) of the next global batch: with several
-    processes each reads its own block of rows (``jaxllm.training.distributed.ProcessBatches``).
-    ``next()`` is ``next_rows(slice(None))``; both advance by one global batch. ``vocab_size``:
-    every batch's ids are checked to lie in ``[0, vocab_size)``.
-
-    Each epoch's order is kept (one index per window, 4 bytes while there are fewer than 2**32).
+    ids[k * stride : k * stride + context]``, ``targets`` the same shifted by one -- in
+    ``ArrayBatches``' order and position (``ShuffledBatches``: the last partial batch dropped), so a
+    run draws the same batches whether its ids are in memory or in a file. Only a batch's rows (or
+    ``next_rows``' share of them) are read from the file. ``vocab_size``: every batch's ids are
+    checked to lie in ``[0, vocab_size)``.
     """
 
     def __init__(self, ids: np.ndarray, context: int, batch_size: int, *, stride: int | None = None,
@@ -415,50 +410,13 @@ class TokenWindows:
                 f"but the data has {len(ids)} tokens"
             )
         self.ids, self.context, self.stride, self.vocab_size = ids, context, stride, vocab_size
-        self.num_rows = (len(ids) - context - 1) // stride + 1
-        if not 1 <= batch_size <= self.num_rows:
-            raise ValueError(f"batch_size must be in [1, {self.num_rows}] (the number of windows), got {batch_size}")
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.epoch, self.index = 0, 0
-        self._cached: tuple[int, np.ndarray] | None = None
+        super().__init__((len(ids) - context - 1) // stride + 1, batch_size, shuffle=shuffle, seed=seed,
+                         rows_are="windows")
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.num_rows // self.batch_size
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.num_rows)
-        if self._cached is None or self._cached[0] != epoch:  # ArrayBatches' order, computed once an epoch
-            # permutation()'s order, shuffled in place in 4 bytes a window (permutation builds int64)
-            order = np.arange(self.num_rows, dtype=np.uint32 if self.num_rows < 2 ** 32 else np.int64)
-            np.random.default_rng([self.seed, epoch]).shuffle(order)
-            self._cached = (epoch, order)
-        return self._cached[1]
-
-    def next(self) -> dict[str, np.ndarray]:
-        return self.next_rows(slice(None))
-
-    def next_rows(self, rows: slice) -> dict[str, np.ndarray]:
-        """``rows`` of the next global batch of ``batch_size`` windows (``{"inputs", "targets"}``,
-        int32 ``[rows, context]``); the position advances by the whole global batch."""
-        if self.index >= self.steps_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        windows = self._order(self.epoch)[self.index * self.batch_size:(self.index + 1) * self.batch_size][rows]
-        self.index += 1
+    def _rows(self, windows: np.ndarray) -> dict[str, np.ndarray]:
+        """The windows numbered ``windows`` (``{"inputs", "targets"}``, int32 ``[rows, context]``)."""
         starts = windows.astype(np.int64) * self.stride
         tokens = np.asarray(self.ids[starts[:, None] + np.arange(self.context + 1)])  # reads these rows only
         tokens = (check_token_ids(tokens, self.vocab_size) if self.vocab_size is not None and tokens.size
                   else tokens.astype(np.int32))
         return {"inputs": tokens[:, :-1].copy(), "targets": tokens[:, 1:].copy()}
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("seed", self.seed) != self.seed or state.get("batch_size", self.batch_size) != self.batch_size:
-            raise ValueError(
-                f"data position was saved with seed={state.get('seed')}, batch_size={state.get('batch_size')}; "
-                f"this run uses seed={self.seed}, batch_size={self.batch_size}"
-            )
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])

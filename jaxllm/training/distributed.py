@@ -211,6 +211,7 @@ class ProcessBatches:
 
     def __init__(self, batches, sharding):
         self.batches, self.sharding = batches, sharding
+        self.rows = sharding_rows(sharding, batches.batch_size)  # this process's block, the same every step
 
     @property
     def batch_size(self) -> int:
@@ -221,8 +222,7 @@ class ProcessBatches:
         return self.batches.steps_per_epoch
 
     def next(self):
-        rows = sharding_rows(self.sharding, self.batches.batch_size)
-        return global_batch(self.batches.next_rows(rows), self.sharding)
+        return global_batch(self.batches.next_rows(self.rows), self.sharding)
 
     def state_dict(self) -> dict:
         return self.batches.state_dict()
