@@ -186,7 +186,8 @@ def test_cached_decoding_equals_full_forward(config):
         pieces.append(logits)
     assert_close(np.concatenate(pieces, 1), full, OUTPUT, err_msg="prompt + one token at a time vs full")
     assert len(cache.keys) == len(cache.values) == config.num_layers  # one array per layer, heads first
-    assert {a.shape for a in (*cache.keys, *cache.values)} == {(3, config.kv_heads, config.max_len, config.head_dim)}
+    assert {a.shape for a in cache.keys} == {(3, config.kv_heads, config.max_len, config.head_dim)}
+    assert {a.shape for a in cache.values} == {(3, config.kv_heads, config.head_dim, config.max_len)}  # slots last
     np.testing.assert_array_equal(np.asarray(cache.lengths), [11, 11, 11])
 
     # uneven chunks

@@ -27,13 +27,15 @@ holds with dropout too, since ``rowsum(dO * O) = rowsum(P * dP)`` where ``dP`` i
 mask). On 2 CPU cores XLA's own derivative of the einsum formulation transposed the
 ``[B, H, T, T]`` scores and weights several times per layer; the custom backward removes most of it.
 
-``KVCache`` holds each layer's keys and values as separate arrays, heads first,
-``float[batch, kv_heads, max_len, head_dim]`` (already rotated by RoPE), and ``lengths
-int32[batch]``: slots ``[0, lengths[b])`` of row ``b`` are filled. A call with T new tokens writes
-their keys/values at slots ``lengths[b] .. lengths[b]+T-1`` (a ``lax.dynamic_update_slice`` per row)
-and each new token attends to every filled slot up to and including its own. Heads first because
-that is the operand layout of the attention matmuls: stored token-major, XLA would transpose (copy)
-the whole cache at every decoded token. Separate arrays per layer (not one stacked ``[layers, ...]``
+``KVCache`` holds each layer's keys and values as separate arrays, heads first: keys
+``float[batch, kv_heads, max_len, head_dim]`` (already rotated by RoPE), values transposed,
+``float[batch, kv_heads, head_dim, max_len]``, and ``lengths int32[batch]``: slots ``[0, lengths[b])``
+of row ``b`` are filled. A call with T new tokens attends to the filled slots and to the new tokens
+up to its own, then writes their keys/values at slots ``lengths[b] .. lengths[b]+T-1`` (a
+``lax.dynamic_update_slice`` per row). Each array is laid out as its attention matmul reads it,
+the slots the contracted (last) axis of the values: stored token-major, XLA would transpose (copy)
+the whole cache at every decoded token, and at batch 1 it transposed ``[.., max_len, head_dim]``
+values too. Separate arrays per layer (not one stacked ``[layers, ...]``
 array) let a decode step update each layer in place: restacking the layers copied the whole cache
 per token. There is no key-padding mask: as in the book, pad tokens are ordinary keys (the loss
 ignores pad targets). XLA clamps an out-of-bounds write instead of failing, so ``lengths + T <=
@@ -60,7 +62,8 @@ LAYOUTS = ("per_head", "fused", "dense")
 
 @flax.struct.dataclass
 class KVCache:
-    """keys, values: one float[batch, kv_heads, max_len, head_dim] per layer; lengths: int32[batch]."""
+    """keys float[batch, kv_heads, max_len, head_dim], values float[batch, kv_heads, head_dim, max_len]:
+    one of each per layer; lengths: int32[batch]."""
 
     keys: tuple
     values: tuple
@@ -68,9 +71,9 @@ class KVCache:
 
     @classmethod
     def zeros(cls, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32):
-        shape = (batch, kv_heads, max_len, head_dim)
-        return cls(tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
-                   tuple(jnp.zeros(shape, dtype) for _ in range(layers)), jnp.zeros((batch,), jnp.int32))
+        keys, values = (batch, kv_heads, max_len, head_dim), (batch, kv_heads, head_dim, max_len)
+        return cls(tuple(jnp.zeros(keys, dtype) for _ in range(layers)),
+                   tuple(jnp.zeros(values, dtype) for _ in range(layers)), jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
@@ -87,13 +90,14 @@ class KVCache:
               positions: int | None = None) -> None:
         """The cache fits the model and has room for ``new_tokens`` more in every row: shapes always
         (static, so under ``jit`` too), fill only when ``lengths`` is concrete."""
-        expected = (batch, kv_heads, self.max_len, head_dim)
-        shapes = {tuple(a.shape) for a in (*self.keys, *self.values)}
-        if self.num_layers != layers or len(self.values) != layers or shapes != {expected} or \
+        keys, values = (batch, kv_heads, self.max_len, head_dim), (batch, kv_heads, head_dim, self.max_len)
+        got = ({tuple(a.shape) for a in self.keys}, {tuple(a.shape) for a in self.values})
+        if self.num_layers != layers or len(self.values) != layers or got != ({keys}, {values}) or \
                 tuple(self.lengths.shape) != (batch,):
-            raise ValueError(f"the cache must have {layers} layers of keys and values shaped [batch, kv_heads, "
-                             f"max_len, head_dim] = {expected} and lengths [{batch}]; got {self.num_layers} layers "
-                             f"shaped {sorted(shapes)} and lengths {tuple(self.lengths.shape)}")
+            raise ValueError(f"the cache must have {layers} layers of keys shaped [batch, kv_heads, max_len, "
+                             f"head_dim] = {keys}, values shaped [batch, kv_heads, head_dim, max_len] = {values} and "
+                             f"lengths [{batch}]; got {self.num_layers} layers of keys shaped {sorted(got[0])}, "
+                             f"values shaped {sorted(got[1])} and lengths {tuple(self.lengths.shape)}")
         self.check_room(new_tokens, positions=positions)
 
     def check_room(self, new_tokens: int, *, positions: int | None = None) -> None:
@@ -116,11 +120,14 @@ class KVCache:
                 f"model's {positions} positions (context_length)")
 
 
-def write_rows(buffer, new, offsets):
-    """buffer float[batch, heads, S, dh], new float[batch, heads, T, dh], offsets int[batch] ->
-    buffer with ``new[b]`` written at slots ``offsets[b] .. offsets[b] + T - 1``."""
+def write_rows(buffer, new, offsets, axis: int):
+    """buffer float[batch, ...], new float[batch, ...] (T long on ``axis`` where the buffer has
+    its S slots), offsets int[batch] -> buffer with ``new[b]`` written at slots ``offsets[b] ..
+    offsets[b] + T - 1`` of ``axis``."""
     def one(buf, upd, off):
-        return jax.lax.dynamic_update_slice(buf, upd.astype(buf.dtype), (0, off, 0))
+        start = [0] * buf.ndim
+        start[axis - 1] = off
+        return jax.lax.dynamic_update_slice(buf, upd.astype(buf.dtype), start)
 
     return jax.vmap(one)(buffer, new, offsets)
 
@@ -226,24 +233,40 @@ def cached_attention(q, k, v, layer_cache, lengths):
     """Attention of T new tokens over a layer's cache.
 
     q float[B, T, H, dh]; k, v float[B, T, KV, dh] (the new tokens' keys/values); layer_cache
-    (keys, values) float[B, KV, S, dh]; lengths int[B] -> (float[B, T, H * dh], updated (keys,
-    values)). The new keys/values are written at each row's ``lengths[b]``; each query sees the
-    slots up to its own.
+    (keys float[B, KV, S, dh], values float[B, KV, dh, S]); lengths int[B] -> (float[B, T, H * dh],
+    updated (keys, values)). Each new token sees the row's filled slots ``[0, lengths[b])`` and the new tokens up
+    to its own; their keys/values are then written at slots ``lengths[b] ..``.
+
+    The attention reads the cache as it came in and the new keys/values as they are, one softmax
+    over both, and only then writes the new keys/values: so the written cache has no other use and
+    XLA writes it in place. Attending over the written cache made XLA copy each layer's keys and
+    values two to four times per decoded token at batch 1 (it duplicated the write into the
+    matmul's operand), a third of GPT-2's batch-1 decode step.
     """
     b, t, h, dh = q.shape
     cache_k, cache_v = layer_cache
     kv, s = cache_k.shape[1], cache_k.shape[2]
     if t > s:  # static shapes: raises at trace time
         raise ValueError(f"KV cache overflow: {t} tokens do not fit a KV cache of max_len {s}")
-    cache_k = write_rows(cache_k, jnp.swapaxes(k, 1, 2), lengths)
-    cache_v = write_rows(cache_v, jnp.swapaxes(v, 1, 2), lengths)
-    own = lengths[:, None] + jnp.arange(t)  # each new token's slot, [B, T]
-    mask = jnp.arange(s)[None, None, :] <= own[:, :, None]  # [B, T, S]
     q = q.reshape(b, t, kv, h // kv, dh) * jnp.asarray(1.0 / np.sqrt(dh), q.dtype)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, cache_k).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)  # every query sees itself: no NaN rows
-    weights = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bksd->btkgd", weights.astype(cache_v.dtype), cache_v)
+    filled = jnp.arange(s)[None, :] < lengths[:, None]  # [B, S]
+    old = jnp.einsum("btkgd,bksd->bkgts", q, cache_k).astype(jnp.float32)
+    old = jnp.where(filled[:, None, None, None], old, -jnp.inf)
+    new = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
+    new = jnp.where(jnp.arange(t)[:, None] >= jnp.arange(t)[None, :], new, -jnp.inf)  # causal among the new
+    top = jax.lax.stop_gradient(jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True)))
+    old, new = jnp.exp(old - top), jnp.exp(new - top)  # every query sees itself: top is finite
+    total = old.sum(-1, keepdims=True) + new.sum(-1, keepdims=True)
+    out = (jnp.einsum("bkgts,bkds->btkgd", (old / total).astype(cache_v.dtype), cache_v)
+           + jnp.einsum("bkgts,bskd->btkgd", (new / total).astype(v.dtype), v))
+    # The write must follow the reads above. Without a data path from them to it, XLA's copy
+    # insertion cannot order the two and copies each cache array before writing it in place, so
+    # the new keys/values are made to depend on the output (adding 0; an optimization barrier
+    # did not order them).
+    after_reads = 0 * out.reshape(-1)[0].astype(k.dtype)
+    k, v = k + after_reads, v + after_reads
+    cache_k = write_rows(cache_k, jnp.swapaxes(k, 1, 2), lengths, axis=2)
+    cache_v = write_rows(cache_v, jnp.transpose(v, (0, 2, 3, 1)), lengths, axis=3)
     return out.reshape(b, t, h * dh), (cache_k, cache_v)
 
 
