@@ -235,7 +235,8 @@ print("torch: same seed, second call -> differs:", not torch.equal(ta, tb), "| r
 #   real position (causal attention makes the padding invisible): one compilation, but each token
 #   still costs a full forward over `MAX_LEN` positions.
 # * **JAX, KV cache** — `jaxllm.generate.generate`: one prefill writes the prompt's keys and values
-#   into a preallocated cache `[layers, batch, MAX_LEN, heads, head_dim]`; each new token costs one
+#   into a preallocated cache (per layer, keys `[batch, heads, MAX_LEN, head_dim]` and values
+#   `[batch, heads, head_dim, MAX_LEN]`, each as its attention matmul reads it); each new token costs one
 #   forward over one position; the loop is a `lax.while_loop` inside one jitted function.
 
 # %%
@@ -349,8 +350,8 @@ by_hand = greedy_scan_jit(dec_trained, prompt_ids, steps=NEW_TOKENS).tolist()
 assert by_hand == jax_kv_cache(dec_config, dec_trained)
 print("the hand-written scan gives generate's tokens:", True)
 empty = dec_config.init_cache(1, MAX_LEN)
-print(f"cache: {empty.num_layers} layers of keys and values, each", empty.keys[0].shape,
-      "= [batch, kv_heads, max_len, head_dim]")
+print(f"cache: {empty.num_layers} layers of keys", empty.keys[0].shape, "= [batch, kv_heads, max_len, head_dim]",
+      "and values", empty.values[0].shape, "= [batch, kv_heads, head_dim, max_len]")
 for steps in (4, NEW_TOKENS):
     jaxpr = jax.make_jaxpr(greedy_scan, static_argnums=2)(dec_trained, prompt_ids, steps).jaxpr
     names = [eqn.primitive.name for eqn in jaxpr.eqns]
