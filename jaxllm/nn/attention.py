@@ -121,9 +121,9 @@ class KVCache:
 
 
 def write_rows(buffer, new, offsets, axis: int):
-    """buffer float[batch, ...], new float[batch, ...] (T long on ``axis`` where the buffer has
-    its S slots), offsets int[batch] -> buffer with ``new[b]`` written at slots ``offsets[b] ..
-    offsets[b] + T - 1`` of ``axis``."""
+    """buffer float[batch, ...] with its S slots on ``axis`` (counted with the batch axis), new
+    float[batch, ...] shaped alike but T long on ``axis``, offsets int[batch] -> buffer with
+    ``new[b]`` written at slots ``offsets[b] .. offsets[b] + T - 1``."""
     def one(buf, upd, off):
         start = [0] * buf.ndim
         start[axis - 1] = off
@@ -234,14 +234,14 @@ def cached_attention(q, k, v, layer_cache, lengths):
 
     q float[B, T, H, dh]; k, v float[B, T, KV, dh] (the new tokens' keys/values); layer_cache
     (keys float[B, KV, S, dh], values float[B, KV, dh, S]); lengths int[B] -> (float[B, T, H * dh],
-    updated (keys, values)). Each new token sees the row's filled slots ``[0, lengths[b])`` and the new tokens up
-    to its own; their keys/values are then written at slots ``lengths[b] ..``.
+    updated (keys, values)). Each new token sees the row's filled slots ``[0, lengths[b])`` and the
+    new tokens up to its own; their keys/values are then written at slots ``lengths[b] ..``.
 
     The attention reads the cache as it came in and the new keys/values as they are, one softmax
     over both, and only then writes the new keys/values: so the written cache has no other use and
     XLA writes it in place. Attending over the written cache made XLA copy each layer's keys and
     values two to four times per decoded token at batch 1 (it duplicated the write into the
-    matmul's operand), a third of GPT-2's batch-1 decode step.
+    matmul's operand): about a third of GPT-2's batch-1 decode step.
     """
     b, t, h, dh = q.shape
     cache_k, cache_v = layer_cache
