@@ -107,6 +107,23 @@ def test_compile_suite_fills_a_new_cache_cold_and_reuses_it_warm(tmp_path):
     assert "gpt2/tiny" in out["compile"]["table"]
 
 
+def test_profile_suite_sums_xla_operations_of_a_step_and_a_token(tmp_path):
+    """The rows of each workload are XLA operation kinds whose shares add up to 100 %, costliest
+    first, and the top single operations of the train step name their JAX source op."""
+    out = main(["profile", "--quick", "--new-tokens", "8", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "profile.json").read_text())
+    assert saved["rows"] == out["profile"]["rows"]
+    assert {(r["case"], r["what"]) for r in saved["rows"]} == {("gpt2/tiny", "train step"), ("gpt2/tiny", "decode b1")}
+    for what in ("train step", "decode b1"):
+        rows = [r for r in saved["rows"] if r["what"] == what]
+        assert sum(r["share"] for r in rows) == pytest.approx(100.0)
+        kinds = [r for r in rows if not r["op"].endswith("other kinds")]
+        assert [r["ms"] for r in kinds] == sorted((r["ms"] for r in kinds), reverse=True)
+        assert all(positive(r["ms"]) and r["calls"] > 0 for r in rows)
+    assert any("dot" in r["op"] or "ynn" in r["op"] for r in saved["rows"])  # the matmuls are there
+    assert any("train_step" in t["source"] for t in saved["top_ops"] if t["what"] == "train step")
+
+
 def test_train_case_of_a_language_model():
     from jaxllm.torch_ref import transformer as t_transformer
 

@@ -1,4 +1,4 @@
-"""``jaxllm bench [train] [generate] [rnn] [parallel] [compile] [flags]``: print tables, write JSON.
+"""``jaxllm bench [train] [generate] [rnn] [parallel] [compile] [profile] [flags]``: print tables, write JSON.
 
 Each suite prints a table and writes ``<out>/<suite>.json`` (default ``runs/bench/``) holding
 the machine (cores, CPU, load, torch and XLA threads and flags, versions), the settings and
@@ -11,7 +11,9 @@ data-parallel row beside the single-device one; ``--host-devices 1`` turns that 
 ``--gpu-preset`` (``train``/``generate`` on a GPU) benchmarks GPT-2 124M in bfloat16 and reports
 model-FLOPs utilisation against ``--peak-tflops`` (known for H100/H200 SXM: 989 bf16 dense).
 ``compile`` times a new process's first training step with an empty persistent compilation
-cache (cold) and again in a second process that finds it filled (warm).
+cache (cold) and again in a second process that finds it filled (warm). ``profile`` sums XLA's
+CPU operation events of training steps and decoded tokens by operation kind (matmuls, copies,
+fusions), so a slow case shows where its time goes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import sys
 import time
 
-SUITES = ("train", "generate", "rnn", "parallel", "compile")
+SUITES = ("train", "generate", "rnn", "parallel", "compile", "profile")
 DEFAULT_SUITES = ("train", "generate", "rnn")
 
 
