@@ -62,25 +62,14 @@ def _entries(directory: str) -> int:
 
 def measure(family: str, size: str) -> dict[str, Any]:
     """In this (fresh) process: the first and later train steps of the case, with the cache on."""
-    import jax
     import numpy as np
 
     from jaxllm import compile_cache
-    from jaxllm.bench.models import jax_loss_fn, make_case
-    from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
+    from jaxllm.bench.models import jax_training, make_case
 
     directory = compile_cache.enable()
     before = _entries(directory) if directory else 0
-    case = make_case(family, size)
-    optimizer = make_optimizer(OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01))
-    box = {"state": TrainState.create(case.config.init(jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(0))}
-    step = make_train_step(jax_loss_fn(case), optimizer)
-    batch = jax.device_put(case.batch)
-
-    def one_step():
-        box["state"], metrics = step(box["state"], batch)
-        jax.block_until_ready(metrics["loss"])
-
+    one_step, _ = jax_training(make_case(family, size))
     first = common.first_call(one_step)
     median = float(np.median([common.timed_call(one_step)[0] for _ in range(STEPS_AFTER_FIRST)]))
     return {"first_step_s": first, "median_step_s": median, "overhead_s": first - median,

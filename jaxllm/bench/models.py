@@ -195,6 +195,26 @@ def jax_loss_fn(case: Case):
     return LOSSES[case.loss](case.config.apply)
 
 
+def jax_training(case: Case):
+    """``(one_step, compiled_hlo)`` for the case in JAX from its own fresh init: ``one_step()`` runs
+    one jitted AdamW step (lr 1e-3, weight decay 0.01), carrying the state to the next call, and
+    waits for its loss; ``compiled_hlo()`` is that step's optimised HLO text."""
+    import jax
+
+    from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
+
+    optimizer = make_optimizer(OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01))
+    box = {"state": TrainState.create(case.config.init(jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(0))}
+    step = make_train_step(jax_loss_fn(case), optimizer)
+    batch = jax.device_put(case.batch)
+
+    def one_step():
+        box["state"], metrics = step(box["state"], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    return one_step, lambda: step.lower(box["state"], batch).compile().as_text()
+
+
 def torch_loss_fn(case: Case):
     """``loss(twin, batch_tensors) -> scalar tensor``, the same loss as ``jax_loss_fn``."""
     import torch

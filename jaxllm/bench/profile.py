@@ -70,20 +70,10 @@ def _workloads(family, size, opts):
     import jax
 
     from jaxllm import generate as gen
-    from jaxllm.bench.models import config_a, config_b, jax_loss_fn, make_case
-    from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
+    from jaxllm.bench.models import config_a, config_b, jax_training, make_case
 
-    case = make_case(family, size)
-    optimizer = make_optimizer(OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01))
-    box = {"state": TrainState.create(case.config.init(jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(0))}
-    step = make_train_step(jax_loss_fn(case), optimizer)
-    batch = jax.device_put(case.batch)
-
-    def train():
-        box["state"], metrics = step(box["state"], batch)
-        jax.block_until_ready(metrics["loss"])
-
-    work = {"train step": (train, 1, lambda: step.lower(box["state"], batch).compile().as_text())}
+    train, train_hlo = jax_training(make_case(family, size))
+    work = {"train step": (train, 1, train_hlo)}
     config = (config_a if size in ("tiny", "A") else config_b)(family)[0]
     params = config.init(jax.random.PRNGKey(0))
     width = opts.prompt_tokens + opts.new_tokens
