@@ -1,15 +1,16 @@
 """``profile`` suite: where a training step's and a decoded token's time goes, by XLA operation.
 
 Per transformer case (``--families decoder,gpt2``, ``--sizes tiny,small``: the ``train`` suite's
-configs A and B) it runs, under ``jax.profiler.trace``, ``--rounds`` one-device training steps
-and one ``generate`` call per ``--batches`` size (a ``--prompt-tokens`` prompt continued by
-``--new-tokens``), after one untimed call of each. XLA's CPU runtime records one event per
-executed operation (named by the HLO instruction, loop bodies included); the events are read
-back from the Perfetto trace and summed by operation kind, the name without its number (``ynn_fusion.12`` counts as
-``ynn_fusion``: YNNPACK's matmuls; ``dot``: XLA's own; ``copy``/``transpose`` fusions: layout
-changes). Rows give ms per step or per new token and the share of the summed operation time
-(operations on the two cores can overlap, so the sum may exceed the wall time). ``top`` lists
-the costliest single operations with the source op they came from (the HLO's ``op_name``).
+configs A and B) it runs, under ``jax.profiler.trace``, a one-device training step and a
+``generate`` call per ``--batches`` size (a ``--prompt-tokens`` prompt continued by
+``--new-tokens``), each ``--rounds`` times after one untimed call. XLA's CPU runtime records one
+event per executed operation (named by the HLO instruction, loop bodies included); the events
+are read back from the Perfetto trace and summed by operation kind, the name without its number
+(``ynn_fusion.12`` counts as ``ynn_fusion``: YNNPACK's matmuls; ``dot``: XLA's own; ``copy`` and
+``transpose`` fusions: layout changes). Rows give ms per step or per new token and the share of
+the summed operation time (operations on the two cores can overlap, so the sum may exceed the
+wall time). ``top_ops`` lists the costliest single operations with the JAX op each came from
+(the HLO's ``op_name``).
 """
 
 from __future__ import annotations
