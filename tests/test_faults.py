@@ -94,8 +94,10 @@ def test_a_full_disk_is_one_error_line_and_keeps_the_earlier_checkpoints(load_sc
     unlock_run_dir(tmp_path)  # as when that run's process ends
     checkpoint = tmp_path / "checkpoints" / "2"
     sizes = {p: os.path.getsize(p) for p in checkpoint.rglob("*") if p.is_file()}
-    limit = max(sizes.values()) // 2  # the checkpoint cannot be written, the metrics can (the plot may not)
-    assert limit > 4 * os.path.getsize(tmp_path / "metrics.jsonl")
+    # the metrics and summary can be written (the plot may not), the checkpoint cannot: half its
+    # largest file was not enough, as orbax splits its data into more, smaller files under load
+    limit = 8 * os.path.getsize(tmp_path / "metrics.jsonl")
+    assert limit < max(sizes.values()) // 2
     proc = script("cnn", *args, "--steps", "4", "--resume", file_size_limit=limit)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err
@@ -149,7 +151,7 @@ def test_a_full_disk_under_the_metrics_log_names_the_file(tmp_path):
 
 
 def test_abandoned_orbax_writes_are_not_logged_after_the_error(tmp_path):
-    """asyncio logs "Task exception was never retrieved" (a traceback each) for orbax's write tasks
+    """asyncio logs "Task (or Future) exception was never retrieved" (a traceback each) for orbax's writes
     of a failed save when Python happens to collect them: those records are dropped, others kept."""
     import logging
 
@@ -163,5 +165,8 @@ def test_abandoned_orbax_writes_are_not_logged_after_the_error(tmp_path):
     orbax_task = ("Task exception was never retrieved\nfuture: <Task finished name='Task-163' coro=<async_serialize_"
                   "from_host.<locals>.write_fragment() done, defined at /x/orbax/checkpoint/_src/serialization.py:188>")
     assert not passes(orbax_task)
+    orbax_future = ("Future exception was never retrieved\nfuture: <Future finished exception=ValueError("
+                    "'OUT_OF_RANGE: Error writing \"w/0.0\" in OCDBT database at \"/x/4.orbax-checkpoint-tmp/d\"')>")
+    assert not passes(orbax_future)
     assert passes("Task exception was never retrieved\nfuture: <Task finished coro=<mine() done, defined at /x/app.py:1>")
     assert passes("Executing <Task pending> took 0.2 seconds")

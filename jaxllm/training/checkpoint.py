@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from typing import Any
 
 import jax
@@ -139,11 +140,15 @@ class Checkpointer:
         meta = {"step": step, "data": data_state or {}, "config": self.config}
         try:
             with _quiet_orbax():
-                self._save(step, state, meta)
-            if jax.process_index() == 0:  # the step has committed on every process: record its files
-                self._write_checksums(step)
+                try:
+                    self._save(step, state, meta)
+                    if jax.process_index() == 0:  # the step has committed on every process: record its files
+                        self._write_checksums(step)
+                except Exception:
+                    # still quiet: orbax's other write tasks keep failing, and logging, while this cleans up
+                    self._remove_partial(step)
+                    raise
         except Exception as exc:
-            self._remove_partial(step)
             cause = _root_cause(exc)
             raise CheckpointWriteError(f"cannot write checkpoint step {step} to {self.directory}: {cause}") from exc
         return step
@@ -167,8 +172,18 @@ class Checkpointer:
     def _remove_partial(self, step: int) -> None:
         """Remove what a failed save of ``step`` left: orbax's temporary directory, and the step
         itself if it committed but its checksums could not be written."""
-        for tmp in glob.glob(os.path.join(self.directory, f"{step}{ORBAX_TMP_SUFFIX}*")):
-            shutil.rmtree(tmp, ignore_errors=True)
+        # orbax's other write tasks of this step may still be running (the first error ended the
+        # save, not them) and create directories in its temporary one after a removal: remove it
+        # until it has stayed away for a moment (at most ~2 s, on this error path only)
+        quiet_checks = 0
+        for _ in range(40):
+            leftovers = glob.glob(os.path.join(self.directory, f"{step}{ORBAX_TMP_SUFFIX}*"))
+            for tmp in leftovers:
+                shutil.rmtree(tmp, ignore_errors=True)
+            quiet_checks = 0 if leftovers else quiet_checks + 1
+            if quiet_checks == 3:
+                break
+            time.sleep(0.05)
         step_dir = self.step_dir(step)
         if os.path.isdir(step_dir) and not os.path.exists(os.path.join(step_dir, CHECKSUMS)):
             shutil.rmtree(step_dir, ignore_errors=True)
@@ -324,7 +339,7 @@ def _ignore_abandoned_orbax_callbacks() -> None:
     previous = sys.unraisablehook
     if getattr(previous, "_drops_closed_loop_callbacks", False):
         return
-    # the same abandoned writes, when Python collects their tasks, log "Task exception was never
+    # the same abandoned writes, when Python collects their tasks, log "Task (or Future) exception was never
     # retrieved" through asyncio's logger (a traceback each, sometimes: it depends on when they are collected)
     logging.getLogger("asyncio").addFilter(_AbandonedOrbaxWrites())
 
@@ -338,9 +353,9 @@ def _ignore_abandoned_orbax_callbacks() -> None:
 
 
 class _AbandonedOrbaxWrites(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" records of orbax's own write tasks
+    """Drops asyncio's "Task/Future exception was never retrieved" records of orbax's own writes
     (their error was already raised as a ``CheckpointWriteError``); every other record passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        return not ("Task exception was never retrieved" in text and "orbax" in text)
+        return not (re.match(r"(Task|Future) exception was never retrieved", text) and "orbax" in text)
