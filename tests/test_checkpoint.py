@@ -1,7 +1,9 @@
 """Checkpoints round-trip exactly; corrupt or mismatched ones are refused with a clear message."""
 
+import gc
 import json
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -155,6 +157,35 @@ def test_failed_save_leaves_the_good_checkpoint_and_no_partial_files(tmp_path, m
         restored, _ = ckpt.restore(make_state(step=0))
     for a, b in zip(jax.tree_util.tree_leaves(good), jax.tree_util.tree_leaves(restored)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_failed_save_silences_the_commits_it_abandoned_and_nothing_before(tmp_path, monkeypatch):
+    """orbax cancels a failed step's other commit threads; one cancelled before it started leaves its
+    coroutine never awaited, and Python warned about it at exit, after the error line."""
+
+    async def commit():  # stands for orbax's commit coroutine
+        pass
+
+    def collect_warnings_of(coroutine) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            del coroutine[:]
+            gc.collect()
+        return [str(w.message) for w in caught if "never awaited" in str(w.message)]
+
+    with warnings.catch_warnings():  # the filter the failure installs ends with this test
+        warnings.simplefilter("always")
+        assert collect_warnings_of([commit()]) == [f"coroutine '{commit.__qualname__}' was never awaited"]
+        abandoned = []
+
+        def fail(step, *args, **kwargs):
+            abandoned.append(commit())  # created for the save, never started
+            raise OSError(28, "No space left on device")
+
+        with Checkpointer(tmp_path) as ckpt:
+            monkeypatch.setattr(ckpt.manager, "save", fail)
+            with pytest.raises(CheckpointWriteError):
+                ckpt.save(make_state(step=4))
+        assert len(abandoned) == 1 and collect_warnings_of(abandoned) == []
 
 
 def test_checkpoint_directory_that_is_a_file_is_refused(tmp_path):

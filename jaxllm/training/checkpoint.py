@@ -24,6 +24,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -147,6 +148,7 @@ class Checkpointer:
                 except Exception:
                     # still quiet: orbax's other write tasks keep failing, and logging, while this cleans up
                     self._remove_partial(step)
+                    _ignore_unstarted_orbax_commits()
                     raise
         except Exception as exc:
             cause = _root_cause(exc)
@@ -350,6 +352,14 @@ def _ignore_abandoned_orbax_callbacks() -> None:
 
     hook._drops_closed_loop_callbacks = True
     sys.unraisablehook = hook
+
+
+def _ignore_unstarted_orbax_commits() -> None:
+    """After a failed save, orbax cancels the step's other commit threads; one cancelled before it
+    started never awaits its coroutine, and Python warns "coroutine '...' was never awaited" (plus a
+    tracemalloc hint) whenever it collects it -- often at exit, after the error line. jaxllm has no
+    coroutines of its own, so from here on every such warning is one of those abandoned commits."""
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
 
 
 class _AbandonedOrbaxWrites(logging.Filter):
