@@ -49,6 +49,7 @@ from jaxllm.config import register
 from jaxllm.models.lm import LanguageModelConfig, embed_without_pad_gradient, run_blocks
 from jaxllm.nn.attention import ROPE, KVCache, SelfAttention
 from jaxllm.nn.init import torch_bias_init, torch_kernel_init
+from jaxllm.nn.matmul import matmul
 from jaxllm.nn.mlp import ACTIVATIONS, FeedForward
 from jaxllm.nn.norms import RMSNorm
 from jaxllm.validate import check_concrete_token_ids, check_token_batch
@@ -392,8 +393,8 @@ class Transformer(nn.Module):
             return x @ embedding.embedding.T, cache
         if cfg.num_classes is not None:  # a new Linear(d_model, classes) head, torch's default init
             output = self.param("output", torch_kernel_init, (cfg.d_model, cfg.num_classes))
-            return x @ output + self.param("output_bias", torch_bias_init(cfg.d_model), (cfg.num_classes,)), cache
-        return x @ self.param("output", xavier_uniform, (cfg.d_model, cfg.vocab_size)), cache
+            return matmul(x, output) + self.param("output_bias", torch_bias_init(cfg.d_model), (cfg.num_classes,)), cache
+        return matmul(x, self.param("output", xavier_uniform, (cfg.d_model, cfg.vocab_size))), cache
 
 
 def xavier_bound(fan_in: int, fan_out: int) -> float:

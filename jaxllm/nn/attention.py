@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.nn.init import torch_dense
+from jaxllm.nn.matmul import matmul
 from jaxllm.nn.rope import rope_angles, rope_interleaved, rope_rotate_half
 
 xavier_uniform = nn.initializers.xavier_uniform()
@@ -336,4 +337,4 @@ class SelfAttention(nn.Module):
             w_k = self.param("W_K", xavier_uniform, (d, kv * dh))
             w_v = self.param("W_V", xavier_uniform, (d, kv * dh))
         w_o = self.param("W_O", xavier_uniform, (h * dh, d))
-        return x @ w_q, x @ w_k, x @ w_v, lambda out: out @ w_o
+        return matmul(x, w_q), matmul(x, w_k), matmul(x, w_v), lambda out: matmul(out, w_o)

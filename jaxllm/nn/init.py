@@ -33,11 +33,14 @@ def torch_dense(features: int, fan_in: int, *, name: str, use_bias: bool = True)
     """A ``flax.linen.Dense`` initialised like ``torch.nn.Linear(fan_in, features)``."""
     import flax.linen as nn
 
+    from jaxllm.nn.matmul import dense_dot_general
+
     return nn.Dense(
         features,
         use_bias=use_bias,
         kernel_init=torch_kernel_init,
         bias_init=torch_bias_init(fan_in),
+        dot_general=dense_dot_general,  # the same product, with a weight gradient XLA need not transpose
         name=name,
     )
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from jaxllm.nn.matmul import matmul
+
 xavier_uniform = nn.initializers.xavier_uniform()
 
 ACTIVATIONS = ("relu", "swiglu")
@@ -32,7 +34,7 @@ class FeedForward(nn.Module):
         d = x.shape[-1]
 
         def linear(w_name, b_name, fan_in, fan_out, inp):
-            out = inp @ self.param(w_name, xavier_uniform, (fan_in, fan_out))
+            out = matmul(inp, self.param(w_name, xavier_uniform, (fan_in, fan_out)))
             if self.use_bias:
                 out = out + self.param(b_name, nn.initializers.zeros, (fan_out,))
             return out
