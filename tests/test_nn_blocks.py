@@ -163,3 +163,25 @@ def test_dense_dot_general_takes_other_contractions_to_lax():
     a, b = jnp.arange(6.0).reshape(2, 3), jnp.arange(12.0).reshape(3, 4)
     np.testing.assert_array_equal(dense_dot_general(a, b, (((1,), (0,)), ((), ()))), a @ b)
     np.testing.assert_array_equal(dense_dot_general(b, a, (((0,), (1,)), ((), ()))), b.T @ a.T)
+
+
+def test_rope_tables_from_numpy_positions_match_the_traced_ones():
+    positions = np.arange(40, dtype=np.int32)[None, :]
+    tables, traced = rope_angles(positions, 16), rope_angles(jnp.asarray(positions), 16)
+    assert all(isinstance(a, np.ndarray) for a in tables)
+    for a, b in zip(tables, traced):
+        assert_close(a, b, OUTPUT, err_msg="numpy vs XLA cos/sin")
+
+
+def test_a_training_step_computes_no_rope_cos_or_sin():
+    """Without a cache the decoder's RoPE tables are numpy constants: XLA fused a traced cos/sin
+    into every use (each head, Q and K, forward and backward): RoPE took 74 ms of a config-B
+    step's operations on 2 Xeon cores, 20 ms with the tables."""
+    from jaxllm.models.transformer import TransformerConfig
+
+    config = TransformerConfig(vocab_size=32, d_model=32, num_heads=4, num_layers=2)
+    params = config.init(jax.random.PRNGKey(0))
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    loss = lambda p: jnp.sum(config.logits(p, tokens))
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    assert not re.findall(r" (?:cosine|sine)\(", hlo)

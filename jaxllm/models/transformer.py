@@ -381,9 +381,11 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.check(layers=cfg.num_layers, batch=batch, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
                         new_tokens=t)
-        if positions is None:
-            offset = jnp.zeros((batch, 1), jnp.int32) if cache is None else cache.lengths[:, None]
-            positions = offset + jnp.arange(t, dtype=jnp.int32)[None, :]
+        if positions is None and cache is None:
+            # numpy: known when tracing, so RoPE's cos/sin are computed once, not in every fused use
+            positions = np.arange(t, dtype=np.int32)[None, :]
+        elif positions is None:
+            positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
         block = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock  # same param names
         x, cache = run_blocks(lambda i: block(cfg, name=f"layers_{i}"), cfg.num_layers, x, positions, cache=cache)
