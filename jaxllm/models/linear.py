@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig, register
 from jaxllm.nn.init import torch_bias_init, torch_dense, torch_kernel_init
+from jaxllm.nn.matmul import matmul
 from jaxllm.validate import check_features
 
 # Burkov ch. 1: (age, income) -> will buy. Raw features, exactly as printed in the book.
@@ -52,7 +53,7 @@ class LinearRegression(nn.Module):
         n_in, n_out = self.config.num_inputs, self.config.num_outputs
         kernel = self.param("kernel", torch_kernel_init, (n_in, n_out))
         bias = self.param("bias", torch_bias_init(n_in), (n_out,))
-        return x @ kernel + bias
+        return matmul(x, kernel) + bias
 
 
 @register

@@ -84,6 +84,11 @@ class KVCache:
     def num_layers(self) -> int:
         return len(self.keys)
 
+    def first_slots(self, slots: int) -> "KVCache":
+        """The cache cut to its first ``slots`` slots (same lengths)."""
+        return self.replace(keys=tuple(k[:, :, :slots] for k in self.keys),
+                            values=tuple(v[..., :slots] for v in self.values))
+
     def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
         return self.keys[i], self.values[i]
 
