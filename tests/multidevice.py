@@ -265,17 +265,9 @@ def results(devices: int = 4) -> tuple[dict, dict]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(os.path.join(out, "results.json")):
             env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-            for attempt in (1, 2):
-                shutil.rmtree(out, ignore_errors=True)  # a failed attempt's runs would refuse to start over
-                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--devices", str(devices),
-                                       "--out", out], capture_output=True, text=True, env=env, timeout=1800)
-                # XLA's in-process all-reduce over forced host devices can hang on a loaded 2-core
-                # machine (one device thread never joins; the rendezvous aborts the process after
-                # 40 s, seen once in ~10 suite runs): that, and only that, is run once more
-                if proc.returncode == 0 or "Termination timeout for `all" not in proc.stderr:
-                    break
-                print(f"tests/multidevice.py: XLA's all-reduce rendezvous timed out (attempt {attempt})",
-                      file=sys.stderr)
+            shutil.rmtree(out, ignore_errors=True)
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--devices", str(devices),
+                                   "--out", out], capture_output=True, text=True, env=env, timeout=1800)
             if proc.returncode:
                 raise RuntimeError(f"tests/multidevice.py failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
     with np.load(os.path.join(out, "results.npz")) as npz:

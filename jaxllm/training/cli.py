@@ -166,9 +166,7 @@ class ArgumentParser(argparse.ArgumentParser):
         if hasattr(parsed, "cpu_devices"):  # a job with --parallel: its CPU devices, before JAX starts
             from jaxllm import cpu_devices
 
-            # muon on several CPU devices hung twice in XLA's in-process all-reduce (README): one device
-            per_core = parsed.split_cpu and getattr(parsed, "optimizer", None) != "muon"
-            cpu_devices.request(parsed.cpu_devices, per_core=per_core)
+            cpu_devices.request(parsed.cpu_devices, per_core=parsed.split_cpu)
         if hasattr(parsed, "num_processes"):  # a training job: join a multi-host run, before JAX starts
             distributed.initialize_from_args(parsed)
         return parsed, rest

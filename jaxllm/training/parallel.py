@@ -24,6 +24,7 @@ differ in per-device code: each device folds its index into the key).
 
 from __future__ import annotations
 
+import collections
 from typing import Callable, Sequence
 
 import jax
@@ -35,6 +36,14 @@ from jaxllm.training.step import batch_rows, make_eval_step, make_train_step
 
 STRATEGIES = ("single", "sharded", "fsdp", "shard_map", "pmap")
 DATA_AXIS = "data"
+
+# XLA's CPU client gives each device 32 slots for computations in flight, and launches the
+# devices' parts of a step from a thread pool, in no fixed order. With 33 or more steps queued,
+# later steps can take all of one device's slots (each waiting for the step before it) while the
+# earliest step still waits for a slot there -- and the other device waits for it in the
+# all-reduce: a deadlock, which XLA's rendezvous timeout turns into an abort. Several CPU devices
+# of one process therefore dispatch a step only once the step before the previous one has finished.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 def make_strategy(name: str | None = None, *, devices: Sequence | None = None) -> "Strategy":
@@ -63,17 +72,29 @@ class Step:
     """A strategy's train or eval step: checks and places the host batch, then runs ``jitted``.
 
     ``prepare(batch)`` gives what ``jitted`` takes (for ``jitted.lower``); ``lower(*args)``
-    lowers with a prepared batch (memory analysis)."""
+    lowers with a prepared batch (memory analysis). ``train``: the output is ``(state,
+    metrics)``, the state donated to the next call. On several CPU devices of one process at most
+    ``MAX_STEPS_IN_FLIGHT`` calls run at once (see there)."""
 
-    def __init__(self, strategy: "Strategy", jitted: Callable, accum_steps: int, finish: Callable | None = None):
+    def __init__(self, strategy: "Strategy", jitted: Callable, accum_steps: int, finish: Callable | None = None,
+                 *, train: bool):
         self.strategy, self.jitted, self.accum_steps, self._finish = strategy, jitted, accum_steps, finish
+        self._train = train
+        self._in_flight = collections.deque() if strategy.in_process_collectives else None
 
     def prepare(self, batch):
         return self.strategy.place_batch(batch, self.accum_steps)
 
     def __call__(self, state_or_params, batch):
+        if self._in_flight is not None:
+            while len(self._in_flight) >= MAX_STEPS_IN_FLIGHT:
+                jax.block_until_ready(self._in_flight.popleft())
         out = self.jitted(state_or_params, self.prepare(batch))
-        return self._finish(out) if self._finish else out
+        out = self._finish(out) if self._finish else out
+        if self._in_flight is not None:
+            # the metrics finish with the step; the state is donated to the next call, so not it
+            self._in_flight.append(out[1] if self._train else out)
+        return out
 
     def lower(self, state_or_params, batch):
         return self.jitted.lower(state_or_params, self.prepare(batch))
@@ -94,6 +115,12 @@ class Strategy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, num_devices={self.num_devices})"
+
+    @property
+    def in_process_collectives(self) -> bool:
+        """Whether several of this process's CPU devices take part (``MAX_STEPS_IN_FLIGHT``)."""
+        local = [d for d in self.devices if d.process_index == jax.process_index()]
+        return len(local) > 1 and local[0].platform == "cpu"
 
     # -- batches -------------------------------------------------------------------------
     def check_batch(self, batch, accum_steps: int = 1) -> int:
@@ -155,7 +182,7 @@ class SingleDevice(Strategy):
         if accum_steps == 1:  # the default path stays exactly make_train_step (benchmarked)
             jitted.strategy = self
             return jitted
-        return Step(self, jitted, accum_steps)
+        return Step(self, jitted, accum_steps, train=True)
 
     def eval_step(self, loss_fn):
         return make_eval_step(loss_fn)
@@ -208,10 +235,10 @@ class MeshStrategy(Strategy):
             # keep the layout place() chose (XLA could pick another for the outputs)
             return jax.lax.with_sharding_constraint(state, self.state_shardings(state)), metrics
 
-        return Step(self, jax.jit(step, donate_argnums=0), accum_steps)
+        return Step(self, jax.jit(step, donate_argnums=0), accum_steps, train=True)
 
     def eval_step(self, loss_fn):
-        return Step(self, make_eval_step(loss_fn), 1)
+        return Step(self, make_eval_step(loss_fn), 1, train=False)
 
 
 class ShardMapStrategy(MeshStrategy):
@@ -228,11 +255,11 @@ class ShardMapStrategy(MeshStrategy):
 
     def train_step(self, loss_fn, optimizer, *, accum_steps: int = 1):
         body = make_train_step(loss_fn, optimizer, jit=False, accum_steps=accum_steps, axis_name=DATA_AXIS)
-        return Step(self, jax.jit(self._per_device(body), donate_argnums=0), accum_steps)
+        return Step(self, jax.jit(self._per_device(body), donate_argnums=0), accum_steps, train=True)
 
     def eval_step(self, loss_fn):
         body = make_eval_step(loss_fn, jit=False, axis_name=DATA_AXIS)
-        return Step(self, jax.jit(self._per_device(body)), 1)
+        return Step(self, jax.jit(self._per_device(body)), 1, train=False)
 
 
 class PmapStrategy(Strategy):
@@ -263,11 +290,11 @@ class PmapStrategy(Strategy):
     def train_step(self, loss_fn, optimizer, *, accum_steps: int = 1):
         body = make_train_step(loss_fn, optimizer, jit=False, accum_steps=accum_steps, axis_name=DATA_AXIS)
         pmapped = jax.pmap(body, axis_name=DATA_AXIS, devices=self.devices, donate_argnums=0)
-        return Step(self, pmapped, accum_steps, finish=lambda out: (out[0], _first(out[1])))
+        return Step(self, pmapped, accum_steps, finish=lambda out: (out[0], _first(out[1])), train=True)
 
     def eval_step(self, loss_fn):
         body = make_eval_step(loss_fn, jit=False, axis_name=DATA_AXIS)
-        return Step(self, jax.pmap(body, axis_name=DATA_AXIS, devices=self.devices), 1, finish=_first)
+        return Step(self, jax.pmap(body, axis_name=DATA_AXIS, devices=self.devices), 1, finish=_first, train=False)
 
 
 def _first(tree):
