@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT
 from jaxllm.models.linear import LinearConfig
 from jaxllm.training import Checkpointer, OptimizerConfig, TrainingDiverged, TrainState, make_optimizer
-from jaxllm.training.run_lock import unlock_run_dir
+from jaxllm.runio import unlock_run_dir
 
 FAST = ["--no-progress"]
 

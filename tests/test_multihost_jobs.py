@@ -171,7 +171,7 @@ def test_a_run_stopped_as_2x2_resumes_as_1x4_and_ends_equal(runs):
 def test_an_error_on_one_process_ends_every_process_at_once(tmp_path):
     """Process 0 alone refuses a --out that another run holds; the other process must not wait in
     JAX's shutdown barrier (minutes) for it: both end within seconds."""
-    from jaxllm.training.run_lock import lock_run_dir, unlock_run_dir
+    from jaxllm.runio import lock_run_dir, unlock_run_dir
 
     (tmp_path / "corpus.txt").write_text(TEXT[:5000])
     out = tmp_path / "busy"

@@ -9,7 +9,7 @@ import yaml
 
 from jaxllm.training import cli, run_flags
 from jaxllm.training.optim import OPTIMIZERS
-from jaxllm.training.run_lock import unlock_run_dir
+from jaxllm.runio import unlock_run_dir
 
 FAST = ["--no-progress"]
 

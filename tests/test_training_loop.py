@@ -16,7 +16,7 @@ from jaxllm.training import (Checkpointer, OptimizerConfig, TrainingDiverged, Tr
                              make_optimizer, make_train_step)
 from jaxllm.training.loop import TrainingInterrupted
 from jaxllm.training.losses import softmax_cross_entropy
-from jaxllm.training.run_lock import RunDirectoryBusy
+from jaxllm.runio import RunDirectoryBusy
 
 CONFIG = MLPConfig(num_inputs=4, num_outputs=3, hidden=(8,))
 OPT = OptimizerConfig("adamw", lr=1e-2, weight_decay=0.1, schedule="warmup_cosine", warmup_steps=3, total_steps=20)
@@ -322,7 +322,7 @@ def test_resume_skips_a_damaged_step_and_sets_it_aside(tmp_path, capsys):
 
 HOLD_LOCK = """
 import sys, time
-from jaxllm.training.run_lock import lock_run_dir
+from jaxllm.runio import lock_run_dir
 lock_run_dir(sys.argv[1])
 print("locked", flush=True)
 time.sleep(60)

@@ -228,7 +228,7 @@ def prepare_tokens(text_files: list[str] | None, out_dir: str | os.PathLike, *, 
                         ("read_bytes", read_bytes)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    from jaxllm.training.run_lock import is_first_process
+    from jaxllm.runio import is_first_process
 
     if not is_first_process():  # save_encoding writes on process 0 only: this directory would lack its tokenizer
         raise ValueError("prepare the token directory in one process, not as a process other than 0 of a multi-host "

@@ -219,7 +219,7 @@ def save_encoding(enc: tiktoken.Encoding, path: str | os.PathLike) -> None:
     Written to a temporary file and renamed, so a failed save never leaves half a file; by process
     0 only in a multi-host run (``write_atomically``).
     """
-    from jaxllm.training.metrics import write_atomically
+    from jaxllm.runio import write_atomically
 
     payload = _payload(enc)
     write_atomically(path, json.dumps({"format": ENCODING_FORMAT, **payload, "sha256": _checksum(payload)}))

@@ -48,9 +48,9 @@ from jaxllm.training.checkpoint import run_config
 from jaxllm.training.freeze import (count_params, freeze_optimizer, stop_frozen_gradients, trainable_mask,
                                    trainable_predicate)
 from jaxllm.training.losses import classification_loss, last_token_logits
-from jaxllm.training.metrics import update_json, write_json
+from jaxllm.runio import update_json, write_json
 from jaxllm.training.precision import mixed_precision
-from jaxllm.training.run_lock import is_first_process
+from jaxllm.runio import is_first_process
 
 # Measured on a Burkov-decoder base (lm.py's defaults, BPE 512) with the VADER snippets: see README.
 DEFAULT_LR = {"lora": 8e-4, "last_block": 3e-3, "head": 1e-3, "full": 5e-4}

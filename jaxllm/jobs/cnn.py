@@ -11,7 +11,7 @@ import os
 from jaxllm.data.tabular import digits8x8, mnist5k
 from jaxllm.models import cnn
 from jaxllm.training import cli
-from jaxllm.training.metrics import update_json
+from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
 
 DATASETS = {"mnist": (mnist5k, cnn.mnist), "digits": (digits8x8, cnn.digits8x8)}

@@ -41,7 +41,7 @@ from jaxllm.training import TrainState, cli, fit, make_optimizer
 from jaxllm.training.precision import mixed_precision
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.losses import lm_loss
-from jaxllm.training.metrics import update_json, write_atomically
+from jaxllm.runio import update_json, write_atomically
 
 
 def make_evaluate(config, batches):

@@ -16,7 +16,7 @@ from jaxllm.data.tabular import linear_toy
 from jaxllm.models.linear import LinearConfig
 from jaxllm.training import cli
 from jaxllm.training.by_hand import fit_by_hand
-from jaxllm.training.metrics import update_json
+from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
 
 

@@ -46,7 +46,7 @@ from jaxllm.training import TrainState, cli, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.lm_eval import eval_windows, lm_scores, window_nll
 from jaxllm.training.losses import lm_loss
-from jaxllm.training.metrics import update_json, write_atomically
+from jaxllm.runio import update_json, write_atomically
 from jaxllm.training.precision import mixed_precision
 
 ALL_PRESETS = tuple(dict.fromkeys(p for family in LANGUAGE_MODELS.values() for p in family.PRESETS))  # --preset's choices

@@ -14,7 +14,7 @@ from jaxllm.data.tabular import breast_cancer
 from jaxllm.models.linear import LogisticConfig
 from jaxllm.models.mlp import MLPConfig
 from jaxllm.training import cli
-from jaxllm.training.metrics import update_json
+from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
 
 

@@ -23,7 +23,7 @@ from jaxllm.training import TrainState, cli, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.lm_eval import lm_scores, streaming_nll
 from jaxllm.training.losses import lm_loss
-from jaxllm.training.metrics import update_json, write_atomically
+from jaxllm.runio import update_json, write_atomically
 
 
 def main(argv=None) -> dict:

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from jaxllm.training import distributed, run_flags
 from jaxllm.training.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from jaxllm.training.parallel import STRATEGIES, Strategy, make_strategy
-from jaxllm.training.run_lock import is_first_process, lock_run_dir
+from jaxllm.runio import is_first_process, lock_run_dir
 from jaxllm.training.tensorboard import event_files
 
 

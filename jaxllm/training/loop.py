@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 
 from jaxllm.training import distributed
 from jaxllm.training.checkpoint import Checkpointer
-from jaxllm.training.metrics import MetricsLog, plot_losses, update_json, write_json
+from jaxllm.training.metrics import MetricsLog, plot_losses
+from jaxllm.runio import update_json, write_json
 from jaxllm.training.optim import OptimizerConfig, make_schedule
 from jaxllm.training.run_flags import write_flags
-from jaxllm.training.run_lock import is_first_process, lock_run_dir, unlock_run_dir
+from jaxllm.runio import is_first_process, lock_run_dir, unlock_run_dir
 from jaxllm.training.state import TrainState
 from jaxllm.training.tensorboard import open_event_log
 
@@ -137,7 +138,7 @@ def fit(
 
     Writes ``out_dir/metrics.jsonl``, TensorBoard event files (``jaxllm.training.tensorboard``;
     process 0 only), ``summary.json``, ``loss.png`` and ``checkpoints/``, and holds ``out_dir``'s
-    run lock (``jaxllm.training.run_lock``): a second run there is refused. Train rows hold the
+    run lock (``jaxllm.runio``): a second run there is refused. Train rows hold the
     step's metrics (``loss``, ``grad_norm`` before clipping, the loss's aux), the learning rate
     ``lr`` the step trained with, when ``schedule`` (step -> lr, as optax counts steps from 0; default:
     the schedule of ``config["optimizer"]``, a run config's ``OptimizerConfig``) is known, and

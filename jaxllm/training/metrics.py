@@ -1,19 +1,18 @@
 """Metrics on disk: one JSON object per line in ``metrics.jsonl``, a ``summary.json``, a loss PNG.
 
 The processes of a multi-host run share its output directory: every writer here writes on process
-0 only (``run_lock.is_first_process``) and does nothing elsewhere, so a job writes its run files
-the same way on one process or many.
+0 only (``jaxllm.runio``) and does nothing elsewhere, so a job writes its run files the same way
+on one process or many.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 from typing import Any
 
-from jaxllm.training.run_lock import is_first_process
+from jaxllm.runio import is_first_process, naming_the_file
 
 
 class MetricsLog:
@@ -43,38 +42,6 @@ class MetricsLog:
         with open(self.path, "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-
-
-def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Write atomically: a reader never sees half a file."""
-    write_atomically(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
-
-
-def write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    if not is_first_process():
-        return
-    tmp = f"{os.fspath(path)}.tmp"
-    with naming_the_file(path):
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-@contextlib.contextmanager
-def naming_the_file(path):
-    """A failed write (disk full, quota, read-only) says which file: ``f.write`` raises an OSError
-    that names only the cause."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is not None:
-            raise
-        raise OSError(exc.errno, f"cannot write {os.fspath(path)}: {exc.strerror or exc}") from exc
 
 
 def _ema(values, alpha: float) -> list[float]:
@@ -119,14 +86,3 @@ def plot_losses(rows: list[dict[str, Any]], png_path: str | os.PathLike, *, titl
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
-
-
-def update_json(path: str | os.PathLike, fields: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``fields`` into the JSON object at ``path`` (created if missing); returns the result."""
-    data = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
-    data.update(fields)
-    write_json(path, data)
-    return data

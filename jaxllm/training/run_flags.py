@@ -41,7 +41,7 @@ def write_flags(out_dir: str | os.PathLike, flags: dict) -> None:
     """``<out_dir>/config.yaml``, atomically, on process 0 only (the processes share ``out_dir``)."""
     import yaml
 
-    from jaxllm.training.metrics import write_atomically
+    from jaxllm.runio import write_atomically
 
     text = yaml.safe_dump(flags, sort_keys=False, default_flow_style=False)
     write_atomically(os.path.join(out_dir, CONFIG_FILE),

@@ -1,16 +1,24 @@
-"""One run per output directory: an exclusive lock file, ``<out>/.lock``.
+"""The bottom of the package: how a run's files are written, and who may write them.
 
-The first process of a run takes an ``fcntl.flock`` on the file and writes who holds it (pid,
-host, start time, command); a second run on the same directory is refused at once with that
-holder named. The kernel drops the lock when the process exits, however it exits, so a killed
-run never leaves a stale lock. Only process 0 locks: the processes of one multi-host run share
-their output directory. Locks are per process and re-entrant (a script that locks its ``--out``
-and then calls ``fit`` on it holds one lock; ``fit`` releases a lock it took itself when it returns,
-the scripts keep theirs until they exit).
+* One run per output directory: ``lock_run_dir`` takes an exclusive lock file, ``<out>/.lock``.
+  The first process of a run takes an ``fcntl.flock`` on it and writes who holds it (pid, host,
+  start time, command); a second run on the same directory is refused at once with that holder
+  named. The kernel drops the lock when the process exits, however it exits, so a killed run never
+  leaves a stale lock. Only process 0 locks: the processes of one multi-host run share their output
+  directory. Locks are per process and re-entrant (a job that locks its ``--out`` and then calls
+  ``fit`` on it holds one lock; ``fit`` releases a lock it took itself when it returns, the jobs
+  keep theirs until they exit).
+* Atomic writes (``write_atomically``, ``write_json``, ``update_json``): a reader never sees half
+  a file, and a failed write names the file. They write on process 0 only
+  (``is_first_process``) and do nothing elsewhere, so a job writes its run files the same way on
+  one process or many.
+
+Every layer may import this module; it imports nothing of jaxllm.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -18,6 +26,7 @@ import os
 import socket
 import sys
 import uuid
+from typing import Any
 
 LOCK_FILE = ".lock"
 
@@ -105,3 +114,46 @@ def _read_holder(fd: int) -> str:
         return "holder unknown"
     return (f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}: "
             f"{info.get('command', '')}".rstrip(": "))
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write atomically: a reader never sees half a file."""
+    write_atomically(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    if not is_first_process():
+        return
+    tmp = f"{os.fspath(path)}.tmp"
+    with naming_the_file(path):
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+@contextlib.contextmanager
+def naming_the_file(path):
+    """A failed write (disk full, quota, read-only) says which file: ``f.write`` raises an OSError
+    that names only the cause."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, f"cannot write {os.fspath(path)}: {exc.strerror or exc}") from exc
+
+
+def update_json(path: str | os.PathLike, fields: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``fields`` into the JSON object at ``path`` (created if missing); returns the result."""
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data.update(fields)
+    write_json(path, data)
+    return data
