@@ -24,7 +24,7 @@ from jaxllm.nn import lora
 from jaxllm.torch_ref import gpt2 as t_gpt2
 from jaxllm.torch_ref import lora as t_lora
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
-from jaxllm.training.freeze import count_params, stop_frozen_gradients
+from jaxllm.training.freeze import count_params, lora_optimizer, stop_frozen_gradients
 from parity import GRAD, OUTPUT, TRAJECTORY, assert_close, run_both_trajectories
 
 pytestmark = pytest.mark.optimized  # parity: compiled as users run it (see conftest.py)
@@ -140,7 +140,7 @@ def test_ten_step_adamw_trajectory_trains_only_lora():
     start_jax = numpy_tree(params)
     start_torch = {k: v.clone() for k, v in t_gpt2.drop_masks(twin.state_dict()).items()}
 
-    optimizer = lora.lora_optimizer(make_optimizer(OptimizerConfig("adamw", lr=1e-3, weight_decay=0.1)), params)
+    optimizer = lora_optimizer(make_optimizer(OptimizerConfig("adamw", lr=1e-3, weight_decay=0.1)), params)
     loss_fn = stop_frozen_gradients(class_loss(LORA_LOGITS), lora.lora_mask(params))
     state = TrainState.create(params, optimizer, jax.random.PRNGKey(0))
     torch_opt = torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.1)
@@ -173,7 +173,7 @@ def test_gpt2_124m_classifier_count_and_optimizer_state():
     assert trainable == 2_666_528  # the book's figure (app. E)
     assert count_params(with_lora) == count_params(base) + trainable
 
-    optimizer = lora.lora_optimizer(optax.adamw(8e-4, weight_decay=0.1), with_lora)
+    optimizer = lora_optimizer(optax.adamw(8e-4, weight_decay=0.1), with_lora)
     opt_state = jax.eval_shape(optimizer.init, with_lora)
     leaves = jax.tree_util.tree_leaves(opt_state)
     arrays = [leaf for leaf in leaves if leaf.ndim > 0]
@@ -360,7 +360,7 @@ def test_decoder_raw_weight_adapters():
     assert all(float(jnp.abs(v).max()) == 0.0 for v in jax.tree_util.tree_leaves(lora.without_lora(grads)))
 
     # and the LoRA optimiser moves only LoRA leaves, whatever gradient the base weights get
-    optimizer = lora.lora_optimizer(optax.adamw(1e-2, weight_decay=0.1), params)
+    optimizer = lora_optimizer(optax.adamw(1e-2, weight_decay=0.1), params)
     ones = jax.tree_util.tree_map(jnp.ones_like, params)
     after = optax.apply_updates(params, optimizer.update(ones, optimizer.init(params), params)[0])
     jax.tree_util.tree_map(np.testing.assert_array_equal, lora.without_lora(after), base)
@@ -404,7 +404,7 @@ def test_bad_use():
     with pytest.raises(ValueError, match="already hold LoRA"):
         lora.add_lora(params, LORA, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="no LoRA weights"):
-        lora.lora_optimizer(optax.sgd(0.1), base)
+        lora_optimizer(optax.sgd(0.1), base)
     with pytest.raises(ValueError, match="un-jitted"):
         lora.apply_with_lora(jax.jit(CONFIG.logits), LORA)
     with pytest.raises(ValueError, match="raw weight has no twin name"):

@@ -24,8 +24,8 @@ classification head included; ``A ~ U(+-1/sqrt(r))``, torch's ``kaiming_uniform_
 the ``(in, r)`` tensor) and ``peft`` (targets chosen by regex; ``A ~ U(+-1/sqrt(in))``, as Hugging
 Face PEFT's ``lora_A`` Linear). Both: ``B = 0``, ``scale = alpha / r``.
 
-Training only the adapters: ``lora_optimizer(optimizer, params)`` (no optimiser state for frozen
-weights). Inference: ``merge`` folds the adapters into the base kernels, ``unmerge`` takes them
+Training only the adapters: ``jaxllm.training.freeze.lora_optimizer(optimizer, params)`` (no
+optimiser state for frozen weights). Inference: ``merge`` folds the adapters into the base kernels, ``unmerge`` takes them
 back out. Files: ``save_lora`` writes only the adapters (safetensors, the config in the metadata),
 ``load_lora`` puts them onto a base checkpoint's params.
 """
@@ -48,7 +48,7 @@ from flax import traverse_util
 from flax.linen.dtypes import promote_dtype
 
 
-__all__ = ["LoRAConfig", "raschka", "peft", "add_lora", "is_lora_path", "lora_mask", "lora_optimizer",
+__all__ = ["LoRAConfig", "raschka", "peft", "add_lora", "is_lora_path", "lora_mask",
            "apply_with_lora", "merge", "unmerge", "lora_state", "without_lora", "attach_lora",
            "save_lora", "load_lora", "INITS"]
 
@@ -208,25 +208,13 @@ def add_lora(params, cfg: LoRAConfig, key) -> dict:
 
 
 def _path_str(path) -> str:
-    """A jax key path -> ``"trf_blocks_0/att/W_query/kernel"`` (= ``training.freeze.path_str``;
-    not imported from there, so that ``nn`` does not depend on ``training``)."""
+    """A jax key path -> ``"trf_blocks_0/att/W_query/kernel"``."""
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def lora_mask(params):
     """pytree of bool shaped like ``params``: True exactly on the LoRA leaves."""
     return jax.tree_util.tree_map_with_path(lambda path, _: is_lora_path(_path_str(path)), params)
-
-
-def lora_optimizer(optimizer, params):
-    """``optimizer`` on the LoRA leaves only; every other leaf gets a zero update and no state
-    (``training.freeze.freeze_optimizer`` with ``lora_mask(params)``)."""
-    from jaxllm.training.freeze import freeze_optimizer  # the optimiser side lives in training
-
-    mask = lora_mask(params)
-    if not any(jax.tree_util.tree_leaves(mask)):
-        raise ValueError("params hold no LoRA weights: call add_lora (or load_lora) first")
-    return freeze_optimizer(optimizer, mask)
 
 
 def lora_state(params) -> dict[str, Any]:

@@ -23,6 +23,8 @@ import jax
 import numpy as np
 import optax
 
+from jaxllm.nn.lora import is_lora_path, lora_mask
+
 
 def path_str(path) -> str:
     """A jax key path (from ``jax.tree_util.tree_flatten_with_path``) -> ``"a/b_0/kernel"``; list
@@ -51,6 +53,15 @@ def freeze_optimizer(optimizer: optax.GradientTransformation, mask) -> optax.Gra
             raise ValueError("the trainable mask is False everywhere: nothing would be trained")
         labels = _labels(mask)
     return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
+def lora_optimizer(optimizer: optax.GradientTransformation, params) -> optax.GradientTransformation:
+    """``optimizer`` on the LoRA leaves of ``params`` only (``jaxllm.nn.lora.add_lora``); every other
+    leaf gets a zero update and no state."""
+    mask = lora_mask(params)
+    if not any(jax.tree_util.tree_leaves(mask)):
+        raise ValueError("params hold no LoRA weights: call add_lora (or load_lora) first")
+    return freeze_optimizer(optimizer, mask)
 
 
 def stop_frozen_gradients(loss_fn: Callable, mask) -> Callable:
@@ -86,8 +97,6 @@ def trainable_predicate(config, mode: str) -> Callable[[str], bool]:
     * ``lora``: only the LoRA factors ``jaxllm.nn.lora.add_lora`` put next to the weights (the
       head's included); everything else, the head's own kernel and bias too, stays frozen.
     """
-    from jaxllm.nn.lora import is_lora_path
-
     mode = mode.replace("-", "_")
     if mode not in FINE_TUNING_MODES:
         raise ValueError(f"mode must be one of {FINE_TUNING_MODES}, got {mode!r}")

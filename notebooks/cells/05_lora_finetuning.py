@@ -65,7 +65,7 @@ from jaxllm.nn import lora
 from jaxllm.notebook_utils import overlay_losses, time_calls, timing_table
 from jaxllm.torch_ref import gpt2 as t_gpt2, lora as t_lora
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
-from jaxllm.training.freeze import count_params, stop_frozen_gradients
+from jaxllm.training.freeze import count_params, lora_optimizer, stop_frozen_gradients
 
 torch.set_num_threads(TORCH_THREADS)
 
@@ -200,7 +200,7 @@ def loss_fn(params, batch, key):
     return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"])}
 
 
-optimizer = lora.lora_optimizer(make_optimizer(OptimizerConfig("adamw", lr=LR, weight_decay=WEIGHT_DECAY)), params)
+optimizer = lora_optimizer(make_optimizer(OptimizerConfig("adamw", lr=LR, weight_decay=WEIGHT_DECAY)), params)
 train_step = make_train_step(stop_frozen_gradients(loss_fn, mask), optimizer)
 start_params = jax.tree_util.tree_map(np.array, params)                # a host copy: the step donates its input
 state = TrainState.create(jax.tree_util.tree_map(jnp.array, params), optimizer, jax.random.PRNGKey(SEED))
