@@ -170,7 +170,7 @@ def _generate(model, params, tokens, lengths, cache, key, *, max_new_tokens, tem
     first = first_phase_slots(tokens.shape[1], max_new_tokens, full.max_len)
     if first is not None:  # the first half of the tokens attends over a cache of about half the length
         # sliced from the cache passed in: one made inside the jitted loop would be a constant, and
-        # XLA spent 0.4 of the loop's 2.2 s compile (decoder B, batch 8) folding attention over it
+        # XLA's compile spent a large part of its time folding attention over it
         cache = full.first_slots(first)
     token, cache = prefill(model, params, tokens, lengths, cache, key, **sampling)
     token, done = finish(token, jnp.zeros((tokens.shape[0],), bool))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from jaxllm.nn.matmul import dense_dot_general, matmul
 from jaxllm.nn.norms import LayerNorm, RMSNorm
+from jaxllm.nn.ops import dense_dot_general, matmul, rope_tables
 from jaxllm.nn.rope import interleaved_to_half, rope_angles, rope_interleaved, rope_rotate_half
 from parity import GRAD, OUTPUT, assert_close
 
@@ -167,7 +167,7 @@ def test_dense_dot_general_takes_other_contractions_to_lax():
 
 def test_rope_tables_from_numpy_positions_match_the_traced_ones():
     positions = np.arange(40, dtype=np.int32)[None, :]
-    tables, traced = rope_angles(positions, 16), rope_angles(jnp.asarray(positions), 16)
+    tables, traced = rope_tables(positions, 16), rope_angles(jnp.asarray(positions), 16)
     assert all(isinstance(a, np.ndarray) for a in tables)
     for a, b in zip(tables, traced):
         assert_close(a, b, OUTPUT, err_msg="numpy vs XLA cos/sin")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig, register
 from jaxllm.nn.init import torch_bias_init, torch_dense, torch_kernel_init
-from jaxllm.nn.matmul import matmul
+from jaxllm.nn.ops import matmul
 from jaxllm.validate import check_features
 
 # Burkov ch. 1: (age, income) -> will buy. Raw features, exactly as printed in the book.

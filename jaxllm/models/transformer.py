@@ -49,9 +49,9 @@ from jaxllm.config import register
 from jaxllm.models.lm import LanguageModelConfig, embed_without_pad_gradient, run_blocks
 from jaxllm.nn.attention import ROPE, KVCache, SelfAttention
 from jaxllm.nn.init import torch_bias_init, torch_kernel_init
-from jaxllm.nn.matmul import matmul
 from jaxllm.nn.mlp import ACTIVATIONS, FeedForward
 from jaxllm.nn.norms import RMSNorm
+from jaxllm.nn.ops import matmul, static_positions
 from jaxllm.validate import check_concrete_token_ids, check_token_batch
 
 __all__ = ["TransformerConfig", "Transformer", "KVCache", "PRESETS", "preset", "burkov", "tiny", "llama",
@@ -382,8 +382,7 @@ class Transformer(nn.Module):
             cache.check(layers=cfg.num_layers, batch=batch, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
                         new_tokens=t)
         if positions is None and cache is None:
-            # numpy: known when tracing, so RoPE's cos/sin are computed once, not in every fused use
-            positions = np.arange(t, dtype=np.int32)[None, :]
+            positions = static_positions(t)  # 0..t-1
         elif positions is None:
             positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 

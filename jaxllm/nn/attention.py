@@ -19,13 +19,10 @@ here, with an explicit per-layer KV cache.
 * ``dropout_rate`` on the attention weights (GPT-2), active with ``deterministic=False`` and a
   ``dropout`` rng.
 
-Training (no cache) takes ``causal_attention``, the fast path: heads moved to the front (a copy of
-the small Q/K/V, not of the ``[T, T]`` scores), the 1/sqrt(dh) scale folded into Q, the causal mask
-from an iota compare, softmax in float32, attention dropout as a keep-mask, and a hand-written
-backward (``jax.custom_vjp``: ``dS = P * (dP - rowsum(dO * O))`` as FlashAttention does, which
-holds with dropout too, since ``rowsum(dO * O) = rowsum(P * dP)`` where ``dP`` includes the
-mask). On 2 CPU cores XLA's own derivative of the einsum formulation transposed the
-``[B, H, T, T]`` scores and weights several times per layer; the custom backward removes most of it.
+Training (no cache) takes ``causal_attention``: heads moved to the front (a copy of the small
+Q/K/V, not of the ``[T, T]`` scores), the 1/sqrt(dh) scale folded into Q, the causal mask from an
+iota compare, attention dropout as a keep-mask, and ``jaxllm.nn.ops.softmax_attention`` (softmax
+in float32, with a hand-written backward).
 
 ``KVCache`` holds each layer's keys and values as separate arrays, heads first: keys
 ``float[batch, kv_heads, max_len, head_dim]`` (already rotated by RoPE), values transposed,
@@ -52,8 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.nn.init import torch_dense
-from jaxllm.nn.matmul import matmul
-from jaxllm.nn.rope import rope_angles, rope_interleaved, rope_rotate_half
+from jaxllm.nn.ops import matmul, rope_tables, softmax_attention
+from jaxllm.nn.rope import rope_interleaved, rope_rotate_half
 
 xavier_uniform = nn.initializers.xavier_uniform()
 
@@ -144,7 +141,7 @@ def causal_attention(q, k, v, *, dropout_rate: float = 0.0, dropout_key=None):
     q float[B, T, H, dh]; k, v float[B, T, KV, dh] with H a multiple of KV (query head h reads
     KV head h // (H / KV)) -> float[B, T, H * dh], heads concatenated in head order. With
     ``dropout_key`` and ``dropout_rate > 0`` the attention weights are dropped (kept ones scaled by
-    1 / (1 - rate)), as ``nn.Dropout`` on the weights would. Backward: ``_attention_bwd``.
+    1 / (1 - rate)), as ``nn.Dropout`` on the weights would.
     """
     b, t, h, dh = q.shape
     kv = k.shape[2]
@@ -156,11 +153,11 @@ def causal_attention(q, k, v, *, dropout_rate: float = 0.0, dropout_key=None):
     q = q * jnp.asarray(1.0 / np.sqrt(dh), q.dtype)  # scale the small Q, not the [T, T] scores
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # heads first: [B, H, T, dh]
     mask = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [T, T], True on and below the diagonal
+    keep = None
     if dropout:
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, (b, h, t, t))
-        out = _dropped_softmax_attention(q, k, v, mask, keep.astype(jnp.float32) / (1.0 - dropout_rate))
-    else:
-        out = _softmax_attention(q, k, v, mask)
+        keep = keep.astype(jnp.float32) / (1.0 - dropout_rate)
+    out = softmax_attention(q, k, v, mask, keep)
     return jnp.swapaxes(out, 1, 2).reshape(b, t, h * dh)
 
 
@@ -170,69 +167,6 @@ def fused_causal_attention(q, k, v, implementation=None):
     (``implementation=None``); elsewhere ``causal_attention``'s own path is used. q float[B, T, H, dh],
     k, v float[B, T, KV, dh] -> float[B, T, H, dh]."""
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-
-
-def _attention_forward(q, k, v, mask, keep=None):
-    """q (pre-scaled), k, v float[B, H, T, dh], mask bool[T, T], keep float32[B, H, T, T] | None ->
-    (out float[B, H, T, dh], weights float32[B, H, T, T] before dropout)."""
-    scores = jnp.einsum("bhtd,bhsd->bhts", q, k).astype(jnp.float32)
-    scores = jnp.where(mask, scores, -jnp.inf)  # every query sees itself: no all-masked row
-    scores = scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True))
-    e = jnp.exp(scores)
-    weights = e / e.sum(-1, keepdims=True)
-    used = weights if keep is None else weights * keep
-    return jnp.einsum("bhts,bhsd->bhtd", used.astype(v.dtype), v), weights
-
-
-def _attention_backward(q, k, v, out, weights, keep, d_out):
-    """P = softmax(S), O = (P * keep) V: dV = (P * keep)^T dO, dP = (dO V^T) * keep,
-    dS = P * (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q (Q already scaled)."""
-    used = weights if keep is None else weights * keep
-    d_v = jnp.einsum("bhts,bhtd->bhsd", used.astype(d_out.dtype), d_out)
-    d_weights = jnp.einsum("bhtd,bhsd->bhts", d_out, v).astype(jnp.float32)
-    if keep is not None:
-        d_weights = d_weights * keep
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
-    d_scores = (weights * (d_weights - row)).astype(q.dtype)
-    d_q = jnp.einsum("bhts,bhsd->bhtd", d_scores, k)
-    d_k = jnp.einsum("bhts,bhtd->bhsd", d_scores, q)
-    return d_q, d_k, d_v
-
-
-@jax.custom_vjp
-def _softmax_attention(q, k, v, mask):
-    return _attention_forward(q, k, v, mask)[0]
-
-
-def _attention_fwd(q, k, v, mask):
-    out, weights = _attention_forward(q, k, v, mask)
-    return out, (q, k, v, out, weights, mask)
-
-
-def _attention_bwd(residuals, d_out):
-    q, k, v, out, weights, _ = residuals
-    return (*_attention_backward(q, k, v, out, weights, None, d_out), None)  # the mask gets no gradient
-
-
-_softmax_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-@jax.custom_vjp
-def _dropped_softmax_attention(q, k, v, mask, keep):
-    return _attention_forward(q, k, v, mask, keep)[0]
-
-
-def _dropped_fwd(q, k, v, mask, keep):
-    out, weights = _attention_forward(q, k, v, mask, keep)
-    return out, (q, k, v, out, weights, mask, keep)
-
-
-def _dropped_bwd(residuals, d_out):
-    q, k, v, out, weights, _, keep = residuals
-    return (*_attention_backward(q, k, v, out, weights, keep, d_out), None, None)
-
-
-_dropped_softmax_attention.defvjp(_dropped_fwd, _dropped_bwd)
 
 
 def cached_attention(q, k, v, layer_cache, lengths):
@@ -247,7 +181,7 @@ def cached_attention(q, k, v, layer_cache, lengths):
     over both, and only then writes the new keys/values: so the written cache has no other use and
     XLA writes it in place. Attending over the written cache made XLA copy each layer's keys and
     values two to four times per decoded token at batch 1 (it duplicated the write into the
-    matmul's operand): about a third of GPT-2's batch-1 decode step.
+    matmul's operand).
     """
     b, t, h, dh = q.shape
     cache_k, cache_v = layer_cache
@@ -316,7 +250,7 @@ class SelfAttention(nn.Module):
         if self.rope is not None:
             if self.rope not in ROPE:
                 raise ValueError(f"rope must be one of {tuple(ROPE)} or None, got {self.rope!r}")
-            cos, sin = rope_angles(positions, dh, self.rope_base)
+            cos, sin = rope_tables(positions, dh, self.rope_base)
             q, k = ROPE[self.rope](q, cos, sin), ROPE[self.rope](k, cos, sin)
         if layer_cache is not None:
             out, layer_cache = cached_attention(q, k, v, layer_cache, lengths)

@@ -33,7 +33,7 @@ def torch_dense(features: int, fan_in: int, *, name: str, use_bias: bool = True)
     """A ``flax.linen.Dense`` initialised like ``torch.nn.Linear(fan_in, features)``."""
     import flax.linen as nn
 
-    from jaxllm.nn.matmul import dense_dot_general
+    from jaxllm.nn.ops import dense_dot_general
 
     return nn.Dense(
         features,

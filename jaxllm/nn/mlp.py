@@ -13,7 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxllm.nn.matmul import matmul
+from jaxllm.nn.ops import matmul
 
 xavier_uniform = nn.initializers.xavier_uniform()
 

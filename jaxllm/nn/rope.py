@@ -18,15 +18,12 @@ import numpy as np
 
 def rope_angles(positions, head_dim: int, base: float = 10000.0):
     """positions: int[batch, time] -> (cos, sin), each float32[batch, time, 1, head_dim // 2]
-    (the singleton axis broadcasts over heads). Numpy positions give numpy tables: constants of
-    a jitted step. Traced ones are computed by XLA, which fuses cos and sin into each use: in a
-    training step that evaluated them once per head, for Q and K, forward and backward."""
+    (the singleton axis broadcasts over heads): the angles ``position * theta_i``."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-    xp = np if isinstance(positions, np.ndarray) else jnp
-    inv_freq = base ** (-xp.arange(0, head_dim, 2, dtype=xp.float32) / head_dim)
-    angles = xp.asarray(positions, xp.float32)[..., None] * inv_freq
-    return xp.cos(angles)[..., None, :], xp.sin(angles)[..., None, :]
+    inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
 
 
 def rope_interleaved(x, cos, sin):
