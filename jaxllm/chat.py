@@ -29,7 +29,7 @@ from jaxllm.data.instruct import format_prompt
 from jaxllm.data.tokenizer import encode
 from jaxllm.generate import fit_context, stream
 from jaxllm.pretrained import Base, load_base
-from jaxllm.training import cli
+from jaxllm import cli
 
 
 def is_instruction_run(run: dict) -> bool:

@@ -93,6 +93,6 @@ def load(target: str):
 
 def main(argv: Sequence[str] | None = None) -> None:
     words, job, rest = resolve(list(sys.argv[1:] if argv is None else argv))
-    from jaxllm.training import cli
+    from jaxllm import cli
 
     cli.run(load(job.target), rest, prog=f"jaxllm {' '.join(words)}")

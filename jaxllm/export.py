@@ -68,7 +68,7 @@ def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "h
 
 def main(argv=None) -> str:
     """``jaxllm export RUN OUT [--format hf|safetensors] [--step N] [--overwrite]``: ``export_run``."""
-    from jaxllm.training import cli
+    from jaxllm import cli
 
     p = cli.ArgumentParser(description=__doc__, compile_cache=False)
     p.add_argument("run", help="a `jaxllm train lm` output directory")

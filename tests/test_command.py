@@ -76,7 +76,7 @@ class _Parser(Exception):
 
 def job_parser(monkeypatch, target):
     """The ArgumentParser a job builds, caught when ``--help`` prints it (nothing runs)."""
-    from jaxllm.training import cli
+    from jaxllm import cli
 
     def caught(self, *args, **kwargs):
         raise _Parser(self)
@@ -87,14 +87,14 @@ def job_parser(monkeypatch, target):
     return parser.value.args[0]
 
 
-# every job built on jaxllm.training.cli (chat is another author's; bench keeps its own argparse)
+# every job built on jaxllm.cli (chat is another author's; bench keeps its own argparse)
 OURS = {" ".join(words): job.target for words, job in command.JOBS.items()
         if job.target.startswith(("jaxllm.jobs.", "jaxllm.export"))}
 
 
 @pytest.mark.parametrize("job", OURS)
 def test_help_shows_every_flags_default_in_its_section(monkeypatch, job):
-    from jaxllm.training import cli
+    from jaxllm import cli
 
     parser = job_parser(monkeypatch, OURS[job])
     formatter = cli.HelpFormatter(prog=job)

@@ -1,6 +1,6 @@
 """Every flag of every job (``jaxllm.jobs``) is checked while the flags are parsed, before any data work.
 
-A bad value is refused by the flag's argparse type (``jaxllm.training.cli``'s validators) with one
+A bad value is refused by the flag's argparse type (``jaxllm.cli``'s validators) with one
 ``error: argument --flag: ...`` line and exit 2, nothing written to ``--out``; combinations that
 the flags alone decide (``--heads`` vs ``--d-model``, ``--preset`` vs ``--model``) fail right
 after parsing, before the tokenizer is trained; a warmup as long as the run is clamped, with a note.
@@ -16,7 +16,8 @@ import optax
 import pytest
 
 from conftest import ROOT
-from jaxllm.training import cli, make_optimizer, make_schedule
+from jaxllm import cli
+from jaxllm.training import make_optimizer, make_schedule
 from jaxllm.training.optim import SCHEDULES
 
 TEXT = (ROOT / "README.md").read_text() * 3

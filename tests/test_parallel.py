@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import multidevice
-from jaxllm.training import OptimizerConfig, TrainState, cli, make_optimizer, make_strategy, make_train_step
+from jaxllm import cli
+from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_strategy, make_train_step
 from jaxllm.training.losses import softmax_cross_entropy
 from jaxllm.training.parallel import STRATEGIES
 from jaxllm.models.mlp import MLPConfig

@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from jaxllm.training import cli, run_flags
+from jaxllm import cli
+from jaxllm.training import run_flags
 from jaxllm.training.optim import OPTIMIZERS
 from jaxllm.runio import unlock_run_dir
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-from jaxllm.training import cli, fit, make_schedule, tensorboard
+from jaxllm import cli
+from jaxllm.training import fit, make_schedule, tensorboard
 from jaxllm.training.checkpoint import run_config
 from test_training_loop import CONFIG, OPT, DiesAfter, Killed, fresh
 

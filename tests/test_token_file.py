@@ -14,7 +14,7 @@ from jaxllm.data.corpus import load_documents, train_val_split
 from jaxllm.data.lm_data import prepare_lm_data
 from jaxllm.data.tokenizer import decode_bytes, encode, gpt2_encoding, train_bpe
 from jaxllm.data.windows import lm_windows
-from jaxllm.training import cli
+from jaxllm import cli
 from jaxllm.training.distributed import process_rows
 
 # pieces that stress the cuts between chunks: runs and kinds of whitespace, contractions, digits,

@@ -1,7 +1,7 @@
 """``python train/linreg.py`` = ``jaxllm train linreg`` (the job: ``jaxllm/jobs/linreg.py``), kept so old commands work."""
 
 from jaxllm.jobs.linreg import main
-from jaxllm.training import cli
+from jaxllm import cli
 
 if __name__ == "__main__":
     cli.run(main)

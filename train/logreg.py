@@ -1,7 +1,7 @@
 """``python train/logreg.py`` = ``jaxllm train logreg`` (the job: ``jaxllm/jobs/logreg.py``), kept so old commands work."""
 
 from jaxllm.jobs.logreg import main
-from jaxllm.training import cli
+from jaxllm import cli
 
 if __name__ == "__main__":
     cli.run(main)

@@ -1,7 +1,7 @@
 """``python train/ngram.py`` = ``jaxllm train ngram`` (the job: ``jaxllm/jobs/ngram.py``), kept so old commands work."""
 
 from jaxllm.jobs.ngram import main
-from jaxllm.training import cli
+from jaxllm import cli
 
 if __name__ == "__main__":
     cli.run(main)

@@ -1,7 +1,7 @@
 """``python train/scaling.py`` = ``jaxllm scaling`` (the job: ``jaxllm/jobs/scaling.py``), kept so old commands work."""
 
 from jaxllm.jobs.scaling import main
-from jaxllm.training import cli
+from jaxllm import cli
 
 if __name__ == "__main__":
     cli.run(main)

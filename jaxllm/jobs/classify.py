@@ -43,7 +43,8 @@ from jaxllm.data.batches import ArrayBatches
 from jaxllm.data.tokenizer import load_encoding, save_encoding
 from jaxllm.models import classifier
 from jaxllm.pretrained import load_base
-from jaxllm.training import TrainState, cli, fit, make_eval_step, make_optimizer
+from jaxllm import cli
+from jaxllm.training import TrainState, fit, make_eval_step, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.freeze import (count_params, freeze_optimizer, stop_frozen_gradients, trainable_mask,
                                    trainable_predicate)

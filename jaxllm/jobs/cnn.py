@@ -10,7 +10,7 @@ import os
 
 from jaxllm.data.tabular import digits8x8, mnist5k
 from jaxllm.models import cnn
-from jaxllm.training import cli
+from jaxllm import cli
 from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
 

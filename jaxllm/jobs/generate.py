@@ -14,7 +14,7 @@ import jax
 
 from jaxllm.jobs.lm import sample_text
 from jaxllm.pretrained import load_base
-from jaxllm.training import cli
+from jaxllm import cli
 
 
 def main(argv=None) -> str:

@@ -37,7 +37,8 @@ from jaxllm.data.instruct import (IGNORE_INDEX, SHIPPED_PATH, collate, format_pr
 from jaxllm.data.tokenizer import encode, save_encoding
 from jaxllm.generate import generate
 from jaxllm.pretrained import load_base
-from jaxllm.training import TrainState, cli, fit, make_optimizer
+from jaxllm import cli
+from jaxllm.training import TrainState, fit, make_optimizer
 from jaxllm.training.precision import mixed_precision
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.losses import lm_loss

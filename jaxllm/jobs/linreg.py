@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxllm.data.tabular import linear_toy
 from jaxllm.models.linear import LinearConfig
-from jaxllm.training import cli
+from jaxllm import cli
 from jaxllm.training.by_hand import fit_by_hand
 from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised

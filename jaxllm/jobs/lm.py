@@ -42,7 +42,8 @@ from jaxllm.data.tokenizer import decode_bytes, encode
 from jaxllm.data.windows import lm_windows
 from jaxllm.generate import fit_context, generate
 from jaxllm.models import LANGUAGE_MODELS, language_model
-from jaxllm.training import TrainState, cli, fit, make_optimizer
+from jaxllm import cli
+from jaxllm.training import TrainState, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.lm_eval import eval_windows, lm_scores, window_nll
 from jaxllm.training.losses import lm_loss

@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxllm.data.tabular import will_buy
 from jaxllm.models.linear import LogisticConfig, predict_proba
-from jaxllm.training import cli
+from jaxllm import cli
 from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
 

@@ -13,7 +13,7 @@ import os
 from jaxllm.data.tabular import breast_cancer
 from jaxllm.models.linear import LogisticConfig
 from jaxllm.models.mlp import MLPConfig
-from jaxllm.training import cli
+from jaxllm import cli
 from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
 

@@ -17,7 +17,7 @@ import numpy as np
 from jaxllm.data.lm_data import TOKENIZERS, describe, prepare_lm_data
 from jaxllm.models.ngram import BookCountLM, KneserNeyLM, book_tokens
 from jaxllm.training.lm_eval import bits_per_char
-from jaxllm.training import cli
+from jaxllm import cli
 from jaxllm.training.metrics import MetricsLog
 from jaxllm.runio import write_atomically, write_json
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from jaxllm.data.lm_data import TOKENIZERS, describe
 from jaxllm.data.token_file import BPE_TRAIN_CHARS, load_token_dir, prepare_tokens
-from jaxllm.training import cli
+from jaxllm import cli
 
 
 def main(argv=None) -> dict:

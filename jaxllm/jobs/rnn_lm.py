@@ -19,7 +19,8 @@ from jaxllm.data.tokenizer import decode_bytes, encode
 from jaxllm.data.windows import lm_windows
 from jaxllm.generate import sample_recurrent
 from jaxllm.models import rnn
-from jaxllm.training import TrainState, cli, fit, make_optimizer
+from jaxllm import cli
+from jaxllm.training import TrainState, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.lm_eval import lm_scores, streaming_nll
 from jaxllm.training.losses import lm_loss

@@ -55,7 +55,8 @@ import optax
 
 from jaxllm.models import language_model
 from jaxllm.training import TrainState
-from jaxllm.training import cli, distributed
+from jaxllm import cli
+from jaxllm.training import distributed
 from jaxllm.training.losses import lm_loss
 from jaxllm.training.parallel import STRATEGIES, make_strategy
 from jaxllm.training.precision import mixed_precision
