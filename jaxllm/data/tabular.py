@@ -32,10 +32,15 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
 
 
+# Burkov ch. 1: (age, income) -> will buy. Raw features, exactly as printed in the book.
+WILL_BUY = (
+    ((22, 25), 0), ((25, 35), 0), ((47, 80), 1), ((52, 95), 1), ((46, 82), 1), ((56, 90), 1),
+    ((23, 27), 0), ((30, 50), 1), ((40, 60), 1), ((39, 57), 0), ((53, 95), 1), ((48, 88), 1),
+)
+
+
 def will_buy() -> tuple[np.ndarray, np.ndarray]:
     """x: float32[12, 2] (age, income), y: int32[12]."""
-    from jaxllm.models.linear import WILL_BUY
-
     x = np.array([f for f, _ in WILL_BUY], np.float32)
     y = np.array([label for _, label in WILL_BUY], np.int32)
     return x, y

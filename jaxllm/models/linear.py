@@ -19,12 +19,6 @@ from jaxllm.nn.init import torch_bias_init, torch_dense, torch_kernel_init
 from jaxllm.nn.ops import matmul
 from jaxllm.validate import check_features
 
-# Burkov ch. 1: (age, income) -> will buy. Raw features, exactly as printed in the book.
-WILL_BUY = (
-    ((22, 25), 0), ((25, 35), 0), ((47, 80), 1), ((52, 95), 1), ((46, 82), 1), ((56, 90), 1),
-    ((23, 27), 0), ((30, 50), 1), ((40, 60), 1), ((39, 57), 0), ((53, 95), 1), ((48, 88), 1),
-)
-
 
 @register
 @dataclasses.dataclass(frozen=True)
