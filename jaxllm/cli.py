@@ -11,6 +11,7 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
+from jaxllm import orbax_noise
 from jaxllm.training import distributed, run_flags
 from jaxllm.training.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from jaxllm.training.parallel import STRATEGIES, Strategy, make_strategy
@@ -521,6 +522,7 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         raise _Terminated
 
     signal.signal(signal.SIGTERM, terminate)
+    orbax_noise.install()
     _command = prog
     try:
         main(argv)

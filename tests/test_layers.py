@@ -12,7 +12,7 @@ LAYERS = (
     ("jaxllm.__main__", "jaxllm.command"),
     ("jaxllm.jobs", "jaxllm.bench", "jaxllm.notebook_utils"),
     ("jaxllm.chat", "jaxllm.export"),
-    ("jaxllm.cli",),
+    ("jaxllm.cli", "jaxllm.orbax_noise"),
     ("jaxllm.pretrained",),
     ("jaxllm.training",),
     ("jaxllm.generate", "jaxllm.interop", "jaxllm.torch_ref"),

@@ -13,18 +13,15 @@ naming the directory and the cause, after removing orbax's temporary directory.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
 import sys
 import time
-import warnings
 from typing import Any
 
 import jax
@@ -115,7 +112,6 @@ class Checkpointer:
         self.config = None if config is None else json.loads(json.dumps(config))
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointWriteError(f"cannot keep checkpoints in {self.directory}: it is a file, not a directory")
-        _ignore_abandoned_orbax_callbacks()  # before any read or write: the callbacks fire during it
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -140,17 +136,11 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         meta = {"step": step, "data": data_state or {}, "config": self.config}
         try:
-            with _quiet_orbax():
-                try:
-                    self._save(step, state, meta)
-                    if jax.process_index() == 0:  # the step has committed on every process: record its files
-                        self._write_checksums(step)
-                except Exception:
-                    # still quiet: orbax's other write tasks keep failing, and logging, while this cleans up
-                    self._remove_partial(step)
-                    _ignore_unstarted_orbax_commits()
-                    raise
+            self._save(step, state, meta)
+            if jax.process_index() == 0:  # the step has committed on every process: record its files
+                self._write_checksums(step)
         except Exception as exc:
+            self._remove_partial(step)
             cause = _root_cause(exc)
             raise CheckpointWriteError(f"cannot write checkpoint step {step} to {self.directory}: {cause}") from exc
         return step
@@ -318,54 +308,3 @@ def _root_cause(exc: BaseException) -> str:
         if code:
             return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
     return f"{type(chain[-1]).__name__}: {chain[-1]}"
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-    """Orbax logs a failed write with a full traceback through absl before raising it; the error
-    raised here says the same in one line, so hide those records while saving."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _ignore_abandoned_orbax_callbacks() -> None:
-    """After a failed read or write, orbax closes its event loop while tensorstore still completes
-    the other pending operations; their callbacks then fail with "Event loop is closed" and Python
-    prints each as an unraisable exception (a traceback per file, after the real error was
-    reported). Drop exactly those; anything else still reaches the previous hook."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_drops_closed_loop_callbacks", False):
-        return
-    # the same abandoned writes, when Python collects their tasks, log "Task (or Future) exception was never
-    # retrieved" through asyncio's logger (a traceback each, sometimes: it depends on when they are collected)
-    logging.getLogger("asyncio").addFilter(_AbandonedOrbaxWrites())
-
-    def hook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-            return
-        previous(unraisable)
-
-    hook._drops_closed_loop_callbacks = True
-    sys.unraisablehook = hook
-
-
-def _ignore_unstarted_orbax_commits() -> None:
-    """After a failed save, orbax cancels the step's other commit threads; one cancelled before it
-    started never awaits its coroutine, and Python warns "coroutine '...' was never awaited" (plus a
-    tracemalloc hint) whenever it collects it -- often at exit, after the error line. jaxllm has no
-    coroutines of its own, so from here on every such warning is one of those abandoned commits."""
-    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
-
-
-class _AbandonedOrbaxWrites(logging.Filter):
-    """Drops asyncio's "Task/Future exception was never retrieved" records of orbax's own writes
-    (their error was already raised as a ``CheckpointWriteError``); every other record passes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        return not (re.match(r"(Task|Future) exception was never retrieved", text) and "orbax" in text)
