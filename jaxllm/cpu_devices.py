@@ -22,7 +22,8 @@ def request(count: int | None = None, *, per_core: bool = True) -> int | None:
     with ``per_core=False``); returns the count asked for, or None when the count was already fixed
     and is left alone."""
     import jax
-    from jax._src import xla_bridge
+
+    from jaxllm.jax_internals import backends_started
 
     if count is None and os.environ.get(ENV):
         try:
@@ -31,7 +32,7 @@ def request(count: int | None = None, *, per_core: bool = True) -> int | None:
             raise ValueError(f"${ENV} must be a whole number of devices >= 1, got {os.environ[ENV]!r}") from None
     if count is not None and count < 1:
         raise ValueError(f"the CPU device count must be >= 1, got {count}")
-    if xla_bridge.backends_are_initialized() or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") \
+    if backends_started() or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") \
             or jax.config.values.get("jax_num_cpu_devices", -1) not in (-1, None):
         return None
     count = count or (os.cpu_count() or 1 if per_core else 1)

@@ -19,7 +19,8 @@ LAYERS = (
     ("jaxllm.models",),
     ("jaxllm.nn",),
     ("jaxllm.data",),
-    ("jaxllm.config", "jaxllm.validate", "jaxllm.cpu_devices", "jaxllm.compile_cache", "jaxllm.runio"),
+    ("jaxllm.config", "jaxllm.validate", "jaxllm.cpu_devices", "jaxllm.compile_cache", "jaxllm.runio",
+     "jaxllm.jax_internals"),
 )
 PACKAGE = ROOT / "jaxllm"
 

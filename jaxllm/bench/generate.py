@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from jaxllm.bench import common
+from jaxllm.jax_internals import compiled_versions
 from jaxllm.bench.models import config_a, config_b, param_count
 
 COLUMNS = [("case", "case"), ("jax_cache", "JAX cache"), ("torch_cache", "torch cache"),
@@ -92,7 +93,7 @@ def bench_case(name, family, config, *, batch, prompt_len, new, rounds, warmup, 
 
     # JAX, KV cache: the library's generate(), the cache exactly prompt + new long (as jaxllm train lm)
     width = prompt_len + new
-    compiled_before = gen._generate._cache_size()
+    compiled_before = compiled_versions(gen._generate)
 
     def jax_cache():
         out = gen.generate(config, params, prompts.tolist(), max_new_tokens=new, key=key, max_len=width)
@@ -151,7 +152,7 @@ def bench_case(name, family, config, *, batch, prompt_len, new, rounds, warmup, 
         sides[side]["ms_per_token"] = 1e3 * s.median / per_call
         sides[side]["ms_per_token_min"] = 1e3 * s.min / per_call
         sides[side]["ms_per_token_max"] = 1e3 * s.max / per_call
-    sides["jax_cache"]["compiles"] = gen._generate._cache_size() - compiled_before
+    sides["jax_cache"]["compiles"] = compiled_versions(gen._generate) - compiled_before
 
     row = {"case": name, "family": family, "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new,
            "config": config.to_dict(), "params": param_count(params), **sides}

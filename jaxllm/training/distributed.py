@@ -81,15 +81,12 @@ def cluster_processes(environ: Mapping[str, str] = os.environ) -> int:
     """Processes of the cluster job this process was started in, as JAX's own auto-detection sees
     it (SLURM, Open MPI, Cloud TPU, Kubernetes); 1 outside any. The detection is JAX-internal, so
     anything unexpected from it counts as "no cluster" rather than stopping a one-process run."""
+    from jaxllm import jax_internals
+
     try:
-        from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm
-
-        if not running_in_cloud_tpu_vm and not any(name in environ for name in SCHEDULER_VARIABLES):
+        if not jax_internals.running_in_cloud_tpu_vm() and not any(name in environ for name in SCHEDULER_VARIABLES):
             return 1
-        from jax._src.clusters import ClusterEnv
-
-        env = next((e for e in ClusterEnv._cluster_types if not e.opt_in_only_method and e.is_env_present()), None)
-        return int(env.get_process_count()) if env is not None else 1
+        return jax_internals.detected_cluster_processes(environ) or 1
     except Exception:  # noqa: BLE001
         return 1
 

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxllm.jax_internals import compiled_versions
 from jaxllm.training import distributed
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import MetricsLog, plot_losses
@@ -297,7 +298,7 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
             last_train = rows[-1]
             bar.set_postfix(loss=f"{last_train['loss']:.4g}", **{f"{unit}/s": f"{rate:,.0f}"})
         record(rows)
-        size = getattr(train_step, "_cache_size", lambda: None)()
+        size = compiled_versions(train_step)
         if cache_size is not None and size is not None and size > cache_size:
             warnings.warn(
                 f"train_step recompiled at step {step_done} ({size} compiled versions): batch "

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxllm.jax_internals import compiled_versions
 from jaxllm.training.step import batch_rows, make_eval_step, make_train_step
 
 STRATEGIES = ("single", "sharded", "fsdp", "shard_map", "pmap")
@@ -99,9 +100,8 @@ class Step:
     def lower(self, state_or_params, batch):
         return self.jitted.lower(state_or_params, self.prepare(batch))
 
-    def _cache_size(self) -> int | None:
-        size = getattr(self.jitted, "_cache_size", None)  # pmap has none
-        return size() if size else None
+    def _cache_size(self) -> int | None:  # as jax.jit's, so jax_internals.compiled_versions reads both
+        return compiled_versions(self.jitted)
 
 
 class Strategy:
