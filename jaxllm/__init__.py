@@ -1,8 +1,10 @@
 """jaxllm: functional JAX/Flax twins of the textbook language models.
 
-Layout (arrows point one way): ``jaxllm.command`` -> ``jaxllm.jobs`` -> ``jaxllm.training`` -> ``jaxllm.models`` ->
-``jaxllm.nn``. ``jaxllm.data`` and ``jaxllm.interop`` depend on nothing above them, and
-``jaxllm.torch_ref`` (the imperative PyTorch twins) is imported only on demand.
+Layers, top to bottom (imports point down only; tests/test_layers.py checks it): ``command``;
+``jobs`` and ``bench``; ``chat`` and ``export``; ``cli``; ``pretrained``; ``training``; ``generate``,
+``interop`` and ``torch_ref`` (the imperative PyTorch twins, imported only on demand); ``models``;
+``nn``; ``data``; and the bottom (``config``, ``validate``, ``runio``, ``jax_internals``, device and
+compile-cache setup).
 """
 
 __version__ = "0.1.0"

@@ -1,10 +1,11 @@
-"""``fit()``: the training loop every script shares. It knows nothing about any model.
+"""``fit()``: the training loop every job shares. It knows nothing about any model.
 
-The loop keeps the device busy: step metrics stay on the device and are fetched every
-``log_every`` steps (and before every checkpoint or evaluation), where they are checked for
-NaN/Inf, appended to ``metrics.jsonl`` (and, as TensorBoard scalars, to an event file beside it)
-and shown on the progress bar. Because the check runs before each save, no checkpoint ever holds a
-diverged state.
+The loop itself (``_train``) is a step and then the periodic actions that are due after it
+(``jaxllm.training.hooks``): the metrics (kept on the device and fetched every ``log_every``
+steps, where the divergence guard, ``metrics.jsonl``, TensorBoard and the progress bar see them),
+evaluation and checkpoints. Metrics are always fetched before an evaluation or a checkpoint, so no
+checkpoint ever holds a diverged state. ``fit`` around it takes the run directory's lock, starts or
+resumes the run and writes ``summary.json`` and the loss plot.
 
 Several processes (``jax.distributed``, started by the jobs' flag parsing): every process runs
 ``fit`` with the same arguments; each reads only its rows of every batch (``ProcessBatches``),
@@ -15,39 +16,26 @@ whatever must happen at the same step everywhere -- a time-based checkpoint, sto
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
 import threading
-import time
-import warnings
 from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxllm.jax_internals import compiled_versions
+from jaxllm.runio import is_first_process, lock_run_dir, unlock_run_dir, update_json, write_json
 from jaxllm.training import distributed
 from jaxllm.training.checkpoint import Checkpointer
+from jaxllm.training.hooks import CheckpointHook, EvaluationHook, MetricsHook, StepInfo
+from jaxllm.training.hooks import TrainingDiverged  # noqa: F401 -- part of fit's interface, raised by its hooks
 from jaxllm.training.metrics import MetricsLog, plot_losses
-from jaxllm.runio import update_json, write_json
 from jaxllm.training.optim import OptimizerConfig, make_schedule
 from jaxllm.training.run_flags import write_flags
-from jaxllm.runio import is_first_process, lock_run_dir, unlock_run_dir
 from jaxllm.training.state import TrainState
 from jaxllm.training.tensorboard import open_event_log
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss (or the state about to be saved) became NaN or Inf at the 1-based ``step``."""
-
-    def __init__(self, step: int, value: float, last_checkpoint: int | None, *, what: str | None = None):
-        self.step, self.value, self.last_checkpoint = step, value, last_checkpoint
-        kept = f"last good checkpoint: step {last_checkpoint}" if last_checkpoint is not None else "no checkpoint was written"
-        what = what or f"loss became {value}"
-        super().__init__(f"{what} at step {step}; training stopped ({kept})")
 
 
 class TrainingInterrupted(Exception):
@@ -89,13 +77,6 @@ class _StopRequests:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-@jax.jit
-def _non_finite_count(tree) -> jax.Array:
-    """How many float values in ``tree`` are NaN or Inf."""
-    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
-    return sum((jax.numpy.sum(~jax.numpy.isfinite(x)) for x in leaves), jax.numpy.int32(0))
 
 
 class BatchSource(Protocol):
@@ -200,190 +181,139 @@ def fit(
 def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, final_eval_fn, checkpoint_every,
          checkpoint_minutes, keep, resume, config, log_every, progress, units_per_batch, unit, title, place, gather,
          devices, schedule, flags) -> TrainState:
-    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
-    summary_path = os.path.join(out_dir, "summary.json")
-    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=keep, config=config)
-    checkpoint_every = checkpoint_every or total
-    units_per_batch = units_per_batch or train_data.batch_size
-
-    start = 0
-    existing = ckpt.latest_step()
-    if existing is not None and not resume:
-        ckpt.close()
-        raise ValueError(
-            f"{out_dir} already holds checkpoints up to step {existing}: pass resume=True "
-            "(--resume) to continue that run, or choose a new output directory"
-        )
-    if resume and existing is None:
-        ckpt.close()
-        raise ValueError(f"nothing to resume: {ckpt.directory} holds no checkpoint (run without --resume "
-                         "to start this run afresh)")
-    last_saved = None
-    if resume:
-        try:
-            # several processes restore straight into the devices' layout (any process/device count)
-            state, meta = ckpt.restore(place(state) if jax.process_count() > 1 else state)
-        except Exception:
-            ckpt.close()
-            raise
-        start = int(state.step)
-        if is_first_process():
-            for moved in ckpt.set_aside(newer_than=start):
-                print(f"warning: set aside {moved}; resuming from step {start}", file=sys.stderr, flush=True)
-        distributed.barrier("resume: newer steps set aside")
-        ckpt.reload()
-        train_data.load_state_dict(meta["data"])
-        log.truncate_after(start)
-        last_saved = start
-    elif os.path.exists(log.path) and is_first_process():
-        os.remove(log.path)  # nothing to continue from: a fresh run starts a fresh log
-    if start > total:
-        ckpt.close()
-        raise ValueError(f"the checkpoint is at step {start}, beyond the {total} steps asked for")
+    run = _RunFiles(out_dir, Checkpointer(os.path.join(out_dir, "checkpoints"), keep=keep, config=config))
     try:
-        if flags is not None:
-            write_flags(out_dir, flags)
-        # a fresh run drops earlier event files; a finished run resumed writes nothing new
-        events = open_event_log(out_dir, resumed_at=start if resume else None) if start < total else None
+        state, start = run.begin(state, train_data, resume=resume, total=total, place=place, flags=flags)
     except Exception:
-        ckpt.close()
+        run.checkpointer.close()
         raise
     if start == total:  # resuming a finished run: nothing to train, keep what it measured
-        ckpt.close()
+        run.checkpointer.close()
         state = gather(state)  # several processes restored it onto their devices
-        fields = {"status": "finished", "steps": total, "last_checkpoint": last_saved}
+        fields = {"status": "finished", "steps": total, "last_checkpoint": run.last_saved}
         if eval_fn is not None:
             fields["eval"] = {k: float(v) for k, v in final_eval_fn(state.params).items()}
-        update_json(summary_path, fields)
+        update_json(run.summary_path, fields)
         return state
-    state = place(state)
 
-    def record(rows: list[dict]) -> None:
-        log.append(rows)
-        if events is not None:
-            events.append(rows)
-
-    pending: list[tuple[int, Any]] = []
-    last_train: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
-    t_first, elapsed, start_timed = None, 0.0, start
-    t_aside = 0.0  # seconds spent evaluating and checkpointing, left out of throughput
-    t0 = time.perf_counter()
-    cache_size = None
-    bar = tqdm(total=total, initial=start, disable=not progress or not is_first_process(), unit="step", dynamic_ncols=True, desc=title or None)
-
-    def stopped(status: str, **fields) -> None:
-        bar.close()
-        write_json(summary_path, {"status": status, "steps": total, "last_checkpoint": last_saved, **fields})
-
-    def flush(step_done: int) -> None:
-        nonlocal pending, last_train, cache_size
-        rows = []
-        lrs = _learning_rates(schedule, [step for step, _ in pending])
-        for (step, metrics), lr in zip(jax.device_get(pending), lrs):
-            row = {"step": step, "split": "train", **{k: float(v) for k, v in metrics.items()}}
-            if lr is not None:
-                row["lr"] = lr
-            if not math.isfinite(row["loss"]):
-                record(rows)
-                stopped("diverged", diverged_at_step=step)
-                raise TrainingDiverged(step, row["loss"], last_saved)
-            rows.append(row)
-        pending = []
-        if rows:
-            # throughput since the first (compiling) step, on the window's last row
-            rate = (step_done - start_timed) * units_per_batch / max(time.perf_counter() - t0 - t_aside, 1e-9)
-            if step_done > start_timed:
-                rows[-1][f"{unit}_per_s"] = rate
-            last_train = rows[-1]
-            bar.set_postfix(loss=f"{last_train['loss']:.4g}", **{f"{unit}/s": f"{rate:,.0f}"})
-        record(rows)
-        size = compiled_versions(train_step)
-        if cache_size is not None and size is not None and size > cache_size:
-            warnings.warn(
-                f"train_step recompiled at step {step_done} ({size} compiled versions): batch "
-                "shapes or dtypes changed between steps; pad or bucket them to fixed shapes",
-                stacklevel=3,
-            )
-        cache_size = size
-
-    def save(step: int, one_device) -> int:
-        # the loss of step n is computed before its update: check what is saved, not just the loss
-        bad = int(_non_finite_count((one_device.params, one_device.opt_state)))
-        if bad:
-            stopped("diverged", diverged_at_step=step)
-            raise TrainingDiverged(step, math.nan, last_saved,
-                                   what=f"{bad:,} parameter/optimiser values became NaN or Inf")
-        # several processes: orbax writes the global arrays once (a gathered one-device state is
-        # host-local there and cannot be serialised); restorable on any device count
-        to_save = state if jax.process_count() > 1 else one_device
-        return ckpt.save(to_save, data_state=train_data.state_dict())
-
-    step = start
-    stop = _StopRequests()
-    saved_at = time.monotonic()
+    bar = tqdm(total=total, initial=start, disable=not progress or not is_first_process(), unit="step",
+               dynamic_ncols=True, desc=title or None)
+    run.bar = bar
+    evaluation = EvaluationHook(eval_fn, final_eval_fn, eval_every, record=lambda rows: metrics.record(rows))
+    checkpoints = CheckpointHook(run.checkpointer, checkpoint_every or total, evaluation, train_data.state_dict,
+                                 run.last_saved, on_diverged=lambda step: run.stopped("diverged", diverged_at_step=step))
+    metrics = MetricsHook(run.log, run.events, bar, log_every=log_every, schedule=schedule, unit=unit,
+                          units_per_batch=units_per_batch or train_data.batch_size, train_step=train_step,
+                          flush_when=lambda info: evaluation.due(info) or checkpoints.due(info),
+                          on_diverged=lambda step: run.stopped("diverged", diverged_at_step=step),
+                          last_saved=lambda: checkpoints.last_saved, start=start,
+                          aside=lambda: evaluation.seconds_aside + checkpoints.seconds_aside)
+    run.checkpoints = checkpoints
+    hooks = (metrics, evaluation, checkpoints)
     try:
-        with stop:
-            for step in range(start + 1, total + 1):
-                state, metrics = train_step(state, train_data.next())
-                pending.append((step, metrics))
-                if t_first is None:
-                    jax.block_until_ready(metrics)
-                    t_first = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    start_timed = step
-                bar.update(1)
-                signum, clock_due = _decide(step, log_every, signum=stop.signum or 0,
-                                            clock=bool(checkpoint_minutes)
-                                            and time.monotonic() - saved_at >= 60 * checkpoint_minutes)
-                interrupted = signum != 0
-                eval_now = eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total)
-                eval_now = eval_now and not interrupted
-                save_now = step % checkpoint_every == 0 or step == total or interrupted or eval_now or clock_due
-                if step % log_every == 0 or save_now or eval_now:
-                    flush(step)
-                t_before = time.perf_counter()
-                if eval_now or save_now:
-                    one_device = gather(state)
-                if eval_now:
-                    evaluate = final_eval_fn if step == total else eval_fn
-                    last_eval = {k: float(v) for k, v in evaluate(one_device.params).items()}
-                    record([{"step": step, "split": "eval", **last_eval}])
-                if save_now:
-                    last_saved = save(step, one_device)
-                    saved_at = time.monotonic()
-                t_aside += time.perf_counter() - t_before
-                if interrupted:
-                    stopped("interrupted", interrupted_at_step=step, signal=signal.Signals(signum).name)
-                    raise TrainingInterrupted(signum, step, last_saved)
-        elapsed = time.perf_counter() - t0 - t_aside
-    except KeyboardInterrupt:  # a second signal, or a Ctrl-C outside the handler's reach: keep what is saved
-        signum = stop.signum or signal.SIGINT
-        stopped("interrupted", interrupted_at_step=step, signal=signal.Signals(signum).name)
-        raise TrainingInterrupted(signum, step, last_saved) from None
+        state = _train(place(state), train_step, train_data, start=start, total=total, hooks=hooks, gather=gather,
+                       decide=lambda step, signum: _decide(step, log_every, signum=signum,
+                                                           clock=checkpoints.clock_due(checkpoint_minutes)),
+                       interrupted=run.interrupted)
     finally:
-        bar.close()
-        png = os.path.join(out_dir, "loss.png")
-        _quietly(png, lambda: _plot(log, png, title))
-        if events is not None:
-            _quietly(events.path, events.close)
-        ckpt.close()
-
-    timed_steps = total - start_timed
-    summary = {
+        run.end(title)
+    timed_steps, elapsed = total - metrics.start_timed, metrics.elapsed()
+    write_json(run.summary_path, {
         "status": "finished",
         "steps": total,
         "resumed_from": start or None,
-        "final_loss": last_train.get("loss"),
-        "eval": last_eval or None,
-        "first_step_s": t_first,
+        "final_loss": metrics.last.get("loss"),
+        "eval": evaluation.last or None,
+        "first_step_s": metrics.first_step_s,
         "steps_per_s": timed_steps / elapsed if timed_steps > 0 else None,
-        f"{unit}_per_s": timed_steps * units_per_batch / elapsed if timed_steps > 0 else None,
-        "last_checkpoint": last_saved,
+        f"{unit}_per_s": timed_steps * metrics.units_per_batch / elapsed if timed_steps > 0 else None,
+        "last_checkpoint": checkpoints.last_saved,
         "parallel": devices,  # the strategy and its device count
-    }
-    write_json(summary_path, summary)
+    })
     return gather(state)
+
+
+def _train(state, train_step, train_data, *, start: int, total: int, hooks, gather, decide, interrupted):
+    """The loop: a step, then every hook that is due after it. ``decide(step, signum)`` gives
+    ``(the signal to stop on now or 0, whether the clock asks for a checkpoint)``;
+    ``interrupted(signum, step)`` is the exception that ends the run on a signal."""
+    step = start
+    with _StopRequests() as stop:
+        try:
+            for step in range(start + 1, total + 1):
+                state, metrics = train_step(state, train_data.next())
+                stopping, clock_due = decide(step, stop.signum or 0)
+                info = StepInfo(step, step == total, state, metrics, stopping, clock_due, gather)
+                for hook in [hook for hook in hooks if hook.due(info)]:
+                    hook.timed(info)
+                if stopping:
+                    raise interrupted(stopping, step)
+        except KeyboardInterrupt:  # a second signal, or a Ctrl-C outside the handler's reach: keep what is saved
+            raise interrupted(stop.signum or signal.SIGINT, step) from None
+    return state
+
+
+class _RunFiles:
+    """What ``fit`` writes in ``out_dir`` besides the hooks' own: the start of a run (fresh or
+    resumed), ``summary.json`` when it stops early, the plot and the event file at its end."""
+
+    def __init__(self, out_dir, checkpointer: Checkpointer):
+        self.out_dir, self.checkpointer = os.fspath(out_dir), checkpointer
+        self.log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
+        self.summary_path = os.path.join(out_dir, "summary.json")
+        self.events = None
+        self.last_saved: int | None = None
+        self.bar = None
+        self.checkpoints: CheckpointHook | None = None
+
+    def begin(self, state, train_data, *, resume: bool, total: int, place, flags) -> tuple[Any, int]:
+        """The state and the step to start from: a fresh run, or the newest intact checkpoint."""
+        ckpt, start, self.total = self.checkpointer, 0, total
+        existing = ckpt.latest_step()
+        if existing is not None and not resume:
+            raise ValueError(f"{self.out_dir} already holds checkpoints up to step {existing}: pass resume=True "
+                             "(--resume) to continue that run, or choose a new output directory")
+        if resume and existing is None:
+            raise ValueError(f"nothing to resume: {ckpt.directory} holds no checkpoint (run without --resume "
+                             "to start this run afresh)")
+        if resume:
+            # several processes restore straight into the devices' layout (any process/device count)
+            state, meta = ckpt.restore(place(state) if jax.process_count() > 1 else state)
+            start = int(state.step)
+            if is_first_process():
+                for moved in ckpt.set_aside(newer_than=start):
+                    print(f"warning: set aside {moved}; resuming from step {start}", file=sys.stderr, flush=True)
+            distributed.barrier("resume: newer steps set aside")
+            ckpt.reload()
+            train_data.load_state_dict(meta["data"])
+            self.log.truncate_after(start)
+            self.last_saved = start
+        elif os.path.exists(self.log.path) and is_first_process():
+            os.remove(self.log.path)  # nothing to continue from: a fresh run starts a fresh log
+        if start > total:
+            raise ValueError(f"the checkpoint is at step {start}, beyond the {total} steps asked for")
+        if flags is not None:
+            write_flags(self.out_dir, flags)
+        # a fresh run drops earlier event files; a finished run resumed writes nothing new
+        self.events = open_event_log(self.out_dir, resumed_at=start if resume else None) if start < total else None
+        return state, start
+
+    def stopped(self, status: str, **fields) -> None:
+        self.bar.close()
+        last = self.checkpoints.last_saved if self.checkpoints is not None else self.last_saved
+        write_json(self.summary_path, {"status": status, "steps": self.total, "last_checkpoint": last, **fields})
+
+    def interrupted(self, signum: int, step: int) -> "TrainingInterrupted":
+        self.stopped("interrupted", interrupted_at_step=step, signal=signal.Signals(signum).name)
+        return TrainingInterrupted(signum, step, self.checkpoints.last_saved)
+
+    def end(self, title: str) -> None:
+        self.bar.close()
+        png = os.path.join(self.out_dir, "loss.png")
+        _quietly(png, lambda: _plot(self.log, png, title))
+        if self.events is not None:
+            _quietly(self.events.path, self.events.close)
+        self.checkpointer.close()
 
 
 def _decide(step: int, log_every: int, *, signum: int, clock: bool) -> tuple[int, bool]:
@@ -401,15 +331,6 @@ def _decide(step: int, log_every: int, *, signum: int, clock: bool) -> tuple[int
     gathered = np.asarray(multihost_utils.process_allgather(np.asarray([signum, int(clock)])))  # [processes, 2]
     signals = gathered[:, 0][gathered[:, 0] != 0]
     return (int(signals[0]) if signals.size else 0), bool(gathered[0, 1])
-
-
-def _learning_rates(schedule, steps: list[int]) -> list:
-    """The lr each 1-based step trained with (optax's count is 0 there), one schedule call for the
-    window (a call per step costs about a millisecond); Nones without a schedule."""
-    if schedule is None:
-        return [None] * len(steps)
-    lrs = np.asarray(schedule(np.asarray(steps) - 1), np.float64)
-    return np.broadcast_to(lrs, (len(steps),)).tolist()  # a constant schedule returns one number
 
 
 def _plot(log: MetricsLog, path: str, title: str) -> None:
