@@ -15,8 +15,7 @@ from jaxllm import orbax_noise
 from jaxllm.training import distributed, run_flags
 from jaxllm.training.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from jaxllm.training.parallel import STRATEGIES, Strategy, make_strategy
-from jaxllm.runio import is_first_process, lock_run_dir
-from jaxllm.training.tensorboard import event_files
+from jaxllm import runio
 
 
 # --- typed flag values -----------------------------------------------------------------------
@@ -312,14 +311,11 @@ def parallel_kwargs(args) -> dict:
     return {"strategy": strategy(args), "accum_steps": args.accum_steps}
 
 
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "baseline", "tokenizer.json", "sample.txt",
-               "test_responses.json", run_flags.CONFIG_FILE)
-
-
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
-    """Parse flags and claim ``--out`` before any work: it must be a writable directory that no
-    other live run holds (its run lock is taken here); with ``--overwrite``, remove only the files
-    a previous run wrote there; ``--resume`` needs a checkpoint to resume from.
+    """Parse flags and claim ``--out`` before any work (``jaxllm.runio.claim_run_dir``): a writable
+    directory that no other live run holds and no other job's run is in; ``--resume`` needs a
+    checkpoint to resume from; ``--overwrite`` sets the old run aside until the new one has a
+    checkpoint.
 
     The defaults come, in this order, from the parser, the run's own ``config.yaml`` (``--resume``),
     the ``--config`` file; flags on the command line override them all (``jaxllm.training.run_flags``).
@@ -330,22 +326,12 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
     args.flags = {key: getattr(args, action.dest) for key, action in _file_flags(parser).items()}
     if args.overwrite and args.resume:
         parser.error("--overwrite and --resume contradict each other")
-    lock_run_dir(args.out)  # before deleting anything: a live run's files are not ours to remove
-    checkpoints = os.path.join(args.out, "checkpoints")
-    if args.overwrite and is_first_process():  # the processes of a multi-host run share --out
-        for path in [os.path.join(args.out, name) for name in RUN_OUTPUTS] + event_files(args.out):
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    distributed.barrier("--out claimed")  # no process looks at --out while process 0 clears it
-    if args.resume and not has_checkpoints(checkpoints):
-        raise ValueError(f"--resume: there is no checkpoint to resume from in {checkpoints} "
-                         "(run without --resume to start afresh)")
-    if not args.resume and has_checkpoints(checkpoints):  # (--overwrite removed them)
-        # refuse before any work (or any file written), not only when fit() starts
-        raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue that run, "
-                         "--overwrite to replace it, or choose a new --out")
+    global _claimed
+    created = not os.path.exists(args.out)
+    runio.claim_run_dir(args.out, getattr(parser, "job", None) or parser.prog, resume=args.resume,
+                        overwrite=args.overwrite)
+    _claimed = (args.out, created)
+    distributed.barrier("--out claimed")  # no process looks at --out while process 0 sets the old run aside
     return args
 
 
@@ -448,11 +434,6 @@ def _file_value(parser: argparse.ArgumentParser, action: argparse.Action, value,
     return items if many else items[0]
 
 
-def has_checkpoints(directory: str) -> bool:
-    """Whether ``directory`` holds a checkpoint step."""
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
-
-
 def total_steps(args, steps_per_epoch: int) -> int:
     return args.steps if args.steps is not None else args.epochs * steps_per_epoch
 
@@ -527,6 +508,7 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     try:
         main(argv)
     except (ValueError, DataUnavailable, TrainingDiverged, OSError) as exc:
+        _after_failed_run()
         print(f"error: {exc}", file=sys.stderr)
         _exit_alone(2)
     except TrainingInterrupted as exc:  # every process stops at the same step: they exit together
@@ -544,6 +526,24 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         _exit_alone(1)
     finally:
         _command = None
+
+
+# the --out that parse_args claimed in this process, and whether the claim created it
+_claimed: tuple[str, bool] | None = None
+
+
+def _after_failed_run() -> None:
+    """A run that failed before its first checkpoint gives back the run ``--overwrite`` set aside,
+    and leaves no directory it created with nothing in it but its own start."""
+    if _claimed is None or not runio.is_first_process():
+        return
+    out, created = _claimed
+    runio.restore_previous_run(out)
+    started = runio.has_checkpoints(out) or any(os.path.exists(os.path.join(out, name))
+                                                for name in ("metrics.jsonl", "summary.json"))
+    if created and not started:
+        runio.unlock_run_dir(out)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _exit_alone(code: int) -> None:

@@ -23,6 +23,7 @@ import datetime
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import uuid
@@ -157,3 +158,114 @@ def update_json(path: str | os.PathLike, fields: dict[str, Any]) -> dict[str, An
     data.update(fields)
     write_json(path, data)
     return data
+
+
+# -- who owns a run directory ------------------------------------------------------------------
+# A run directory holds one job's run. RUN_FILE records which job made it; RUN_OUTPUTS are the
+# files and folders runs write (and --overwrite replaces), EVENT_FILES TensorBoard's.
+RUN_FILE = "run.json"
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "baseline", "tokenizer.json", "sample.txt",
+               "test_responses.json", "config.yaml", RUN_FILE)
+EVENT_FILES = "events.out.tfevents.*"
+PREVIOUS_RUN = ".previous-run"  # --overwrite moves the old run here until the new one has a checkpoint
+
+
+def claim_run_dir(out_dir: str | os.PathLike, job: str, *, resume: bool, overwrite: bool) -> None:
+    """Claim ``out_dir`` for a run of ``job`` before any work, or raise ``ValueError`` saying why:
+    lock it (a live run there is refused), check that it holds no run of another job and that
+    ``resume`` has a checkpoint to continue (a fresh start one to not overwrite), and record the job.
+
+    ``overwrite`` removes nothing: the old run moves to ``<out>/.previous-run`` and is deleted only
+    once the new run has written its first checkpoint (``discard_previous_run``); if the new run
+    stops before that, ``restore_previous_run`` (the command's error path, or the next claim) puts
+    it back. A claim that fails leaves no directory it created."""
+    out_dir = os.fspath(out_dir)
+    created = not os.path.exists(out_dir)
+    lock_run_dir(out_dir)
+    try:
+        if is_first_process():
+            _claim(out_dir, job, resume=resume, overwrite=overwrite)
+    except BaseException:
+        unlock_run_dir(out_dir)
+        if created and is_first_process():
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _claim(out_dir: str, job: str, *, resume: bool, overwrite: bool) -> None:
+    if os.path.isdir(os.path.join(out_dir, PREVIOUS_RUN)):  # a run that --overwrite replaced, then was killed
+        restore_previous_run(out_dir) if not has_checkpoints(out_dir) else discard_previous_run(out_dir)
+    recorded = read_run_job(out_dir)
+    if recorded not in (None, job) and not overwrite:
+        raise ValueError(f"{out_dir} holds a run of another job ({recorded}); this is {job}: choose another --out, "
+                         "or pass --overwrite to replace that run")
+    checkpoints = os.path.join(out_dir, "checkpoints")
+    if resume and not has_checkpoints(out_dir):
+        raise ValueError(f"--resume: there is no checkpoint to resume from in {checkpoints} "
+                         "(run without --resume to start afresh)")
+    if not resume and not overwrite and has_checkpoints(out_dir):
+        raise ValueError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
+                         "--overwrite to replace it, or choose a new --out")
+    if overwrite:
+        _set_aside_outputs(out_dir)
+    if overwrite or recorded is None:
+        write_json(os.path.join(out_dir, RUN_FILE), {"job": job})
+
+
+def has_checkpoints(out_dir: str | os.PathLike) -> bool:
+    """Whether the run in ``out_dir`` has a checkpoint step."""
+    directory = os.path.join(out_dir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def read_run_job(out_dir: str | os.PathLike) -> str | None:
+    """The job recorded in ``out_dir/run.json`` (None: no record, e.g. a run older than the record)."""
+    path = os.path.join(out_dir, RUN_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)["job"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}): restore it, or pass --overwrite to replace the run") from None
+
+
+def run_outputs(out_dir: str | os.PathLike) -> list[str]:
+    """The paths in ``out_dir`` that runs write (what ``--overwrite`` replaces)."""
+    import glob
+
+    names = [os.path.join(out_dir, name) for name in RUN_OUTPUTS]
+    return [p for p in names if os.path.lexists(p)] + sorted(glob.glob(os.path.join(glob.escape(os.fspath(out_dir)),
+                                                                                   EVENT_FILES)))
+
+
+def _set_aside_outputs(out_dir: str) -> None:
+    previous = os.path.join(out_dir, PREVIOUS_RUN)
+    outputs = run_outputs(out_dir)
+    if not outputs:
+        return
+    os.makedirs(previous)
+    for path in outputs:
+        os.rename(path, os.path.join(previous, os.path.basename(path)))
+
+
+def discard_previous_run(out_dir: str | os.PathLike) -> None:
+    """Delete the run that ``--overwrite`` set aside (the new run has a checkpoint of its own)."""
+    if is_first_process():
+        shutil.rmtree(os.path.join(out_dir, PREVIOUS_RUN), ignore_errors=True)
+
+
+def restore_previous_run(out_dir: str | os.PathLike) -> bool:
+    """Put back the run that ``--overwrite`` set aside, replacing what the new run wrote (it has no
+    checkpoint); returns whether there was one."""
+    previous = os.path.join(out_dir, PREVIOUS_RUN)
+    if not is_first_process() or not os.path.isdir(previous):
+        return False
+    for path in run_outputs(out_dir):
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    for name in os.listdir(previous):
+        os.rename(os.path.join(previous, name), os.path.join(out_dir, name))
+    os.rmdir(previous)
+    print(f"note: {out_dir}: the new run stopped before its first checkpoint, so the run --overwrite replaced "
+          "is back", file=sys.stderr, flush=True)
+    return True

@@ -13,7 +13,7 @@ import os
 from jaxllm.data.tabular import breast_cancer
 from jaxllm.models.linear import LogisticConfig
 from jaxllm.models.mlp import MLPConfig
-from jaxllm import cli
+from jaxllm import cli, runio
 from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
 
@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
     run = train_supervised(mlp, train, loss="softmax", out_dir=args.out, title="MLP", **common)
     baseline = os.path.join(args.out, "baseline")
     # the run's config.yaml is the MLP's, in --out; a run stopped during the MLP has no baseline to resume
-    resume_baseline = args.resume and cli.has_checkpoints(os.path.join(baseline, "checkpoints"))
+    resume_baseline = args.resume and runio.has_checkpoints(baseline)
     base = train_supervised(LogisticConfig(num_inputs=train[0].shape[1]), train, loss="binary", out_dir=baseline,
                             title="baseline", **{**common, "flags": None, "resume": resume_baseline})
     summary = update_json(os.path.join(args.out, "summary.json"), {

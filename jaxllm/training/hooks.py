@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import warnings
 from typing import Any, Callable
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 
 from jaxllm.jax_internals import compiled_versions
+from jaxllm.runio import discard_previous_run
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import MetricsLog
 
@@ -116,6 +118,7 @@ class CheckpointHook(Hook):
         to_save = info.state if jax.process_count() > 1 else one_device
         self.last_saved = self.checkpointer.save(to_save, data_state=self.data_state())
         self.saved_at = time.monotonic()
+        discard_previous_run(os.path.dirname(self.checkpointer.directory))  # the run --overwrite replaced
 
     def clock_due(self, minutes: float | None) -> bool:
         return bool(minutes) and time.monotonic() - self.saved_at >= 60 * minutes

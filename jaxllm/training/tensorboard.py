@@ -20,10 +20,8 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.record_writer import masked_crc32c
 
-from jaxllm.runio import naming_the_file
-from jaxllm.runio import is_first_process
+from jaxllm.runio import EVENT_FILES, is_first_process, naming_the_file
 
-EVENT_FILES = "events.out.tfevents.*"  # TensorBoard reads every file with "tfevents" in its name
 
 
 def event_files(directory: str | os.PathLike) -> list[str]:
