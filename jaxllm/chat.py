@@ -131,10 +131,8 @@ def main(argv=None) -> int:
                    help="checkpoint step of a run directory (default: the latest intact one)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=None,
                    help="tokens per answer at most (default: the room the context leaves after the prompt)")
-    p.add_argument("--temperature", type=cli.non_negative_float, default=None,
-                   help="0: greedy (default: 0 for an instruction-tuned run, else 0.8)")
-    p.add_argument("--top-k", type=cli.non_negative_int, default=40, help="keep the k likeliest tokens; 0: all")
-    p.add_argument("--top-p", type=cli.positive_fraction, default=None, help="nucleus sampling, in (0, 1]")
+    cli.add_sampling_flags(p, temperature=None, temperature_help="0: greedy (default: 0 for an instruction-tuned "
+                                                                  "run, else 0.8)")
     p.add_argument("--seed", type=cli.non_negative_int, default=0, help="seed of the sampling keys")
     args = p.parse_args(argv)
     base = load_base(args.run, args.step)

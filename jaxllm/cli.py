@@ -6,6 +6,7 @@ import argparse
 import copy
 import difflib
 import os
+import re
 import shutil
 import sys
 import traceback
@@ -71,6 +72,13 @@ positive_float = float_in(0.0, low_open=True)  # learning rate, clip norm, LoRA 
 non_negative_float = float_in(0.0)  # weight decay, temperature
 fraction_below_1 = float_in(0.0, 1.0, high_open=True)  # [0, 1): dropout, momentum
 positive_fraction = float_in(0.0, 1.0, low_open=True)  # (0, 1]: top-p, a discount
+def absolute_path(text: str) -> str:
+    """A file or directory flag: stored absolute, so a run resumes from any working directory."""
+    return os.path.abspath(os.path.expanduser(text))
+
+
+absolute_path.__name__ = "path"
+
 # train_bpe's minimum: the 256 byte tokens + <|endoftext|>
 BPE_MIN_VOCAB = 257
 bpe_vocab_size = int_in(BPE_MIN_VOCAB)
@@ -127,6 +135,7 @@ class ArgumentParser(argparse.ArgumentParser):
         if _command is not None:
             kwargs.setdefault("prog", _command)
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # --step is not --steps: a flag is spelled out or refused
         super().__init__(*args, **kwargs)
         self._groups = {title: self.add_argument_group(title) for title in GROUPS}
         self.compile_cache = compile_cache
@@ -172,7 +181,26 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed, rest
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message}{self._closest_flags(message)} (see {self.prog} --help)\n")
+
+    def format_help(self) -> str:
+        """Plain text: the docstrings' and helps' reStructuredText quotes dropped."""
+        return super().format_help().replace("``", "").replace("`", "")
+
+    def _closest_flags(self, message: str) -> str:
+        """`` (did you mean --steps?)`` for an unrecognized flag close to one of this parser's."""
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            options = [c.strip().strip("'") for c in choice.group(2).split(",")]
+            match = difflib.get_close_matches(choice.group(1), options, 1, 0.6)
+            return f" (did you mean {match[0]}?)" if match else ""
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if not unknown:
+            return ""
+        known = sorted(set(re.findall(r"--[\w-]+", self.format_usage())))
+        hints = [m[0] for arg in unknown.group(1).split() if arg.startswith("--")
+                 if (m := difflib.get_close_matches(arg.split("=")[0], known, 1, 0.6))]
+        return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 def make_parser(description: str, *, job: str, epochs: int, lr: float, optimizer: str = "adamw",
@@ -237,6 +265,30 @@ def make_parser(description: str, *, job: str, epochs: int, lr: float, optimizer
         add_parallel_flags(p, precision=precision, split_cpu=split_cpu)
     distributed.add_flags(p, p.group("multi-host"))
     return p
+
+
+def add_text_flags(group, *, tokenizer: str | None = "bpe", vocab_size: int | None = 512, default_note: str = "") -> None:
+    """``--text``, ``--tokenizer``, ``--vocab-size``: the text jobs' data (lm, rnn, ngram, prepare).
+    ``default_note`` ends the tokenizer and vocabulary helps (e.g. where a None default comes from)."""
+    from jaxllm.data.lm_data import TOKENIZERS
+
+    group.add_argument("--text", nargs="+", type=absolute_path, default=None, metavar="FILE",
+                       help="text files, one document each, to use instead of Shakespeare's works")
+    group.add_argument("--tokenizer", choices=TOKENIZERS, default=tokenizer,
+                       help="bpe: a byte-level BPE trained on the training text; gpt2: GPT-2's" + default_note)
+    group.add_argument("--vocab-size", type=bpe_vocab_size, default=vocab_size,
+                       help="size of the trained BPE (bpe tokenizer)" + default_note)
+
+
+def add_sampling_flags(group, *, temperature: float | None = 0.8, top_k: int = 40, temperature_help: str = "0: greedy",
+                       top_p: bool = True, all_tokens: bool = True) -> None:
+    """``--temperature``, ``--top-k`` and, with ``top_p``, ``--top-p``: how a job samples text.
+    ``all_tokens``: ``--top-k 0`` keeps every token (else it must be >= 1)."""
+    group.add_argument("--temperature", type=non_negative_float, default=temperature, help=temperature_help)
+    group.add_argument("--top-k", type=non_negative_int if all_tokens else positive_int, default=top_k,
+                       help="keep the k likeliest tokens" + ("; 0: all" if all_tokens else ""))
+    if top_p:
+        group.add_argument("--top-p", type=positive_fraction, default=None, help="nucleus sampling, in (0, 1]")
 
 
 def add_eval_batches(p: ArgumentParser, default: int = 50) -> None:
@@ -393,7 +445,9 @@ def _config_path(parser: argparse.ArgumentParser, value: str) -> str:
     preset = run_flags.preset_path(job, value) if job and os.sep not in value else None
     if preset is None:
         named = ", ".join(run_flags.presets(job)) if job else ""
-        presets = f" and no such preset (presets: {named})" if named else ""
+        close = difflib.get_close_matches(value, run_flags.presets(job), 1, 0.6) if job else []
+        presets = (f" and no such preset (presets: {named}){f' (did you mean {close[0]}?)' if close else ''}"
+                   if named else "")
         parser.error(f"argument --config: no file {value!r}{presets}")
     return os.fspath(preset)
 

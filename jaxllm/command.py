@@ -49,6 +49,7 @@ SECTIONS = (  # (heading, {command words: job}), listed in this order
 )
 JOBS = {words: job for _, jobs in SECTIONS for words, job in jobs.items()}
 GROUPS = {words[0] for words in JOBS if len(words) > 1}  # "train", "finetune": they need a job name
+COMMANDS = sorted({words[0] for words in JOBS})
 
 
 def overview(group: str | None = None) -> str:
@@ -70,15 +71,27 @@ def resolve(argv: Sequence[str]) -> tuple[tuple[str, ...], Job, list[str]]:
         if words in JOBS:
             return words, JOBS[words], list(argv[n:])
     first = argv[0] if argv else None
+    if first == "--version":
+        from jaxllm import __version__
+
+        print(f"jaxllm {__version__}")
+        sys.exit(0)
     group = first if first in GROUPS else None
     if first is not None and (first in ("-h", "--help") or (group and argv[1:2] in (["-h"], ["--help"]))):
         print(overview(group))
         sys.exit(0)
     if group:
-        names = ", ".join(w[1] for w in JOBS if w[0] == group)
-        problem = f"unknown job {argv[1]!r} for" if len(argv) > 1 else "name a job for"
-        _fail(f"{problem} jaxllm {group}: one of {names}")
-    _fail("name a command" if first is None else f"unknown command {first!r}")
+        names = [w[1] for w in JOBS if w[0] == group]
+        problem = f"unknown job {argv[1]!r}{_closest(argv[1], names)} for" if len(argv) > 1 else "name a job for"
+        _fail(f"{problem} jaxllm {group}: one of {', '.join(names)}")
+    _fail("name a command" if first is None else f"unknown command {first!r}{_closest(first, COMMANDS)}")
+
+
+def _closest(word: str, names) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(word, list(names), 1, 0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
 
 
 def _fail(message: str):

@@ -46,6 +46,8 @@ def test_lm_trains_evaluates_and_samples(load_script, corpus, tmp_path, monkeypa
 
     text = load_script("generate").main(["--run", str(out), "--prompt", "The model", "--max-new-tokens", "8"])
     assert text.startswith("The model") and len(text) > len("The model")
+    # the run directory is a position, as for chat and export (--run is the older spelling)
+    assert load_script("generate").main([str(out), "--prompt", "The model", "--max-new-tokens", "8"]) == text
 
 
 def _params(load_script, out):

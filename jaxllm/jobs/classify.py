@@ -169,9 +169,9 @@ def make_parser():
     parser = cli.make_parser(__doc__, job="classify", epochs=3, lr=0.0, batch_size=8, weight_decay=0.1,
                              log_every=100)
     parser.set_defaults(lr=None, schedule=None, warmup_steps=None)  # per-mode defaults, resolved in main
-    parser.add_argument("--base", default="runs/lm",
+    parser.add_argument("--base", type=cli.absolute_path, default="runs/lm",
                         help="a `jaxllm train lm` run directory (`make demo` writes runs/lm) or a local HF GPT-2 directory")
-    parser.add_argument("--data", default=None, help=f"data file (default for vader: {cdata.VADER_DEFAULT})")
+    parser.add_argument("--data", type=cli.absolute_path, default=None, help=f"data file (default for vader: {cdata.VADER_DEFAULT})")
     parser.add_argument("--format", choices=cdata.FORMATS, default="vader",
                         help="vader: the movie-review snippets; sms: label<TAB>text lines")
     parser.add_argument("--labels", nargs="+", default=None, help="sms format: the label names, class 0 first")

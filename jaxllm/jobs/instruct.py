@@ -99,9 +99,9 @@ def main(argv=None) -> dict:
     parser.set_defaults(epochs=None, lr=None)
     parser.reword(lr="learning rate (default: 5e-5 for a Hugging Face base, else 1e-3)",
                   epochs="passes over the training records (default: 2 for a Hugging Face base, else 5)")
-    parser.add_argument("--base", default="runs/lm",
+    parser.add_argument("--base", type=cli.absolute_path, default="runs/lm",
                         help="a `jaxllm train lm` output directory or a local Hugging Face GPT-2 directory")
-    parser.add_argument("--data", default=str(SHIPPED_PATH), help="Alpaca-format JSON list of records")
+    parser.add_argument("--data", type=cli.absolute_path, default=str(SHIPPED_PATH), help="Alpaca-format JSON list of records")
     parser.add_argument("--mask-prompt", action="store_true", help="score only the response tokens")
     parser.add_argument("--max-length", type=cli.int_in(2), default=None,
                         help="tokens per training row (default: the context the base was trained at)")

@@ -36,7 +36,7 @@ import time
 import jax
 
 from jaxllm.data.batches import ArrayBatches
-from jaxllm.data.lm_data import TOKENIZERS, describe, prepare_lm_data
+from jaxllm.data.lm_data import describe, prepare_lm_data
 from jaxllm.data.token_file import TokenData, TokenWindows, load_token_dir
 from jaxllm.data.tokenizer import decode_bytes, encode
 from jaxllm.data.windows import lm_windows
@@ -128,8 +128,9 @@ def main(argv=None) -> dict:
     # 128, 576 steps an epoch on Shakespeare with the 512 BPE; 3 epochs took 8 min 46 s in all and
     # reached 2.261 bits/char (2 epochs at lr 1e-3: 5 min 53 s, 2.442).
     parser.set_defaults(clip_norm=1.0, schedule="warmup_cosine", warmup_steps=100, eval_every=576)
-    parser.add_argument("--text", nargs="+", default=None, help="text files to use instead of Shakespeare")
-    parser.add_argument("--tokens", default=None, metavar="DIR",
+    cli.add_text_flags(parser.group("data"), tokenizer=None, vocab_size=None,
+                       default_note=" (default: bpe, 512; with --tokens: the directory's)")
+    parser.add_argument("--tokens", type=cli.absolute_path, default=None, metavar="DIR",
                         help="train on a token directory written by `jaxllm prepare` (memory-mapped, for corpora "
                              "larger than memory) instead of --text; its tokenizer and vocabulary are used")
     parser.add_argument("--model", choices=tuple(LANGUAGE_MODELS), default="decoder")
@@ -141,20 +142,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--heads", type=cli.positive_int, default=None, help="override the preset's number of heads")
     parser.add_argument("--dropout", type=cli.fraction_below_1, default=None,
                         help="GPT-2's drop rate (default: the preset's)")
-    # None: resolved by data_flags (bpe and 512, or the --tokens directory's), so a value given is known to be given
-    parser.add_argument("--tokenizer", choices=TOKENIZERS, default=None,
-                        help="bpe: a byte-level BPE trained on the training text; gpt2: GPT-2's (default: bpe; with "
-                             "--tokens: the directory's)")
-    parser.add_argument("--vocab-size", type=cli.bpe_vocab_size, default=None,
-                        help="size of the trained BPE (bpe tokenizer) (default: 512; with --tokens: the directory's)")
     parser.add_argument("--context", type=cli.positive_int, default=128,
                         help="tokens per training and validation window")
     parser.add_argument("--stride", type=cli.positive_int, default=None,
                         help="training window stride (default: --context)")
     parser.add_argument("--eval-batch-size", type=cli.positive_int, default=32, help="validation windows per batch")
     parser.add_argument("--sample-tokens", type=cli.positive_int, default=200, help="length of sample.txt")
-    parser.add_argument("--temperature", type=cli.non_negative_float, default=0.8, help="0: greedy")
-    parser.add_argument("--top-k", type=cli.positive_int, default=40)
+    cli.add_sampling_flags(parser.group("evaluation"), top_p=False, all_tokens=False)
     cli.add_eval_batches(parser)
     parser.arrange(model=["--model", "--preset", "--d-model", "--layers", "--heads", "--dropout"],
                    data=["--text", "--tokens", "--tokenizer", "--vocab-size", "--context", "--stride"],

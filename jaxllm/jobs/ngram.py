@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from jaxllm.data.lm_data import TOKENIZERS, describe, prepare_lm_data
+from jaxllm.data.lm_data import describe, prepare_lm_data
 from jaxllm.models.ngram import BookCountLM, KneserNeyLM, book_tokens
 from jaxllm.training.lm_eval import bits_per_char
 from jaxllm import cli
@@ -28,11 +28,7 @@ def main(argv=None) -> dict:
     run.add_argument("--out", default="runs/ngram", help="output directory (summary.json, metrics.jsonl, sample.txt, "
                                                          "tokenizer.json)")
     run.add_argument("--seed", type=cli.non_negative_int, default=0, help="seed for the split and the sample")
-    data.add_argument("--text", nargs="+", default=None, help="text files to use instead of Shakespeare")
-    data.add_argument("--tokenizer", choices=TOKENIZERS, default="bpe",
-                      help="bpe: a byte-level BPE trained on the training text; gpt2: GPT-2's")
-    data.add_argument("--vocab-size", type=cli.bpe_vocab_size, default=512,
-                      help="size of the trained BPE (bpe tokenizer); same default as jaxllm train rnn")
+    cli.add_text_flags(data)
     model.add_argument("--order", type=cli.positive_int, default=4,
                        help="n-gram order of the Kneser-Ney model (4 scores best on Shakespeare)")
     model.add_argument("--discount", type=cli.positive_fraction, default=0.75, help="Kneser-Ney discount, in (0, 1]")

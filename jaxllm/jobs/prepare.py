@@ -13,7 +13,7 @@ first ``--bpe-train-chars`` characters of the train split (all of it when shorte
 
 from __future__ import annotations
 
-from jaxllm.data.lm_data import TOKENIZERS, describe
+from jaxllm.data.lm_data import describe
 from jaxllm.data.token_file import BPE_TRAIN_CHARS, load_token_dir, prepare_tokens
 from jaxllm import cli
 
@@ -21,12 +21,7 @@ from jaxllm import cli
 def main(argv=None) -> dict:
     p = cli.ArgumentParser(description=__doc__, compile_cache=False)  # tokenizes: nothing to compile
     data, run = p.group("data"), p.group("run")
-    data.add_argument("--text", nargs="+", default=None, metavar="FILE",
-                      help="text files, one document each (default: Shakespeare's works, as jaxllm train lm)")
-    data.add_argument("--tokenizer", choices=TOKENIZERS, default="bpe",
-                      help="bpe: a byte-level BPE trained on the training text; gpt2: GPT-2's")
-    data.add_argument("--vocab-size", type=cli.bpe_vocab_size, default=512,
-                      help="size of the trained BPE (bpe tokenizer); same default as jaxllm train lm")
+    cli.add_text_flags(data)
     data.add_argument("--val-fraction", type=cli.float_in(0.0, 1.0, low_open=True, high_open=True), default=0.1,
                       help="share of the characters held out for validation, whole documents (jaxllm train lm's is "
                            "0.1)")

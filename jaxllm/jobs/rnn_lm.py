@@ -14,7 +14,7 @@ import os
 import jax
 
 from jaxllm.data.batches import ArrayBatches
-from jaxllm.data.lm_data import TOKENIZERS, describe, prepare_lm_data
+from jaxllm.data.lm_data import describe, prepare_lm_data
 from jaxllm.data.tokenizer import decode_bytes, encode
 from jaxllm.data.windows import lm_windows
 from jaxllm.generate import sample_recurrent
@@ -33,11 +33,7 @@ def main(argv=None) -> dict:
     # Tuned on the default split to beat the n-gram baseline in under 10 minutes on 2 CPU cores
     # (see README): small batches, clipped gradients, a short warmup and a cosine decay.
     parser.set_defaults(clip_norm=1.0, schedule="warmup_cosine", warmup_steps=100)
-    parser.add_argument("--text", nargs="+", default=None, help="text files to use instead of Shakespeare")
-    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="bpe",
-                        help="bpe: a byte-level BPE trained on the training text; gpt2: GPT-2's")
-    parser.add_argument("--vocab-size", type=cli.bpe_vocab_size, default=512,
-                        help="size of the trained BPE (bpe tokenizer)")
+    cli.add_text_flags(parser.group("data"))
     parser.add_argument("--context", type=cli.positive_int, default=64, help="tokens per training window")
     parser.add_argument("--stride", type=cli.positive_int, default=None, help="window stride (default: --context)")
     parser.add_argument("--emb-dim", type=cli.positive_int, default=256,
