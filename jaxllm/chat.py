@@ -29,7 +29,7 @@ from jaxllm.data.instruct import format_prompt
 from jaxllm.data.tokenizer import encode
 from jaxllm.generate import fit_context, stream
 from jaxllm.pretrained import Base, load_base
-from jaxllm import cli
+from jaxllm import cli, runio
 
 
 def is_instruction_run(run: dict) -> bool:
@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     if sys.stdin.isatty():
         kind = "instruction-tuned: each line is an instruction" if chat.instruct else "each line is continued"
         print(f"{base.source} ({kind}); /quit or Ctrl-D ends", file=sys.stderr)
+        if runio.describe_data(args.run):
+            print(runio.describe_data(args.run), file=sys.stderr)
     return repl(chat, sys.stdin, sys.stdout)
 
 

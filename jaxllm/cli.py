@@ -230,6 +230,9 @@ def make_parser(description: str, *, job: str, epochs: int, lr: float, optimizer
     run.add_argument("--resume", action="store_true",
                      help="continue from the latest checkpoint in --out, with the flags of its config.yaml "
                           "(flags given here override them)")
+    run.add_argument("--accept-data-change", action="store_true",
+                     help="--resume: continue although the data differs from what the run recorded (the change is "
+                          "recorded in run.json)")
     run.add_argument("--overwrite", action="store_true",
                      help="delete a previous run's outputs in --out first (otherwise they are kept and the run "
                           "refused)")
@@ -389,7 +392,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
 
 # what a run is and does, not how it trains -- and where this one process stands in a multi-host
 # launch, which a resume on other hosts does not share: given on the command line only, never in a file
-COMMAND_LINE_ONLY = ("out", "config", "resume", "overwrite", "coordinator", "num_processes", "process_id")
+COMMAND_LINE_ONLY = ("out", "config", "resume", "overwrite", "accept_data_change", "coordinator", "num_processes",
+                     "process_id")
 
 
 def _file_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:

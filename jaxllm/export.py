@@ -68,7 +68,7 @@ def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "h
 
 def main(argv=None) -> str:
     """``jaxllm export RUN OUT [--format hf|safetensors] [--step N] [--overwrite]``: ``export_run``."""
-    from jaxllm import cli
+    from jaxllm import cli, runio
 
     p = cli.ArgumentParser(description=__doc__, compile_cache=False)
     p.add_argument("run", help="a `jaxllm train lm` output directory")
@@ -81,6 +81,8 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     out = export_run(args.run, args.out, args.format, step=args.step, overwrite=args.overwrite)
     print(f"{args.run} -> {out} ({args.format})")
+    if runio.describe_data(args.run):
+        print(runio.describe_data(args.run))
     return out
 
 

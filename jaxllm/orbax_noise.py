@@ -53,11 +53,13 @@ def _drop_closed_loop_callbacks(previous):
 
 
 def install() -> None:
-    """Hide the noise above for the rest of this process (idempotent)."""
-    if getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
-        return
-    sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
-    logging.getLogger("asyncio").addFilter(AbandonedOrbaxWrites())
-    logging.getLogger("absl").addFilter(OrbaxErrorRecords())
+    """Hide the noise above for the rest of this process (each part at most once)."""
+    if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+        sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+    for name, kind in (("asyncio", AbandonedOrbaxWrites), ("absl", OrbaxErrorRecords)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
     # the command runs no coroutines of its own: every unawaited one is an abandoned orbax commit
+    # (an identical filter is replaced, not added twice)
     warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)

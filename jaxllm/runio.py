@@ -153,8 +153,14 @@ def update_json(path: str | os.PathLike, fields: dict[str, Any]) -> dict[str, An
     """Merge ``fields`` into the JSON object at ``path`` (created if missing); returns the result."""
     data = {}
     if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise ValueError(f"{os.fspath(path)} is not valid JSON ({exc}): restore it, or delete it and it is "
+                             "written anew") from None
     data.update(fields)
     write_json(path, data)
     return data
@@ -209,7 +215,7 @@ def _claim(out_dir: str, job: str, *, resume: bool, overwrite: bool) -> None:
     if overwrite:
         _set_aside_outputs(out_dir)
     if overwrite or recorded is None:
-        write_json(os.path.join(out_dir, RUN_FILE), {"job": job})
+        write_json(os.path.join(out_dir, RUN_FILE), {**({} if overwrite else read_run(out_dir)), "job": job})
 
 
 def has_checkpoints(out_dir: str | os.PathLike) -> bool:
@@ -220,14 +226,7 @@ def has_checkpoints(out_dir: str | os.PathLike) -> bool:
 
 def read_run_job(out_dir: str | os.PathLike) -> str | None:
     """The job recorded in ``out_dir/run.json`` (None: no record, e.g. a run older than the record)."""
-    path = os.path.join(out_dir, RUN_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)["job"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is unreadable ({exc}): restore it, or pass --overwrite to replace the run") from None
+    return read_run(out_dir).get("job")
 
 
 def run_outputs(out_dir: str | os.PathLike) -> list[str]:
@@ -269,3 +268,65 @@ def restore_previous_run(out_dir: str | os.PathLike) -> bool:
     print(f"note: {out_dir}: the new run stopped before its first checkpoint, so the run --overwrite replaced "
           "is back", file=sys.stderr, flush=True)
     return True
+
+
+# -- what a run was trained on ------------------------------------------------------------------
+
+def record_data(out_dir: str | os.PathLike, fingerprint: dict, *, resume: bool, accept_change: bool = False) -> None:
+    """Record ``fingerprint`` (``jaxllm.data.corpus.data_fingerprint``) in ``out_dir/run.json``; on
+    ``resume``, first check it against the recorded one and refuse a change, naming what changed,
+    unless ``accept_change`` (then the change is recorded too)."""
+    if not is_first_process():
+        return
+    path = os.path.join(out_dir, RUN_FILE)
+    run = read_run(out_dir)
+    recorded = run.get("data")
+    if resume and recorded is not None and recorded != fingerprint:
+        changes = _data_changes(recorded, fingerprint)
+        if not accept_change:
+            raise ValueError(f"--resume: the data changed since {out_dir} was trained on it ({'; '.join(changes)}): "
+                             "restore it, or pass --accept-data-change to continue on the new data")
+        run.setdefault("accepted_data_changes", []).append({"changes": changes, "before": recorded})
+    run["data"] = fingerprint
+    write_json(path, run)
+
+
+def read_run(out_dir: str | os.PathLike) -> dict:
+    """``out_dir/run.json`` (empty without one); a broken one is refused naming the file."""
+    path = os.path.join(out_dir, RUN_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            run = json.load(f)
+        if not isinstance(run, dict):
+            raise ValueError("not a JSON object")
+        return run
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}): restore it, or pass --overwrite to replace the run") from None
+
+
+def describe_data(out_dir: str | os.PathLike) -> str | None:
+    """One line on what the run in ``out_dir`` was trained on, or None when it recorded nothing."""
+    data = read_run(out_dir).get("data") if os.path.isdir(out_dir) else None
+    if not data:
+        return None
+    if "text" in data:
+        return "trained on " + ", ".join(f"{f['path']} ({f['size']:,} bytes, sha256 {f['sha256'][:12]})"
+                                         for f in data["text"])
+    if "tokens" in data:
+        return f"trained on the token directory {data['tokens']} (meta.json sha256 {data['meta_sha256'][:12]})"
+    return f"trained on the {data.get('package')} package, version {data.get('version')}"
+
+
+def _data_changes(before: dict, after: dict) -> list[str]:
+    old = {f["path"]: f for f in before.get("text", [])}
+    new = {f["path"]: f for f in after.get("text", [])}
+    changes = [f"{p} is no longer used" for p in old if p not in new]
+    changes += [f"{p} is new" for p in new if p not in old]
+    changes += [f"{p} changed ({old[p]['size']:,} -> {new[p]['size']:,} bytes, another sha256)"
+                for p in new if p in old and old[p] != new[p]]
+    for key in sorted((set(before) | set(after)) - {"text"}):
+        if before.get(key) != after.get(key):
+            changes.append(f"{key}: {before.get(key)} -> {after.get(key)}")
+    return changes

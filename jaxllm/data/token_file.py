@@ -35,7 +35,8 @@ import numpy as np
 import tiktoken
 
 from jaxllm.data.batches import ShuffledBatches
-from jaxllm.data.corpus import (DOCUMENT_SEPARATOR, held_out_documents, load_documents, single_document_cut)
+from jaxllm.data.corpus import (DOCUMENT_SEPARATOR, distinct_text_files, file_sha256, held_out_documents,
+                                load_documents, single_document_cut)
 from jaxllm.data.lm_data import TOKENIZERS
 from jaxllm.data.tokenizer import decode_bytes, encode, gpt2_encoding, load_encoding, save_encoding, train_bpe
 from jaxllm.validate import check_token_ids
@@ -87,9 +88,7 @@ def _documents(text_files: list[str] | None, block: int) -> list[_Document]:
     if not text_files:  # Shakespeare: 5 MB, in memory as load_documents gives it
         return [_Document(name, len(text), lambda text=text: iter((text,))) for name, text in load_documents(None)]
     documents = []
-    for path in map(Path, text_files):
-        if not path.is_file():
-            raise ValueError(f"text file {path} does not exist")
+    for path in distinct_text_files(text_files):
         chars, has_text = 0, False
         for text in _read_text(path, block):
             chars += len(text)
@@ -316,6 +315,11 @@ class TokenData:
                 "tokenizer": self.meta["tokenizer"], "vocab_size": self.meta["vocab_size"],
                 "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
                 "tokens": self.path}
+
+    def fingerprint(self) -> dict:
+        """What a run trained on it records (``corpus.data_fingerprint``'s counterpart): the directory
+        and the sha256 of its meta.json, which names its sources, split and token counts."""
+        return {"tokens": str(Path(self.path).resolve()), "meta_sha256": file_sha256(Path(self.path) / META)}
 
     def val_prefix(self, chars: int) -> str:
         """The first ``chars`` characters of the validation text (``val_text[:chars]`` of the in-memory

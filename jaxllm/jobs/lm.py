@@ -36,13 +36,14 @@ import time
 import jax
 
 from jaxllm.data.batches import ArrayBatches
-from jaxllm.data.lm_data import describe, prepare_lm_data
+from jaxllm.data.corpus import data_fingerprint
+from jaxllm.data.lm_data import VAL_FRACTION, describe, prepare_lm_data
 from jaxllm.data.token_file import TokenData, TokenWindows, load_token_dir
 from jaxllm.data.tokenizer import decode_bytes, encode
 from jaxllm.data.windows import lm_windows
 from jaxllm.generate import fit_context, generate
 from jaxllm.models import LANGUAGE_MODELS, language_model
-from jaxllm import cli
+from jaxllm import cli, runio
 from jaxllm.training import TrainState, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.lm_eval import eval_windows, lm_scores, window_nll
@@ -174,6 +175,9 @@ def main(argv=None) -> dict:
         data.save_tokenizer(args.out, resume=args.resume)  # generate, chat and export read the run's copy
         val_prompt = data.val_prefix(40)
     print(describe(data.report))
+    fingerprint = (data_fingerprint(args.text, seed=args.seed, val_fraction=VAL_FRACTION) if token_dir is None
+                   else token_dir.fingerprint())
+    runio.record_data(args.out, fingerprint, resume=args.resume, accept_change=args.accept_data_change)
     config = config.replace(vocab_size=data.vocab_size)
     if token_dir is None:
         batches = ArrayBatches(lm_windows(data.train_ids, args.context, stride, vocab_size=data.vocab_size),

@@ -14,12 +14,13 @@ import os
 import jax
 
 from jaxllm.data.batches import ArrayBatches
-from jaxllm.data.lm_data import describe, prepare_lm_data
+from jaxllm.data.corpus import data_fingerprint
+from jaxllm.data.lm_data import VAL_FRACTION, describe, prepare_lm_data
 from jaxllm.data.tokenizer import decode_bytes, encode
 from jaxllm.data.windows import lm_windows
 from jaxllm.generate import sample_recurrent
 from jaxllm.models import rnn
-from jaxllm import cli
+from jaxllm import cli, runio
 from jaxllm.training import TrainState, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.lm_eval import lm_scores, streaming_nll
@@ -53,6 +54,8 @@ def main(argv=None) -> dict:
 
     data = prepare_lm_data(args.text, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seed=args.seed,
                            out_dir=args.out, reuse_tokenizer=args.resume)
+    runio.record_data(args.out, data_fingerprint(args.text, seed=args.seed, val_fraction=VAL_FRACTION),
+                      resume=args.resume, accept_change=args.accept_data_change)
     print(describe(data.report))
     if data.val_ids.size <= args.eval_streams:  # fail now, not after the first epoch
         raise ValueError(f"the validation split has {data.val_ids.size} tokens; validation needs more than "

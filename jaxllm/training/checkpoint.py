@@ -230,7 +230,8 @@ class Checkpointer:
             meta = self.read_meta(step)
         except CheckpointError as exc:
             raise _Damaged(str(exc)) from exc
-        if self.config is not None and meta.get("config") not in (None, self.config):
+        if self.config is not None and meta.get("config") is not None and \
+                _without_data_paths(meta["config"]) != _without_data_paths(self.config):
             raise CheckpointError(f"{where} was written for a different config (saved → this run):\n"
                                   f"{_config_diff(meta.get('config'), self.config)}")
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_dict(make_template(meta)))
@@ -276,6 +277,14 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _without_data_paths(config: dict) -> dict:
+    """A run config without where its data lives (``data.text``, ``data.tokens``): a moved corpus, or a
+    path stored relative by an older run, is the same data; whether the data itself changed is the
+    run's data record's to say (``jaxllm.runio.record_data``: sizes and sha256s)."""
+    data = {k: v for k, v in (config.get("data") or {}).items() if k not in ("text", "tokens")}
+    return {**config, "data": data} if "data" in config else config
 
 
 class _Damaged(CheckpointError):

@@ -29,10 +29,24 @@ class MetricsLog:
                 f.write(json.dumps(row) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """The rows; a line that is not one (cut by a full disk, edited) is refused naming the file and line."""
         if not os.path.exists(self.path):
             return []
+        rows = []
         with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    if not isinstance(row, dict) or "step" not in row:
+                        raise ValueError("not a metrics row")
+                except ValueError as exc:
+                    raise ValueError(f"{self.path} line {number} is not a metrics row ({exc}): restore the file, or "
+                                     "delete that line and the ones after it (a resumed run logs its steps again)"
+                                     ) from None
+                rows.append(row)
+        return rows
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after ``step`` (a resumed run re-logs them; no duplicates)."""

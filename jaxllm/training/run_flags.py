@@ -29,7 +29,8 @@ def read_flags(path: str | os.PathLike) -> dict:
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        raise ValueError(f"{os.fspath(path)} is not valid YAML: {getattr(exc, 'problem', None) or exc}{line}") from None
+        raise ValueError(f"{os.fspath(path)} is not valid YAML: {getattr(exc, 'problem', None) or exc}{line}: fix or "
+                         "restore it (a run's config.yaml holds its flags, one 'name: value' a line)") from None
     if values is None:
         return {}
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
