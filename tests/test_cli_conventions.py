@@ -66,3 +66,16 @@ def test_a_run_resumes_from_another_working_directory(load_script, tmp_path, mon
     monkeypatch.chdir(second)
     summary = lm.main(["--out", str(first / "run"), "--resume", "--steps", "4"])
     assert summary["status"] == "finished" and summary["steps"] == 4 and summary["resumed_from"] == 2
+
+
+def test_a_run_written_by_the_previous_code_resumes(load_script, tmp_path, monkeypatch):
+    """tests/data/run_of_the_previous_code: 2 steps of `jaxllm train lm --text corpus.txt --out run`
+    (tiny preset) written before runs recorded their job and data and stored paths absolute; its
+    config.yaml holds the relative --text path, so the resume runs from a directory holding it."""
+    import shutil
+
+    shutil.copytree(ROOT / "tests" / "data" / "run_of_the_previous_code", tmp_path / "run")
+    (tmp_path / "corpus.txt").write_bytes((ROOT / "tests" / "data" / "alls_well.txt").read_bytes()[:6000])
+    monkeypatch.chdir(tmp_path)
+    summary = load_script("lm").main(["--out", "run", "--resume", "--steps", "4"])
+    assert summary["status"] == "finished" and summary["steps"] == 4 and summary["resumed_from"] == 2
