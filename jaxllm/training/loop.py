@@ -215,9 +215,10 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
                        decide=lambda step, signum: _decide(step, log_every, signum=signum,
                                                            clock=checkpoints.clock_due(checkpoint_minutes)),
                        interrupted=run.interrupted)
+        elapsed = metrics.elapsed()  # the training alone: not the plot and files written at the end
     finally:
         run.end(title)
-    timed_steps, elapsed = total - metrics.start_timed, metrics.elapsed()
+    timed_steps = total - metrics.start_timed
     write_json(run.summary_path, {
         "status": "finished",
         "steps": total,
