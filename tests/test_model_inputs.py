@@ -1,5 +1,5 @@
-"""Bad model and generation inputs are refused with a ValueError naming the problem and the limit
-(issue 12): token ids outside the vocabulary, a full KV cache, a prompt past the context, bad
+"""Bad model and generation inputs are refused with a ValueError naming the problem and the limit:
+token ids outside the vocabulary, a full KV cache, a prompt past the context, bad
 sampling arguments, a tokenizer bigger than the embedding, unsafe or truncated weight files."""
 
 import functools

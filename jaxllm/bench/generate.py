@@ -1,6 +1,6 @@
 """``generate`` suite: greedy decoding, ms per new token, JAX vs the PyTorch twin, cache vs none.
 
-Per model (the Burkov decoder and GPT-2 at issue 7's configs A and B, built with a context of
+Per model (the Burkov decoder and GPT-2 at the benchmark's configs A and B, built with a context of
 512) and batch size (1 and 8), a 16-token prompt continued by 256 tokens:
 
 * ``jax_cache``: ``jaxllm.generate.generate`` -- one prefill, then the whole decode in one jitted

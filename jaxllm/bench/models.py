@@ -5,9 +5,9 @@ minimise. The twin is built first (``torch.manual_seed``) and the Flax params ar
 its state dict through ``jaxllm.interop``, so both sides start from the same weights and the
 first losses agree (the suites check that).
 
-Transformer sizes follow issue 7: config A (vocab 512, d_model 128, 4 layers, context 128) and
-config B (vocab 8192, d_model 384, 6 layers, context 256), 2,048 tokens per step. The issue's
-prototype was a RoPE decoder with RMSNorm and a SiLU MLP; the twin that exists for that layout
+Transformer sizes: config A (vocab 512, d_model 128, 4 layers, context 128) and
+config B (vocab 8192, d_model 384, 6 layers, context 256), 2,048 tokens per step. The
+specified prototype was a RoPE decoder with RMSNorm and a SiLU MLP; the twin that exists for that layout
 is Burkov's decoder (interleaved RoPE, RMSNorm, per-head Q/K/V, ReLU MLP), so the ``decoder``
 rows use it. ``gpt2`` rows are Raschka's GPT-2 (LayerNorm, learned positions, GELU) at the same
 sizes with dropout 0 (dropout draws differ between frameworks; its cost is not the question).
@@ -49,7 +49,7 @@ def lm_batch(rng, vocab: int, rows: int, context: int) -> dict[str, np.ndarray]:
     return {"inputs": seqs[:, :-1], "targets": seqs[:, 1:]}
 
 
-# issue 7's configs A and B of the two transformer families: (config, rows, context)
+# configs A and B of the two transformer families: (config, rows, context)
 TRANSFORMER_CONFIGS = {
     "decoder": {"A": lambda: (_decoder(512, d_model=128, num_heads=8, num_layers=4, max_len=512), 16, 128),
                 "B": lambda: (_decoder(8192, d_model=384, num_heads=6, num_layers=6, max_len=512), 8, 256)},
@@ -74,12 +74,12 @@ def _gpt2(**kwargs):
 
 
 def config_a(family: str):
-    """Issue 7's config A for ``decoder`` or ``gpt2``: (config, rows, context)."""
+    """Config A for ``decoder`` or ``gpt2``: (config, rows, context)."""
     return TRANSFORMER_CONFIGS[family]["A"]()
 
 
 def config_b(family: str):
-    """Issue 7's config B for ``decoder`` or ``gpt2``: (config, rows, context)."""
+    """Config B for ``decoder`` or ``gpt2``: (config, rows, context)."""
     return TRANSFORMER_CONFIGS[family]["B"]()
 
 

@@ -125,9 +125,8 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     parser = cli.make_parser(__doc__, job="lm", epochs=3, lr=2e-3, batch_size=32, weight_decay=0.1,
                              log_every=50)
-    # Defaults measured with the burkov preset on 2 CPU cores: ~15k tokens/s at batch 32 x context
-    # 128, 576 steps an epoch on Shakespeare with the 512 BPE; 3 epochs took 8 min 46 s in all and
-    # reached 2.261 bits/char (2 epochs at lr 1e-3: 5 min 53 s, 2.442).
+    # defaults chosen with the burkov preset on 2 CPU cores (its figures: README, Language models);
+    # 576 steps are an epoch of Shakespeare at batch 32 x context 128 with the 512 BPE
     parser.set_defaults(clip_norm=1.0, schedule="warmup_cosine", warmup_steps=100, eval_every=576)
     cli.add_text_flags(parser.group("data"), tokenizer=None, vocab_size=None,
                        default_note=" (default: bpe, 512; with --tokens: the directory's)")
