@@ -171,7 +171,7 @@ def update_json(path: str | os.PathLike, fields: dict[str, Any]) -> dict[str, An
 # files and folders runs write (and --overwrite replaces), EVENT_FILES TensorBoard's.
 RUN_FILE = "run.json"
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "baseline", "tokenizer.json", "sample.txt",
-               "test_responses.json", "config.yaml", RUN_FILE)
+               "test_responses.json", "classifier", "config.yaml", RUN_FILE)
 EVENT_FILES = "events.out.tfevents.*"
 PREVIOUS_RUN = ".previous-run"  # --overwrite moves the old run here until the new one has a checkpoint
 
@@ -311,22 +311,22 @@ def describe_data(out_dir: str | os.PathLike) -> str | None:
     data = read_run(out_dir).get("data") if os.path.isdir(out_dir) else None
     if not data:
         return None
-    if "text" in data:
+    if "text" in data or "files" in data:
         return "trained on " + ", ".join(f"{f['path']} ({f['size']:,} bytes, sha256 {f['sha256'][:12]})"
-                                         for f in data["text"])
+                                         for f in data.get("text", data.get("files")))
     if "tokens" in data:
         return f"trained on the token directory {data['tokens']} (meta.json sha256 {data['meta_sha256'][:12]})"
     return f"trained on the {data.get('package')} package, version {data.get('version')}"
 
 
 def _data_changes(before: dict, after: dict) -> list[str]:
-    old = {f["path"]: f for f in before.get("text", [])}
-    new = {f["path"]: f for f in after.get("text", [])}
+    old = {f["path"]: f for f in before.get("text", before.get("files", []))}
+    new = {f["path"]: f for f in after.get("text", after.get("files", []))}
     changes = [f"{p} is no longer used" for p in old if p not in new]
     changes += [f"{p} is new" for p in new if p not in old]
     changes += [f"{p} changed ({old[p]['size']:,} -> {new[p]['size']:,} bytes, another sha256)"
                 for p in new if p in old and old[p] != new[p]]
-    for key in sorted((set(before) | set(after)) - {"text"}):
+    for key in sorted((set(before) | set(after)) - {"text", "files"}):
         if before.get(key) != after.get(key):
             changes.append(f"{key}: {before.get(key)} -> {after.get(key)}")
     return changes

@@ -88,6 +88,13 @@ def data_fingerprint(text_files: list[str] | None, *, seed: int, val_fraction: f
     return {**corpus, "split": {"seed": seed, "val_fraction": val_fraction}}
 
 
+def files_fingerprint(paths: list[str], **settings) -> dict:
+    """``data_fingerprint`` for a job's data files of any kind (classification, instructions):
+    each file's path, size and sha256, and the ``settings`` that choose what of them is used."""
+    files = [{"path": str(Path(p).resolve()), "size": Path(p).stat().st_size, "sha256": file_sha256(p)} for p in paths]
+    return {"files": files, **settings}
+
+
 def load_documents(text_files: list[str] | None = None) -> list[tuple[str, str]]:
     """``[(name, text), ...]``: the given files (decoded as UTF-8, invalid bytes as U+FFFD), each
     text once (``distinct_text_files``), or Shakespeare's works when ``text_files`` is None or empty."""

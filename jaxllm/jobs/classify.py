@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import jax
@@ -43,7 +42,8 @@ from jaxllm.data.batches import ArrayBatches
 from jaxllm.data.tokenizer import load_encoding, save_encoding
 from jaxllm.models import classifier
 from jaxllm.pretrained import load_base
-from jaxllm import cli
+from jaxllm import cli, runio
+from jaxllm.data.corpus import files_fingerprint
 from jaxllm.training import TrainState, fit, make_eval_step, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.freeze import (count_params, freeze_optimizer, stop_frozen_gradients, trainable_mask,
@@ -58,7 +58,7 @@ DEFAULT_LR = {"lora": 8e-4, "last_block": 3e-3, "head": 1e-3, "full": 5e-4}
 # last-block on the small demo base: constant 1e-3 gave test +8.5 points over the majority class,
 # 3e-3 with 100 warmup steps and cosine decay +10.4 (README table)
 DEFAULT_SCHEDULE = {"last_block": ("warmup_cosine", 100)}
-EXPORT_DIR = "classifier"
+EXPORT_DIR = "classifier"  # one of runio.RUN_OUTPUTS: --overwrite sets it aside with the run
 
 
 def prepare_data(args, encoding, limit: int):
@@ -207,8 +207,6 @@ def main(argv=None) -> dict:
             print(f"{r['label']} ({p:.3f}){' [truncated]' if r['truncated'] else ''}: {r['text']}")
         return {"predictions": results}
     args = cli.parse_args(parser, argv)  # now refuse (or --overwrite) an existing run
-    if args.overwrite and is_first_process():  # the export is ours, not one of cli's run outputs
-        shutil.rmtree(os.path.join(args.out, EXPORT_DIR), ignore_errors=True)
     mode = args.mode.replace("-", "_")
     lr = DEFAULT_LR[mode] if args.lr is None else args.lr
     args.lr = lr
@@ -222,6 +220,9 @@ def main(argv=None) -> dict:
     if args.remat:
         lm_config = lm_config.replace(remat=True)
     splits, label_names, max_length, report = prepare_data(args, base.encoding, lm_config.context_limit)
+    runio.record_data(args.out, files_fingerprint([report["path"]], format=args.format, labels=args.labels,
+                                                  seed=args.seed), resume=args.resume,
+                      accept_change=args.accept_data_change)
     for part in splits.values():
         lm_config.validate_input(part.tokens)
     truncated = {name: part.truncated for name, part in splits.items()}

@@ -37,7 +37,8 @@ from jaxllm.data.instruct import (IGNORE_INDEX, SHIPPED_PATH, collate, format_pr
 from jaxllm.data.tokenizer import encode, save_encoding
 from jaxllm.generate import generate
 from jaxllm.pretrained import load_base
-from jaxllm import cli
+from jaxllm import cli, runio
+from jaxllm.data.corpus import files_fingerprint
 from jaxllm.training import TrainState, fit, make_optimizer
 from jaxllm.training.precision import mixed_precision
 from jaxllm.training.checkpoint import run_config
@@ -117,6 +118,8 @@ def main(argv=None) -> dict:
     args = cli.parse_args(parser, argv)
 
     records = load_instructions(args.data)  # bad data fails before the base is loaded
+    runio.record_data(args.out, files_fingerprint([args.data], seed=args.seed), resume=args.resume,
+                      accept_change=args.accept_data_change)
     train_records, test_records, val_records = split_instructions(records, seed=args.seed)
     base = load_base(args.base)
     pretrained = base.source.startswith("hf:")
