@@ -13,7 +13,7 @@ import traceback
 from typing import Callable, Sequence
 
 from jaxllm import orbax_noise
-from jaxllm.training import distributed, run_flags
+from jaxllm.training import FitConfig, distributed, run_flags
 from jaxllm.training.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from jaxllm.training.parallel import STRATEGIES, Strategy, make_strategy
 from jaxllm import runio
@@ -535,6 +535,13 @@ def fit_kwargs(args, *, steps_per_epoch: int | None = None) -> dict:
         checkpoint_minutes=args.checkpoint_minutes or None, keep=args.keep, resume=args.resume,
         log_every=args.log_every, progress=not args.no_progress, flags=args.flags,
     )
+
+
+def fit_config(args, *, steps_per_epoch: int | None = None, **fields) -> FitConfig:
+    """The run's ``FitConfig``: ``--out``, its length and the shared flags, then the job's own ``fields``
+    (which win: a job's own default for a shared setting)."""
+    return FitConfig(**{"out_dir": args.out, **length_kwargs(args), **fit_kwargs(args, steps_per_epoch=steps_per_epoch),
+                        **fields})
 
 
 def length_kwargs(args) -> dict:

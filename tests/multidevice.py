@@ -133,7 +133,7 @@ def run_steps(arrays: dict, info: dict, out_dir: str, steps: int = 5, rows: int 
     """Manual steps under every strategy; for FIT_MODEL also eval_step, fit() and a resumed fit()."""
     import jax
 
-    from jaxllm.training import fit, make_strategy
+    from jaxllm.training import FitConfig, fit, make_strategy
     from jaxllm.training.step import evaluate
 
     for model, runs in RUNS.items():
@@ -187,8 +187,8 @@ def run_steps(arrays: dict, info: dict, out_dir: str, steps: int = 5, rows: int 
 
             run = os.path.join(out_dir, name)
             fresh, _ = fresh_state(config)
-            final = fit(fresh, train_step, ListBatches(data), out_dir=run, steps=steps, eval_fn=eval_fn,
-                        eval_every=2, checkpoint_every=2, progress=False, strategy=strategy)
+            final = fit(fresh, train_step, ListBatches(data), FitConfig(out_dir=run, steps=steps, eval_every=2,
+                        checkpoint_every=2, progress=False), eval_fn=eval_fn, strategy=strategy)
             for key, value in flat(final.params).items():
                 arrays[f"fit/{name}/params{key}"] = value
             with open(os.path.join(run, "metrics.jsonl")) as f:
@@ -197,10 +197,10 @@ def run_steps(arrays: dict, info: dict, out_dir: str, steps: int = 5, rows: int 
             arrays[f"fit/{name}/eval_steps"] = [r["step"] for r in rows_logged if r["split"] == "eval"]
             if name in RESUMED:  # cut at step 2, resumed to the end: checkpoints hold a gathered state
                 run = os.path.join(out_dir, f"resume_{name}")
-                fit(fresh_state(config)[0], train_step, ListBatches(data), out_dir=run, steps=2,
-                    progress=False)  # the strategy comes from the step itself
-                final = fit(fresh_state(config)[0], train_step, ListBatches(data), out_dir=run, steps=steps,
-                            progress=False, resume=True)
+                fit(fresh_state(config)[0], train_step, ListBatches(data), FitConfig(out_dir=run, steps=2,
+                    progress=False))  # the strategy comes from the step itself
+                final = fit(fresh_state(config)[0], train_step, ListBatches(data), FitConfig(out_dir=run,
+                            steps=steps, progress=False, resume=True))
                 for key, value in flat(final.params).items():
                     arrays[f"resume/{name}/params{key}"] = value
             info[f"{tag}/compilations"] = train_step._cache_size()

@@ -18,7 +18,7 @@ TINY = ["--preset", "tiny", "--vocab-size", "300", "--context", "16", "--batch-s
 
 
 def test_a_resume_on_edited_data_is_refused_naming_the_file_unless_accepted(tmp_path, load_script):
-    text = tmp_path / "corpus.txt"
+    text = (tmp_path / "corpus.txt").resolve()  # as recorded: the real path
     text.write_text(CORPUS.read_text()[:6000])
     out = tmp_path / "run"
     lm = load_script("lm")

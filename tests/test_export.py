@@ -151,6 +151,8 @@ def test_the_export_command(run_dir, tmp_path, capsys):
     """``jaxllm export RUN OUT --format F [--step N] [--overwrite]`` is ``export_run``; a bad flag is one line."""
     out = export.main([run_dir("burkov"), str(tmp_path / "out"), "--format", "safetensors", "--step", "2"])
     assert sorted(os.listdir(out)) == ["params.safetensors", "run_config.json"]
+    printed = capsys.readouterr().out.splitlines()  # what the run was trained on, from its run.json
+    assert printed[-1].startswith(f"trained on {os.path.realpath(os.path.dirname(run_dir('burkov')))}{os.sep}corpus.txt (")
     export.main([run_dir("burkov"), str(tmp_path / "out"), "--format", "safetensors", "--overwrite"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:

@@ -15,7 +15,7 @@ import pytest
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from jaxllm import cli
-from jaxllm.training import fit, make_schedule, tensorboard
+from jaxllm.training import FitConfig, fit, make_schedule, tensorboard
 from jaxllm.training.checkpoint import run_config
 from test_training_loop import CONFIG, OPT, DiesAfter, Killed, fresh
 
@@ -78,8 +78,8 @@ def as_logged(rows, key):
 
 def test_event_file_holds_the_rows_of_metrics_jsonl(tmp_path):
     state, step, data = fresh()
-    fit(state, step, data, out_dir=tmp_path, steps=20, eval_fn=lambda p: {"loss": 1.5, "bpc": 2.0}, eval_every=10,
-        checkpoint_every=10, log_every=3, progress=False, config=RUN)
+    fit(state, step, data, FitConfig(out_dir=tmp_path, steps=20, eval_every=10, checkpoint_every=10, log_every=3,
+        progress=False, run_config=RUN), eval_fn=lambda p: {"loss": 1.5, "bpc": 2.0})
     assert len(tensorboard.event_files(tmp_path)) == 1
     logged = scalars(tmp_path)
     train, evals = jsonl(tmp_path, "train"), jsonl(tmp_path, "eval")
@@ -102,7 +102,7 @@ def test_the_logged_lr_is_the_one_the_step_trained_with(tmp_path):
     """Step 1 logs lr 0 (optax counts from 0, the warmup starts at 0): its update changes nothing."""
     state, step, data = fresh()
     before = jax.device_get(state.params)
-    after = fit(state, step, data, out_dir=tmp_path, steps=1, progress=False, config=RUN)
+    after = fit(state, step, data, FitConfig(out_dir=tmp_path, steps=1, progress=False, run_config=RUN))
     assert jsonl(tmp_path, "train")[0]["lr"] == 0
     for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(jax.device_get(after.params))):
         np.testing.assert_array_equal(a, b)
@@ -111,14 +111,14 @@ def test_the_logged_lr_is_the_one_the_step_trained_with(tmp_path):
 def test_a_resumed_run_appends_a_file_that_hides_the_steps_trained_again(tmp_path):
     state, step, data = fresh()
     with pytest.raises(Killed):  # steps 11 and 12 are logged, the checkpoint is step 10
-        fit(state, step, DiesAfter(data, 12), out_dir=tmp_path, steps=20, checkpoint_every=5, log_every=3,
-            progress=False, config=RUN)
+        fit(state, step, DiesAfter(data, 12), FitConfig(out_dir=tmp_path, steps=20, checkpoint_every=5, log_every=3,
+            progress=False, run_config=RUN))
     first = tensorboard.event_files(tmp_path)
     assert max(s for s, _ in scalars(tmp_path)["train/loss"]) == 12
 
     state, step, data = fresh()
-    fit(state, step, data, out_dir=tmp_path, steps=20, checkpoint_every=5, log_every=3, progress=False,
-        config=RUN, resume=True)
+    fit(state, step, data, FitConfig(out_dir=tmp_path, steps=20, checkpoint_every=5, log_every=3, progress=False,
+        run_config=RUN, resume=True))
     files = tensorboard.event_files(tmp_path)
     assert len(files) == 2 and files[0] == first[0]
     marker = read_events(files[1])[1]
@@ -132,7 +132,7 @@ def test_a_fresh_run_and_overwrite_remove_earlier_event_files(tmp_path):
     stale = tmp_path / "events.out.tfevents.1.host"
     stale.write_bytes(b"")
     state, step, data = fresh()
-    fit(state, step, data, out_dir=tmp_path, steps=2, progress=False)
+    fit(state, step, data, FitConfig(out_dir=tmp_path, steps=2, progress=False))
     files = tensorboard.event_files(tmp_path)
     assert len(files) == 1 and not stale.exists()
     assert "train/lr" not in scalars(tmp_path)  # neither a schedule nor a run config: no lr
@@ -144,12 +144,14 @@ def test_a_fresh_run_and_overwrite_remove_earlier_event_files(tmp_path):
 
 def test_only_process_0_writes_the_run_files(tmp_path, monkeypatch):
     state, step, data = fresh()
-    fit(state, step, data, out_dir=tmp_path / "first", steps=3, progress=False, config=RUN, flags={"lr": 0.1})
+    fit(state, step, data, FitConfig(out_dir=tmp_path / "first", steps=3, progress=False, run_config=RUN,
+        flags={"lr": 0.1}))
     written = {"metrics.jsonl", "summary.json", "loss.png", "config.yaml"}
     assert written <= set(os.listdir(tmp_path / "first")) and tensorboard.event_files(tmp_path / "first")
     monkeypatch.setenv("JAX_PROCESS_ID", "1")  # how the writers tell the processes of a run apart
     state, step, data = fresh()
-    fit(state, step, data, out_dir=tmp_path / "other", steps=3, progress=False, config=RUN, flags={"lr": 0.1})
+    fit(state, step, data, FitConfig(out_dir=tmp_path / "other", steps=3, progress=False, run_config=RUN,
+        flags={"lr": 0.1}))
     assert not written & set(os.listdir(tmp_path / "other")) and tensorboard.event_files(tmp_path / "other") == []
 
 
@@ -177,5 +179,5 @@ def test_a_failed_event_write_stops_the_run_naming_the_file(tmp_path, monkeypatc
                         raising=False)
     state, step, data = fresh()
     with pytest.raises(OSError, match=r"cannot write .*events\.out\.tfevents\.\S+: No space left on device"):
-        fit(state, step, data, out_dir=tmp_path, steps=10, log_every=1, progress=False, config=RUN)
+        fit(state, step, data, FitConfig(out_dir=tmp_path, steps=10, log_every=1, progress=False, run_config=RUN))
     assert len(jsonl(tmp_path, "train")) == 3  # step 3: its metrics.jsonl row, then the failed event

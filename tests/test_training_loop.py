@@ -12,7 +12,7 @@ import pytest
 
 from jaxllm.data.batches import ArrayBatches
 from jaxllm.models.mlp import MLPConfig
-from jaxllm.training import (Checkpointer, OptimizerConfig, TrainingDiverged, TrainState, fit,
+from jaxllm.training import (Checkpointer, FitConfig, OptimizerConfig, TrainingDiverged, TrainState, fit,
                              make_optimizer, make_train_step)
 from jaxllm.training.loop import TrainingInterrupted
 from jaxllm.training.losses import softmax_cross_entropy
@@ -71,8 +71,8 @@ def test_fit_writes_metrics_summary_plot_and_checkpoints(tmp_path):
         evals.append(1)
         return {"loss": 1.0}
 
-    fit(state, step, data, out_dir=tmp_path, steps=20, eval_fn=eval_fn, eval_every=10, checkpoint_every=5,
-        keep=2, log_every=3, progress=False)
+    fit(state, step, data, FitConfig(out_dir=tmp_path, steps=20, eval_every=10, checkpoint_every=5, keep=2,
+        log_every=3, progress=False), eval_fn=eval_fn)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 21))
     assert [r["step"] for r in rows if r["split"] == "eval"] == [10, 20]
@@ -92,8 +92,8 @@ def test_every_evaluation_checkpoints_and_only_the_last_is_the_final_one(tmp_pat
     def evaluation(name, loss):
         return lambda params: calls.append(name) or {"loss": loss}
 
-    fit(state, step, data, out_dir=tmp_path, steps=12, eval_fn=evaluation("periodic", 1.0), eval_every=4,
-        final_eval_fn=evaluation("final", 2.0), keep=10, log_every=100, progress=False)
+    fit(state, step, data, FitConfig(out_dir=tmp_path, steps=12, eval_every=4, keep=10, log_every=100,
+        progress=False), eval_fn=evaluation("periodic", 1.0), final_eval_fn=evaluation("final", 2.0))
     assert calls == ["periodic", "periodic", "final"]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [(r["step"], r["loss"]) for r in rows if r["split"] == "eval"] == [(4, 1.0), (8, 1.0), (12, 2.0)]
@@ -104,30 +104,32 @@ def test_every_evaluation_checkpoints_and_only_the_last_is_the_final_one(tmp_pat
 @pytest.mark.parametrize("minutes, saved", [(None, [12]), (1e-9, [3, 6, 9, 12])])
 def test_checkpoint_minutes_saves_by_the_clock_where_metrics_are_fetched(tmp_path, minutes, saved):
     state, step, data = fresh()
-    fit(state, step, data, out_dir=tmp_path, steps=12, checkpoint_minutes=minutes, keep=10, log_every=3,
-        progress=False)
+    fit(state, step, data, FitConfig(out_dir=tmp_path, steps=12, checkpoint_minutes=minutes, keep=10, log_every=3,
+        progress=False))
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == saved
 
 
 def test_epochs_count_steps_from_the_data():
     state, step, data = fresh()
     with pytest.raises(ValueError, match="exactly one of"):
-        fit(state, step, data, out_dir="unused", steps=3, epochs=2)
+        fit(state, step, data, FitConfig(out_dir="unused", steps=3, epochs=2))
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     state, step, data = fresh()
-    full = fit(state, step, data, out_dir=tmp_path / "a", steps=20, checkpoint_every=5, progress=False)
+    full = fit(state, step, data, FitConfig(out_dir=tmp_path / "a", steps=20, checkpoint_every=5, progress=False))
 
     state, step, data = fresh()
     with pytest.raises(Killed):
-        fit(state, step, DiesAfter(data, 12), out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False)
+        fit(state, step, DiesAfter(data, 12), FitConfig(out_dir=tmp_path / "b", steps=20, checkpoint_every=5,
+            progress=False))
     assert Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 10
 
     state, step, data = fresh()  # a new process: fresh objects, everything comes from the checkpoint
     with pytest.raises(ValueError, match="already holds checkpoints up to step 10.*--resume"):
-        fit(state, step, data, out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False)
-    resumed = fit(state, step, data, out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False, resume=True)
+        fit(state, step, data, FitConfig(out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False))
+    resumed = fit(state, step, data, FitConfig(out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False,
+                  resume=True))
 
     assert int(resumed.step) == 20
     for a, b in zip(leaves(full), leaves(resumed)):
@@ -162,12 +164,12 @@ class NaNAt:
 
 def test_nan_loss_stops_with_step_number_and_keeps_last_good_checkpoint(tmp_path):
     state, step, data = fresh()
-    reference = fit(state, step, data, out_dir=tmp_path / "ref", steps=5, progress=False)
+    reference = fit(state, step, data, FitConfig(out_dir=tmp_path / "ref", steps=5, progress=False))
 
     state, step, data = fresh()
     with pytest.raises(TrainingDiverged, match="loss became nan at step 8.*last good checkpoint: step 5") as err:
-        fit(state, step, NaNAt(data, 8), out_dir=tmp_path / "run", steps=20, checkpoint_every=5,
-            log_every=4, progress=False)
+        fit(state, step, NaNAt(data, 8), FitConfig(out_dir=tmp_path / "run", steps=20, checkpoint_every=5,
+            log_every=4, progress=False))
     assert err.value.step == 8 and err.value.last_checkpoint == 5
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     assert summary["status"] == "diverged" and summary["diverged_at_step"] == 8
@@ -191,7 +193,7 @@ def test_recompilation_in_the_loop_is_warned_about(tmp_path):
             return batch if self.index % 2 else {k: v[:4] for k, v in batch.items()}
 
     with pytest.warns(UserWarning, match="recompiled"):
-        fit(state, step, ChangingShapes(data, 8), out_dir=tmp_path, steps=4, log_every=1, progress=False)
+        fit(state, step, ChangingShapes(data, 8), FitConfig(out_dir=tmp_path, steps=4, log_every=1, progress=False))
 
 
 def test_batches_are_deterministic_and_resumable():
@@ -213,29 +215,29 @@ def test_batches_are_deterministic_and_resumable():
 
 def test_resuming_a_finished_run_keeps_its_summary(tmp_path):
     state, step, data = fresh()
-    fit(state, step, data, out_dir=tmp_path, steps=10, eval_fn=lambda p: {"loss": 0.5}, progress=False)
+    fit(state, step, data, FitConfig(out_dir=tmp_path, steps=10, progress=False), eval_fn=lambda p: {"loss": 0.5})
     before = json.load(open(tmp_path / "summary.json"))
     state, step, data = fresh()
-    done = fit(state, step, data, out_dir=tmp_path, steps=10, eval_fn=lambda p: {"loss": 0.5}, resume=True,
-               progress=False)
+    done = fit(state, step, data, FitConfig(out_dir=tmp_path, steps=10, resume=True, progress=False),
+               eval_fn=lambda p: {"loss": 0.5})
     after = json.load(open(tmp_path / "summary.json"))
     assert int(done.step) == 10
     assert after["final_loss"] == before["final_loss"] and after["examples_per_s"] == before["examples_per_s"]
     assert after["eval"] == {"loss": 0.5}
     state, step, data = fresh()
     with pytest.raises(ValueError, match="checkpoint is at step 10, beyond the 5 steps"):
-        fit(state, step, data, out_dir=tmp_path, steps=5, resume=True, progress=False)
+        fit(state, step, data, FitConfig(out_dir=tmp_path, steps=5, resume=True, progress=False))
 
 
 def test_resume_without_a_checkpoint_is_an_error_and_a_fresh_run_starts_a_clean_log(tmp_path):
     state, step, data = fresh()
     with pytest.raises(Killed):  # killed before its first checkpoint
-        fit(state, step, DiesAfter(data, 6), out_dir=tmp_path, steps=10, checkpoint_every=8, log_every=1,
-            progress=False)
+        fit(state, step, DiesAfter(data, 6), FitConfig(out_dir=tmp_path, steps=10, checkpoint_every=8, log_every=1,
+            progress=False))
     state, step, data = fresh()
     with pytest.raises(ValueError, match=f"nothing to resume: {tmp_path / 'checkpoints'} holds no checkpoint"):
-        fit(state, step, data, out_dir=tmp_path, steps=10, resume=True, progress=False)
-    fit(state, step, data, out_dir=tmp_path, steps=10, progress=False)
+        fit(state, step, data, FitConfig(out_dir=tmp_path, steps=10, resume=True, progress=False))
+    fit(state, step, data, FitConfig(out_dir=tmp_path, steps=10, progress=False))
     assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == list(range(1, 11))
 
 
@@ -258,8 +260,8 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     state, step, data = fresh()
     with pytest.raises(TrainingDiverged, match="4 parameter/optimiser values became NaN or Inf at step 10.*"
                                                "last good checkpoint: step 5") as err:
-        fit(state, PoisonAt(step, 10), data, out_dir=tmp_path, steps=20, checkpoint_every=5, log_every=10,
-            progress=False)
+        fit(state, PoisonAt(step, 10), data, FitConfig(out_dir=tmp_path, steps=20, checkpoint_every=5, log_every=10,
+            progress=False))
     assert err.value.last_checkpoint == 5
     assert json.load(open(tmp_path / "summary.json"))["status"] == "diverged"
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
@@ -285,33 +287,34 @@ class SignalAt(DiesAfter):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_the_current_step_and_the_run_resumes(tmp_path, signum):
     state, step, data = fresh()
-    full = fit(state, step, data, out_dir=tmp_path / "a", steps=20, checkpoint_every=5, progress=False)
+    full = fit(state, step, data, FitConfig(out_dir=tmp_path / "a", steps=20, checkpoint_every=5, progress=False))
     state, step, data = fresh()
     with pytest.raises(TrainingInterrupted) as err:
-        fit(state, step, SignalAt(data, 7, signum), out_dir=tmp_path / "b", steps=20, checkpoint_every=5,
-            progress=False)
+        fit(state, step, SignalAt(data, 7, signum), FitConfig(out_dir=tmp_path / "b", steps=20, checkpoint_every=5,
+            progress=False))
     assert err.value.step == 8 and err.value.last_checkpoint == 8 and err.value.exit_code == 128 + signum
     summary = json.load(open(tmp_path / "b" / "summary.json"))
     assert summary["status"] == "interrupted" and summary["last_checkpoint"] == 8
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     state, step, data = fresh()
-    resumed = fit(state, step, data, out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False,
-                  resume=True)
+    resumed = fit(state, step, data, FitConfig(out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False,
+                  resume=True))
     for a, b in zip(leaves(full), leaves(resumed)):
         np.testing.assert_array_equal(a, b)
 
 
 def test_resume_skips_a_damaged_step_and_sets_it_aside(tmp_path, capsys):
     state, step, data = fresh()
-    full = fit(state, step, data, out_dir=tmp_path / "a", steps=20, checkpoint_every=5, progress=False)
+    full = fit(state, step, data, FitConfig(out_dir=tmp_path / "a", steps=20, checkpoint_every=5, progress=False))
     state, step, data = fresh()
     with pytest.raises(Killed):
-        fit(state, step, DiesAfter(data, 12), out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False)
+        fit(state, step, DiesAfter(data, 12), FitConfig(out_dir=tmp_path / "b", steps=20, checkpoint_every=5,
+            progress=False))
     metadata = tmp_path / "b" / "checkpoints" / "10" / "state" / "_METADATA"
     metadata.write_bytes(metadata.read_bytes()[:-7])
     state, step, data = fresh()
-    resumed = fit(state, step, data, out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False,
-                  resume=True)
+    resumed = fit(state, step, data, FitConfig(out_dir=tmp_path / "b", steps=20, checkpoint_every=5, progress=False,
+                  resume=True))
     err = capsys.readouterr().err
     assert "checkpoint step 10" in err and "is damaged" in err and "resuming from step 5" in err
     assert (tmp_path / "b" / "checkpoints" / "damaged-10" / "state" / "_METADATA").exists()
@@ -335,9 +338,9 @@ def test_a_second_run_on_the_same_directory_is_refused_naming_the_holder(tmp_pat
         assert holder.stdout.readline().strip() == "locked"
         state, step, data = fresh()
         with pytest.raises(RunDirectoryBusy, match=f"{tmp_path} is in use by another run \\(pid {holder.pid} on "):
-            fit(state, step, data, out_dir=tmp_path, steps=3, progress=False)
+            fit(state, step, data, FitConfig(out_dir=tmp_path, steps=3, progress=False))
         assert not (tmp_path / "checkpoints").exists()
     finally:
         holder.kill()
         holder.wait()
-    fit(state, step, data, out_dir=tmp_path, steps=3, progress=False)  # released when the holder died
+    fit(state, step, data, FitConfig(out_dir=tmp_path, steps=3, progress=False))  # released when the holder died

@@ -257,11 +257,11 @@ def main(argv=None) -> dict:
     # frozen leaves get no gradient computed; bf16 compute when --dtype asks (evaluation stays fp32)
     train_loss = mixed_precision(stop_frozen_gradients(loss_fn, mask), args.dtype)
     train_step = strategy.train_step(train_loss, optimizer, accum_steps=args.accum_steps)
-    state = fit(TrainState.create(params, optimizer, key_train), train_step, batches, out_dir=args.out,
-                strategy=strategy, eval_fn=lambda p: evaluate(p, splits["val"], args.eval_batches),
-                final_eval_fn=lambda p: evaluate(p, splits["val"]), config=run, unit="examples",
-                title=f"classifier ({mode})", **cli.length_kwargs(args),
-                **cli.fit_kwargs(args, steps_per_epoch=batches.steps_per_epoch))
+    fit_config = cli.fit_config(args, steps_per_epoch=batches.steps_per_epoch, run_config=run,
+                                title=f"classifier ({mode})")
+    state = fit(TrainState.create(params, optimizer, key_train), train_step, batches, fit_config, strategy=strategy,
+                eval_fn=lambda p: evaluate(p, splits["val"], args.eval_batches),
+                final_eval_fn=lambda p: evaluate(p, splits["val"]))
 
     results = {name: evaluate(state.params, part) for name, part in splits.items()}
     test_labels = splits["test"].labels

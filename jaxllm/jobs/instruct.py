@@ -177,15 +177,14 @@ def main(argv=None) -> dict:
         last_eval.update(evaluate(params))
         return dict(last_eval)
 
-    fit_kwargs = cli.fit_kwargs(args, steps_per_epoch=batches.steps_per_epoch)
-    fit_kwargs["eval_every"] = args.eval_every or max(1, batches.steps_per_epoch // 4)
+    fit_config = cli.fit_config(args, steps_per_epoch=batches.steps_per_epoch, run_config=run, unit="tokens",
+                                units_per_batch=args.batch_size * width, title="instruction fine-tuning",
+                                eval_every=args.eval_every or max(1, batches.steps_per_epoch // 4))
     state = fit(TrainState.create(base.params, optimizer, jax.random.PRNGKey(args.seed + 1)),
                 strategy.train_step(mixed_precision(lm_loss(config, pad_id=IGNORE_INDEX), args.dtype), optimizer,
                                     accum_steps=args.accum_steps),
-                batches, out_dir=args.out, eval_fn=lambda params: evaluate(params, args.eval_batches),
-                final_eval_fn=final_eval_fn, strategy=strategy, config=run,
-                units_per_batch=args.batch_size * width, unit="tokens",
-                title="instruction fine-tuning", **cli.length_kwargs(args), **fit_kwargs)
+                batches, fit_config, eval_fn=lambda params: evaluate(params, args.eval_batches),
+                final_eval_fn=final_eval_fn, strategy=strategy)
     val_last = (last_eval or evaluate(state.params))["loss"]
 
     responses = respond(config, state.params, base.encoding, test_records, max_new_tokens=args.max_new_tokens,

@@ -212,11 +212,11 @@ def main(argv=None) -> dict:
     title = f"{args.model} LM ({preset})"
     loss_fn = mixed_precision(lm_loss(config), args.dtype)  # float32: unchanged
     train_step = strategy.train_step(loss_fn, optimizer, accum_steps=args.accum_steps)
+    fit_config = cli.fit_config(args, steps_per_epoch=batches.steps_per_epoch, run_config=run, unit="tokens",
+                                units_per_batch=args.batch_size * args.context, title=title)
     state = fit(TrainState.create(params, optimizer, jax.random.PRNGKey(args.seed + 1)), train_step, batches,
-                out_dir=args.out, eval_fn=scorer(val_batches[:args.eval_batches]), final_eval_fn=final_evaluate,
-                strategy=strategy,
-                config=run, units_per_batch=args.batch_size * args.context, unit="tokens", title=title,
-                **cli.length_kwargs(args), **cli.fit_kwargs(args, steps_per_epoch=batches.steps_per_epoch))
+                fit_config, eval_fn=scorer(val_batches[:args.eval_batches]), final_eval_fn=final_evaluate,
+                strategy=strategy)
 
     final = last_eval or evaluate(state.params)  # fit() evaluates after its last step
     prompt, sample = sample_text(config, state.params, data.encoding, val_prompt,

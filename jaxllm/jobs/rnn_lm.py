@@ -84,12 +84,11 @@ def main(argv=None) -> dict:
                      stride=stride, text=args.text, tokenizer=args.tokenizer,
                      vocab_size=data.vocab_size)
     train_step = strategy.train_step(loss_fn, optimizer, accum_steps=args.accum_steps)
+    fit_config = cli.fit_config(args, steps_per_epoch=batches.steps_per_epoch, run_config=run, unit="tokens",
+                                units_per_batch=args.batch_size * args.context, title="Elman RNN LM")
     state = fit(TrainState.create(params, optimizer, jax.random.PRNGKey(args.seed + 1)), train_step, batches,
-                out_dir=args.out, eval_fn=lambda params: evaluate(params, args.eval_batches),
-                final_eval_fn=final_evaluate, strategy=strategy, config=run,
-                units_per_batch=args.batch_size * args.context, unit="tokens",
-                title="Elman RNN LM", **cli.length_kwargs(args),
-                **cli.fit_kwargs(args, steps_per_epoch=batches.steps_per_epoch))
+                fit_config, eval_fn=lambda params: evaluate(params, args.eval_batches), final_eval_fn=final_evaluate,
+                strategy=strategy)
 
     final = last_eval or evaluate(state.params)  # fit() evaluates after its last step
     prompt = encode(data.encoding, data.val_text[:40])

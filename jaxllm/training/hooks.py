@@ -35,7 +35,8 @@ class TrainingDiverged(RuntimeError):
 
     def __init__(self, step: int, value: float, last_checkpoint: int | None, *, what: str | None = None):
         self.step, self.value, self.last_checkpoint = step, value, last_checkpoint
-        kept = f"last good checkpoint: step {last_checkpoint}" if last_checkpoint is not None else "no checkpoint was written"
+        kept = (f"last good checkpoint: step {last_checkpoint}" if last_checkpoint is not None
+                else "no checkpoint was written")
         what = what or f"loss became {value}"
         super().__init__(f"{what} at step {step}; training stopped ({kept})")
 
@@ -95,8 +96,8 @@ class EvaluationHook(Hook):
 
 
 class CheckpointHook(Hook):
-    def __init__(self, checkpointer: Checkpointer, every: int, evaluation: EvaluationHook, data_state: Callable[[], dict],
-                 last_saved: int | None, on_diverged: Callable[[int], None]):
+    def __init__(self, checkpointer: Checkpointer, every: int, evaluation: EvaluationHook,
+                 data_state: Callable[[], dict], last_saved: int | None, on_diverged: Callable[[int], None]):
         self.checkpointer, self.every, self.evaluation = checkpointer, every, evaluation
         self.data_state, self.last_saved, self.on_diverged = data_state, last_saved, on_diverged
         self.saved_at = time.monotonic()

@@ -16,6 +16,7 @@ whatever must happen at the same step everywhere -- a time-based checkpoint, sto
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -91,73 +92,77 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def fit(
-    state: TrainState,
-    train_step: Callable,
-    train_data: BatchSource,
-    *,
-    out_dir: str | os.PathLike,
-    steps: int | None = None,
-    epochs: int | None = None,
-    eval_fn: Callable[[Any], dict[str, float]] | None = None,
-    eval_every: int | None = None,
-    final_eval_fn: Callable[[Any], dict[str, float]] | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_minutes: float | None = None,
-    keep: int = 3,
-    resume: bool = False,
-    config: dict | None = None,
-    log_every: int = 10,
-    progress: bool = True,
-    units_per_batch: int | None = None,
-    unit: str = "examples",
-    title: str = "",
-    strategy=None,
-    schedule: Callable[[Any], Any] | None = None,
-    flags: dict | None = None,
-) -> TrainState:
-    """Train ``state`` for ``steps`` (or ``epochs`` x ``train_data.steps_per_epoch``) steps.
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """How ``fit`` runs: where, how long, and when it logs, evaluates and checkpoints.
+
+    ``steps`` or ``epochs`` (x ``train_data.steps_per_epoch``): exactly one. ``eval_every``: the
+    evaluation's period (and always after the last step); a checkpoint is written at every
+    evaluation, every ``checkpoint_every`` steps, after the last one and once ``checkpoint_minutes``
+    of wall time have passed since the last (looked at every ``log_every`` steps, when metrics are
+    fetched; process 0's clock decides for every process); ``keep`` of them stay. ``resume``:
+    continue from the newest intact checkpoint. ``run_config``: what a checkpoint must match to
+    be resumed (``checkpoint.run_config``); ``flags``: the job's resolved flags, written to
+    ``config.yaml`` once the run starts (after a resume's checks, so a refused resume leaves the
+    file as it was). ``unit``/``units_per_batch``: what throughput counts (default: examples, the
+    batch size); ``title``: the progress bar's and the plot's."""
+
+    out_dir: str | os.PathLike
+    steps: int | None = None
+    epochs: int | None = None
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    checkpoint_minutes: float | None = None
+    keep: int = 3
+    resume: bool = False
+    log_every: int = 10
+    progress: bool = True
+    run_config: dict | None = None
+    flags: dict | None = None
+    unit: str = "examples"
+    units_per_batch: int | None = None
+    title: str = ""
+
+
+def fit(state: TrainState, train_step: Callable, train_data: BatchSource, config: FitConfig, *,
+        eval_fn: Callable[[Any], dict[str, float]] | None = None,
+        final_eval_fn: Callable[[Any], dict[str, float]] | None = None,
+        strategy=None, schedule: Callable[[Any], Any] | None = None) -> TrainState:
+    """Train ``state`` with ``train_step`` on ``train_data`` as ``config`` says; returns the final state.
 
     Writes ``out_dir/metrics.jsonl``, TensorBoard event files (``jaxllm.training.tensorboard``;
     process 0 only), ``summary.json``, ``loss.png`` and ``checkpoints/``, and holds ``out_dir``'s
-    run lock (``jaxllm.runio``): a second run there is refused. Train rows hold the
-    step's metrics (``loss``, ``grad_norm`` before clipping, the loss's aux), the learning rate
-    ``lr`` the step trained with, when ``schedule`` (step -> lr, as optax counts steps from 0; default:
-    the schedule of ``config["optimizer"]``, a run config's ``OptimizerConfig``) is known, and
-    throughput ``<unit>_per_s`` on each flush's last row.
-    ``eval_fn(params) -> {"loss": ..., ...}`` runs every ``eval_every`` steps and, unless
-    ``final_eval_fn`` is given (periodic evaluations on a sample, the last one on everything), at the end.
-    A checkpoint is written at every evaluation, every ``checkpoint_every`` steps, at the end, and
-    once ``checkpoint_minutes`` of wall time have passed since the last one (checked where metrics
-    are fetched, every ``log_every`` steps; process 0's clock decides for every process).
-    ``flags`` (the job's resolved command-line flags, ``cli.parse_args``) are written to
-    ``out_dir/config.yaml`` once the run starts, after a resume's checks have passed, so a refused
-    resume leaves the run's file as it was.
-    ``resume=True`` continues from the newest intact checkpoint (params, optimiser, step, RNG and
-    data position), so the run ends exactly where an uninterrupted one would; damaged newer steps
-    are renamed ``damaged-<step>`` and their steps trained again. Without a checkpoint to resume
-    from it is an error; without ``resume``, an ``out_dir`` that already holds checkpoints is
-    refused rather than overwritten.
+    run lock (``jaxllm.runio``): a second run there is refused. Train rows hold the step's metrics
+    (``loss``, ``grad_norm`` before clipping, the loss's aux), the learning rate ``lr`` the step
+    trained with, when ``schedule`` (step -> lr, as optax counts steps from 0; default: the schedule
+    of the run config's ``optimizer``) is known, and throughput ``<unit>_per_s`` on each flush's
+    last row. ``eval_fn(params) -> {"loss": ..., ...}`` runs every ``eval_every`` steps and, unless
+    ``final_eval_fn`` is given (periodic evaluations on a sample, the last one on everything), at
+    the end; it gets one-device params.
+
+    A resumed run continues from the newest intact checkpoint (params, optimiser, step, RNG and
+    data position), so it ends exactly where an uninterrupted one would; damaged newer steps are
+    renamed ``damaged-<step>`` and their steps trained again. Without a checkpoint to resume from
+    it is an error; without ``resume``, an ``out_dir`` that already holds checkpoints is refused.
 
     Nothing is lost: a NaN/Inf loss raises ``TrainingDiverged``, and so does a non-finite value in
-    the state about to be saved (checked before every checkpoint), so the last checkpoint is
-    always good. SIGINT/SIGTERM stop after the current step, save it, write ``summary.json`` with
-    ``"status": "interrupted"`` and raise ``TrainingInterrupted``. A checkpoint that cannot be
-    written raises ``CheckpointWriteError`` with the earlier ones intact.
+    the state about to be saved, so the last checkpoint is always good. SIGINT/SIGTERM stop after
+    the current step, save it, write ``summary.json`` with ``"status": "interrupted"`` and raise
+    ``TrainingInterrupted``. A checkpoint that cannot be written raises ``CheckpointWriteError``
+    with the earlier ones intact.
 
     ``strategy`` (``jaxllm.training.parallel``; default: the one ``train_step`` was built by, if
     any) runs the steps on its devices: ``state`` comes in and goes out on one device, is placed
-    onto the devices after any restore, and gathered back for every evaluation and checkpoint
-    (so checkpoints do not depend on the device count). ``eval_fn`` gets one-device params.
+    onto the devices after any restore, and gathered back for every evaluation and checkpoint (so
+    checkpoints do not depend on the device count).
     """
-    if schedule is None and isinstance((config or {}).get("optimizer"), dict):
-        schedule = make_schedule(OptimizerConfig(**config["optimizer"]))
+    run_config = config.run_config
+    if schedule is None and isinstance((run_config or {}).get("optimizer"), dict):
+        schedule = make_schedule(OptimizerConfig(**run_config["optimizer"]))
     strategy = strategy if strategy is not None else getattr(train_step, "strategy", None)
-    place = strategy.place if strategy is not None else (lambda s: s)
-    gather = strategy.gather if strategy is not None else (lambda s: s)
-    if (steps is None) == (epochs is None):
+    if (config.steps is None) == (config.epochs is None):
         raise ValueError("pass exactly one of steps= or epochs=")
-    total = steps if steps is not None else epochs * train_data.steps_per_epoch
+    total = config.steps if config.steps is not None else config.epochs * train_data.steps_per_epoch
     if total < 1:
         raise ValueError(f"nothing to train: {total} steps")
     if jax.process_count() > 1 and getattr(strategy, "batch_sharding", None) is None:
@@ -165,25 +170,25 @@ def fit(
                          f"process, not {jax.process_count()}")
     if jax.process_count() > 1 and not isinstance(train_data, distributed.ProcessBatches):
         train_data = distributed.ProcessBatches(train_data, strategy.batch_sharding)  # this process's rows only
-    took_lock = lock_run_dir(out_dir)
+    took_lock = lock_run_dir(config.out_dir)
     try:
-        return _fit(state, train_step, train_data, total=total, out_dir=out_dir, eval_fn=eval_fn,
-                    eval_every=eval_every, final_eval_fn=final_eval_fn or eval_fn, checkpoint_every=checkpoint_every,
-                    checkpoint_minutes=checkpoint_minutes, keep=keep, resume=resume,
-                    config=config, log_every=log_every, progress=progress, units_per_batch=units_per_batch,
-                    unit=unit, title=title, place=place, gather=gather, schedule=schedule, flags=flags,
-                    devices=None if strategy is None else {"strategy": strategy.name, "devices": strategy.num_devices})
+        return _fit(state, train_step, train_data, config, total=total, eval_fn=eval_fn,
+                    final_eval_fn=final_eval_fn or eval_fn, strategy=strategy, schedule=schedule)
     finally:
         if took_lock:
-            unlock_run_dir(out_dir)
+            unlock_run_dir(config.out_dir)
 
 
-def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, final_eval_fn, checkpoint_every,
-         checkpoint_minutes, keep, resume, config, log_every, progress, units_per_batch, unit, title, place, gather,
-         devices, schedule, flags) -> TrainState:
-    run = _RunFiles(out_dir, Checkpointer(os.path.join(out_dir, "checkpoints"), keep=keep, config=config))
+def _fit(state, train_step, train_data, config: FitConfig, *, total, eval_fn, final_eval_fn, strategy,
+         schedule) -> TrainState:
+    place = strategy.place if strategy is not None else (lambda s: s)
+    gather = strategy.gather if strategy is not None else (lambda s: s)
+    out_dir = config.out_dir
+    run = _RunFiles(out_dir, Checkpointer(os.path.join(out_dir, "checkpoints"), keep=config.keep,
+                                          config=config.run_config))
     try:
-        state, start = run.begin(state, train_data, resume=resume, total=total, place=place, flags=flags)
+        state, start = run.begin(state, train_data, resume=config.resume, total=total, place=place,
+                                 flags=config.flags)
     except Exception:
         run.checkpointer.close()
         raise
@@ -196,28 +201,29 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
         update_json(run.summary_path, fields)
         return state
 
-    bar = tqdm(total=total, initial=start, disable=not progress or not is_first_process(), unit="step",
-               dynamic_ncols=True, desc=title or None)
+    bar = tqdm(total=total, initial=start, disable=not config.progress or not is_first_process(), unit="step",
+               dynamic_ncols=True, desc=config.title or None)
     run.bar = bar
-    evaluation = EvaluationHook(eval_fn, final_eval_fn, eval_every, record=lambda rows: metrics.record(rows))
-    checkpoints = CheckpointHook(run.checkpointer, checkpoint_every or total, evaluation, train_data.state_dict,
-                                 run.last_saved, on_diverged=lambda step: run.stopped("diverged", diverged_at_step=step))
-    metrics = MetricsHook(run.log, run.events, bar, log_every=log_every, schedule=schedule, unit=unit,
-                          units_per_batch=units_per_batch or train_data.batch_size, train_step=train_step,
+    evaluation = EvaluationHook(eval_fn, final_eval_fn, config.eval_every, record=lambda rows: metrics.record(rows))
+    diverged = lambda step: run.stopped("diverged", diverged_at_step=step)  # noqa: E731
+    checkpoints = CheckpointHook(run.checkpointer, config.checkpoint_every or total, evaluation, train_data.state_dict,
+                                 run.last_saved, on_diverged=diverged)
+    metrics = MetricsHook(run.log, run.events, bar, log_every=config.log_every, schedule=schedule, unit=config.unit,
+                          units_per_batch=config.units_per_batch or train_data.batch_size, train_step=train_step,
                           flush_when=lambda info: evaluation.due(info) or checkpoints.due(info),
-                          on_diverged=lambda step: run.stopped("diverged", diverged_at_step=step),
+                          on_diverged=diverged,
                           last_saved=lambda: checkpoints.last_saved, start=start,
                           aside=lambda: evaluation.seconds_aside + checkpoints.seconds_aside)
     run.checkpoints = checkpoints
     hooks = (metrics, evaluation, checkpoints)
     try:
         state = _train(place(state), train_step, train_data, start=start, total=total, hooks=hooks, gather=gather,
-                       decide=lambda step, signum: _decide(step, log_every, signum=signum,
-                                                           clock=checkpoints.clock_due(checkpoint_minutes)),
+                       decide=lambda step, signum: _decide(step, config.log_every, signum=signum,
+                                                           clock=checkpoints.clock_due(config.checkpoint_minutes)),
                        interrupted=run.interrupted)
         elapsed = metrics.elapsed()  # the training alone: not the plot and files written at the end
     finally:
-        run.end(title)
+        run.end(config.title)
     timed_steps = total - metrics.start_timed
     write_json(run.summary_path, {
         "status": "finished",
@@ -227,9 +233,9 @@ def _fit(state, train_step, train_data, *, total, out_dir, eval_fn, eval_every, 
         "eval": evaluation.last or None,
         "first_step_s": metrics.first_step_s,
         "steps_per_s": timed_steps / elapsed if timed_steps > 0 else None,
-        f"{unit}_per_s": timed_steps * metrics.units_per_batch / elapsed if timed_steps > 0 else None,
+        f"{config.unit}_per_s": timed_steps * metrics.units_per_batch / elapsed if timed_steps > 0 else None,
         "last_checkpoint": checkpoints.last_saved,
-        "parallel": devices,  # the strategy and its device count
+        "parallel": None if strategy is None else {"strategy": strategy.name, "devices": strategy.num_devices},
     })
     return gather(state)
 

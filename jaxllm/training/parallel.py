@@ -33,7 +33,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllm.jax_internals import compiled_versions
-from jaxllm.training.step import batch_rows, make_eval_step, make_train_step
+from jaxllm.training.step import make_eval_step, make_train_step
 
 STRATEGIES = ("single", "sharded", "fsdp", "shard_map", "pmap")
 DATA_AXIS = "data"

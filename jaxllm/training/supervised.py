@@ -14,7 +14,7 @@ import numpy as np
 from jaxllm.data.batches import ArrayBatches
 from jaxllm.training.losses import LOSSES
 from jaxllm.training.checkpoint import run_config
-from jaxllm.training.loop import fit
+from jaxllm.training.loop import FitConfig, fit
 from jaxllm.training.optim import OptimizerConfig, make_optimizer
 from jaxllm.training.parallel import Strategy, make_strategy
 from jaxllm.training.state import TrainState
@@ -65,9 +65,9 @@ def train_supervised(config, train, *, loss: str, optimizer: OptimizerConfig, ou
     eval_fn = (lambda params: evaluate(eval_step, params, eval_data)) if eval_data else None
     strategy = strategy or make_strategy("single")
     train_step = strategy.train_step(loss_fn, opt, accum_steps=accum_steps)
-    state = fit(state, train_step, data, out_dir=out_dir, epochs=epochs, steps=steps, strategy=strategy,
-                eval_fn=eval_fn, config=run_config(config, optimizer, batch_size=data.batch_size, seed=seed),
-                **fit_kwargs)
+    fit_config = FitConfig(out_dir=out_dir, epochs=epochs, steps=steps, **fit_kwargs,
+                           run_config=run_config(config, optimizer, batch_size=data.batch_size, seed=seed))
+    state = fit(state, train_step, data, fit_config, strategy=strategy, eval_fn=eval_fn)
     train_eval = ArrayBatches(train_arrays, min(1024, len(train_arrays["x"])), shuffle=False)
     metrics = {f"train_{k}": v for k, v in evaluate(eval_step, state.params, train_eval).items()}
     if eval_data:
