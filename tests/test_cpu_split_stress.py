@@ -13,8 +13,8 @@ import pytest
 from conftest import ROOT
 
 CORPUS = ROOT / "tests" / "data" / "alls_well.txt"
-DEADLOCK_FAILS_FAST = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=2 "
-                       "--xla_cpu_collective_call_terminate_timeout_seconds=4")
+DEADLOCK_FAILS_FAST = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=5 "
+                       "--xla_cpu_collective_call_terminate_timeout_seconds=15")
 
 
 @pytest.fixture
