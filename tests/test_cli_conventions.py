@@ -79,3 +79,12 @@ def test_a_run_written_by_the_previous_code_resumes(load_script, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     summary = load_script("lm").main(["--out", "run", "--resume", "--steps", "4"])
     assert summary["status"] == "finished" and summary["steps"] == 4 and summary["resumed_from"] == 2
+
+
+def test_size_flags_say_each_presets_value(load_script, capsys):
+    with pytest.raises(SystemExit):
+        load_script("lm").main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the model width (default: the preset's -- decoder: burkov 128, tiny 16, llama 128; gpt2: tiny 64, " \
+           "gpt2_124m 768, gpt2_medium 1024)" in text
+    assert "gpt2_124m 12, gpt2_medium 24" in text and "gpt2_124m 12, gpt2_medium 16" in text

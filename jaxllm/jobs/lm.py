@@ -2,8 +2,8 @@
 
 ``--model decoder`` (presets burkov | tiny | llama: RoPE, RMSNorm) or ``--model gpt2`` (presets
 tiny | gpt2_124m | gpt2_medium: learned positions, LayerNorm, dropout), with ``--d-model``,
-``--layers`` and ``--heads`` overriding the preset's sizes. GPT-2's ``context_length`` (its
-learned positions) is set to ``--context``, and its vocabulary to the tokenizer's.
+``--layers`` and ``--heads`` overriding the preset's sizes. GPT-2's learned positions cover
+``--context``, and its vocabulary is the tokenizer's.
 
 Same split and tokenizer as ``jaxllm train ngram`` and ``jaxllm train rnn`` (a byte-level BPE of
 ``--vocab-size`` trained on the training plays, or GPT-2's), so bits per character compare on the
@@ -19,8 +19,8 @@ window (the first target of each window sees one token, the last sees ``--contex
 perplexity and bits per character (total NLL over the characters of the scored text) go to
 summary.json with the wall time and parameter count; a KV-cached sample goes to sample.txt.
 
-Devices and memory: on a CPU the batch is split over one JAX device per core (``--cpu-devices``,
-``jaxllm.cpu_devices``); ``--parallel`` picks the device strategy (auto: data-parallel ``sharded`` on
+Devices and memory: on a CPU the batch is split over one JAX device per core (``--cpu-devices``);
+``--parallel`` picks the device strategy (auto: data-parallel ``sharded`` on
 several devices; ``fsdp`` also splits params and optimiser state; ``shard_map``; ``pmap``) and
 ``--accum-steps k`` splits each ``--batch-size`` batch into k micro-batches -- the update is the
 same either way, only memory and speed change. ``--dtype bfloat16`` computes in bf16 with fp32
@@ -56,6 +56,21 @@ ALL_PRESETS = tuple(dict.fromkeys(p for family in LANGUAGE_MODELS.values() for p
 FIELD_FLAGS = {"d_model": "--d-model", "emb_dim": "--d-model", "num_layers": "--layers", "n_layers": "--layers",
                "num_heads": "--heads", "n_heads": "--heads", "head_dim": "--heads", "drop_rate": "--dropout",
                "max_len": "--context", "context_length": "--context", "dropout": "--dropout"}
+
+
+def preset_sizes(field_flag: str) -> str:
+    """``--d-model``'s (``--layers``', ``--heads``') value in each preset, for its help:
+    ``decoder: burkov 128, tiny 16, llama 128; gpt2: ...``."""
+    families = []
+    for model, family in LANGUAGE_MODELS.items():
+        sizes = []
+        for preset in family.PRESETS:
+            config = language_model(model, preset, 512, 128)
+            value = next(getattr(config, f) for f, flag in FIELD_FLAGS.items()
+                         if flag == field_flag and hasattr(config, f) and f != "head_dim")
+            sizes.append(f"{preset} {value}")
+        families.append(f"{model}: {', '.join(sizes)}")
+    return "; ".join(families)
 
 
 def build_config(model: str, preset: str, vocab_size: int, context: int, *, d_model: int | None = None,
@@ -137,9 +152,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", choices=ALL_PRESETS, default=None,
                         help="decoder: burkov|tiny|llama (default burkov); gpt2: tiny|gpt2_124m|gpt2_medium "
                              "(default tiny)")
-    parser.add_argument("--d-model", type=cli.positive_int, default=None, help="override the preset's model width")
-    parser.add_argument("--layers", type=cli.positive_int, default=None, help="override the preset's number of blocks")
-    parser.add_argument("--heads", type=cli.positive_int, default=None, help="override the preset's number of heads")
+    parser.add_argument("--d-model", type=cli.positive_int, default=None,
+                        help=f"the model width (default: the preset's -- {preset_sizes('--d-model')})")
+    parser.add_argument("--layers", type=cli.positive_int, default=None,
+                        help=f"the number of blocks (default: the preset's -- {preset_sizes('--layers')})")
+    parser.add_argument("--heads", type=cli.positive_int, default=None,
+                        help=f"the number of heads (default: the preset's -- {preset_sizes('--heads')})")
     parser.add_argument("--dropout", type=cli.fraction_below_1, default=None,
                         help="GPT-2's drop rate (default: the preset's)")
     parser.add_argument("--context", type=cli.positive_int, default=128,
