@@ -562,6 +562,7 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     import signal
 
     from jaxllm.data.tabular import DataUnavailable
+    from jaxllm.training.checkpoint import CheckpointWriteError
     from jaxllm.training.loop import TrainingDiverged, TrainingInterrupted
 
     def terminate(signum, frame):  # outside training (which saves first), SIGTERM ends quietly
@@ -575,7 +576,9 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     except (ValueError, DataUnavailable, TrainingDiverged, OSError) as exc:
         _after_failed_run()
         print(f"error: {exc}", file=sys.stderr)
-        _exit_alone(2)
+        # a failed save leaves orbax's other writes of the step behind: the interpreter's shutdown
+        # would report each of them after the error line, so the process ends now
+        _exit_alone(2, now=isinstance(exc, CheckpointWriteError))
     except TrainingInterrupted as exc:  # every process stops at the same step: they exit together
         resume = (f"resume with: {resume_command(argv)}" if exc.last_checkpoint is not None
                   else "no checkpoint yet: run the same command again to start over")
@@ -611,11 +614,12 @@ def _after_failed_run() -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _exit_alone(code: int) -> None:
+def _exit_alone(code: int, *, now: bool = False) -> None:
     """Exit with ``code`` -- at once when this is one of several processes: an error may stop one
     process only, and a normal exit would wait in JAX's shutdown barrier (minutes) for the others,
-    which wait for it in their next collective; exiting lets the coordinator stop them all now."""
-    if distributed.process_count() > 1:
+    which wait for it in their next collective; exiting lets the coordinator stop them all now.
+    ``now``: at once in any case, skipping the interpreter's shutdown."""
+    if now or distributed.process_count() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
