@@ -200,7 +200,10 @@ def claim_run_dir(out_dir: str | os.PathLike, job: str, *, resume: bool, overwri
 
 def _claim(out_dir: str, job: str, *, resume: bool, overwrite: bool) -> None:
     if os.path.isdir(os.path.join(out_dir, PREVIOUS_RUN)):  # a run that --overwrite replaced, then was killed
-        restore_previous_run(out_dir) if not has_checkpoints(out_dir) else discard_previous_run(out_dir)
+        if has_checkpoints(out_dir):
+            discard_previous_run(out_dir)
+        else:
+            restore_previous_run(out_dir)
     recorded = read_run_job(out_dir)
     if recorded not in (None, job) and not overwrite:
         raise ValueError(f"{out_dir} holds a run of another job ({recorded}); this is {job}: choose another --out, "
@@ -261,7 +264,10 @@ def restore_previous_run(out_dir: str | os.PathLike) -> bool:
     if not is_first_process() or not os.path.isdir(previous):
         return False
     for path in run_outputs(out_dir):
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
     for name in os.listdir(previous):
         os.rename(os.path.join(previous, name), os.path.join(out_dir, name))
     os.rmdir(previous)
