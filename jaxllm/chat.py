@@ -19,9 +19,10 @@ multi-byte character: its bytes are held back until the character is complete.
 
 from __future__ import annotations
 
-import argparse
 import codecs
+import dataclasses
 import sys
+from typing import ClassVar
 
 import jax
 
@@ -30,6 +31,8 @@ from jaxllm.data.tokenizer import encode
 from jaxllm.generate import fit_context, stream
 from jaxllm.pretrained import Base, load_base
 from jaxllm import cli, runio
+from jaxllm.options import Compilation, Sampling, option
+from jaxllm.options.values import non_negative_int, positive_int
 
 
 def is_instruction_run(run: dict) -> bool:
@@ -122,28 +125,34 @@ def repl(chat: Chat, stdin, out, err=sys.stderr) -> int:
         answered += 1
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatConfig:
+    __doc__ = __doc__
+    SECTION: ClassVar[str] = "generation"
+    HELP: ClassVar[dict] = {"temperature": "0: greedy (default: 0 for an instruction-tuned run, else 0.8)"}
+    run: str = option(None, "a run directory of `jaxllm train lm` or `jaxllm finetune instruct`, or a local Hugging "
+                            "Face GPT-2 directory", positional=True, required=True)
+    step: int | None = option(None, "checkpoint step of a run directory (default: the latest intact one)",
+                              type=non_negative_int)
+    max_new_tokens: int | None = option(None, "tokens per answer at most (default: the room the context leaves after "
+                                              "the prompt)", type=positive_int)
+    sampling: Sampling = Sampling(temperature=None)
+    seed: int = option(0, "seed of the sampling keys", type=non_negative_int)
+    compilation: Compilation = Compilation()
+
+
 def main(argv=None) -> int:
-    p = cli.ArgumentParser(prog="jaxllm chat", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="a run directory of `jaxllm train lm` or `jaxllm finetune instruct`, or a local "
-                               "Hugging Face GPT-2 directory")
-    p.add_argument("--step", type=cli.non_negative_int, default=None,
-                   help="checkpoint step of a run directory (default: the latest intact one)")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=None,
-                   help="tokens per answer at most (default: the room the context leaves after the prompt)")
-    cli.add_sampling_flags(p, temperature=None, temperature_help="0: greedy (default: 0 for an instruction-tuned "
-                                                                  "run, else 0.8)")
-    p.add_argument("--seed", type=cli.non_negative_int, default=0, help="seed of the sampling keys")
-    args = p.parse_args(argv)
-    base = load_base(args.run, args.step)
-    chat = Chat(base, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed)
+    cfg = cli.parse(ChatConfig, argv)
+    cli.start(cfg)
+    base = load_base(cfg.run, cfg.step)
+    chat = Chat(base, max_new_tokens=cfg.max_new_tokens, temperature=cfg.sampling.temperature,
+                top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p, seed=cfg.seed)
     chat.warm_up()
     if sys.stdin.isatty():
         kind = "instruction-tuned: each line is an instruction" if chat.instruct else "each line is continued"
         print(f"{base.source} ({kind}); /quit or Ctrl-D ends", file=sys.stderr)
-        if runio.describe_data(args.run):
-            print(runio.describe_data(args.run), file=sys.stderr)
+        if runio.describe_data(cfg.run):
+            print(runio.describe_data(cfg.run), file=sys.stderr)
     return repl(chat, sys.stdin, sys.stdout)
 
 

@@ -19,6 +19,7 @@ unless ``overwrite=True``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +27,9 @@ import uuid
 
 import numpy as np
 from flax.traverse_util import flatten_dict
+
+from jaxllm.options import option
+from jaxllm.options.values import non_negative_int
 
 FORMATS = ("hf", "safetensors")
 
@@ -66,19 +70,23 @@ def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "h
     return out_dir
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    __doc__ = __doc__
+    run: str = option(None, "a `jaxllm train lm` output directory", positional=True, required=True)
+    out: str = option(None, "the directory to write (refused when it exists and is not empty, unless --overwrite)",
+                      positional=True, required=True)
+    format: str = option("hf", "hf: a transformers model directory; safetensors: the raw Flax params and the run "
+                               "config", choices=FORMATS)
+    step: int | None = option(None, "checkpoint step (default: the newest intact)", type=non_negative_int)
+    overwrite: bool = option(False, "replace what OUT holds")
+
+
 def main(argv=None) -> str:
     """``jaxllm export RUN OUT [--format hf|safetensors] [--step N] [--overwrite]``: ``export_run``."""
     from jaxllm import cli, runio
 
-    p = cli.ArgumentParser(description=__doc__, compile_cache=False)
-    p.add_argument("run", help="a `jaxllm train lm` output directory")
-    p.add_argument("out", help="the directory to write (refused when it exists and is not empty, unless --overwrite)")
-    p.add_argument("--format", choices=FORMATS, default="hf",
-                   help="hf: a transformers model directory; safetensors: the raw Flax params and the run config")
-    p.add_argument("--step", type=cli.non_negative_int, default=None,
-                   help="checkpoint step (default: the newest intact)")
-    p.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
-    args = p.parse_args(argv)
+    args = cli.parse(ExportConfig, argv)
     out = export_run(args.run, args.out, args.format, step=args.step, overwrite=args.overwrite)
     print(f"{args.run} -> {out} ({args.format})")
     if runio.describe_data(args.run):

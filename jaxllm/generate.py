@@ -94,12 +94,7 @@ def sample_recurrent(model, params, prompt: list[int], *, max_new_tokens: int, k
     if not len(prompt):
         raise ValueError("the prompt must hold at least one token")
     prompt = check_token_ids(prompt, vocab_size, name="prompt ids")
-    if top_k is not None and not 1 <= top_k <= vocab_size:
-        raise ValueError(f"top_k must lie in [1, {vocab_size}] (the vocabulary size), got {top_k}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_request(vocab_size, max_new_tokens, temperature, top_k)
     tokens = _decode_recurrent(model, params, jnp.asarray(prompt[None, :], jnp.int32), key,
                                max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k)
     return [int(t) for t in jax.device_get(tokens)[0]]
@@ -275,18 +270,24 @@ def stream(model, params, prompt: list[int], *, max_new_tokens: int, key, temper
     return tokens_one_by_one(cache)
 
 
-def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, max_len):
-    """Check a request; -> (prompts padded to their bucket int32[B, P], lengths int32[B], an empty
-    cache of ``max_len``, the static sampling arguments)."""
-    vocab_size = model.vocab_size
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
-    if temperature < 0:
+def check_request(vocab_size: int, max_new_tokens, temperature: float, top_k: int | None,
+                  top_p: float | None = None) -> None:
+    """A decoding request's arguments, checked on the host before anything is traced."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 (an integer), got {max_new_tokens}")
+    if not temperature >= 0:  # NaN too
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and not 1 <= top_k <= vocab_size:
         raise ValueError(f"top_k must lie in [1, {vocab_size}] (the vocabulary size), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+
+
+def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, max_len):
+    """Check a request; -> (prompts padded to their bucket int32[B, P], lengths int32[B], an empty
+    cache of ``max_len``, the static sampling arguments)."""
+    vocab_size = model.vocab_size
+    check_request(vocab_size, max_new_tokens, temperature, top_k, top_p)
     if eos_id is not None and not 0 <= eos_id < vocab_size:
         raise ValueError(f"eos_id must lie in [0, {vocab_size - 1}], got {eos_id}")
     if isinstance(prompts, (str, bytes)) or not len(prompts):

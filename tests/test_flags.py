@@ -1,6 +1,6 @@
 """Every flag of every job (``jaxllm.jobs``) is checked while the flags are parsed, before any data work.
 
-A bad value is refused by the flag's argparse type (``jaxllm.cli``'s validators) with one
+A bad value is refused by the flag's argparse type (``jaxllm.options.values``) with one
 ``error: argument --flag: ...`` line and exit 2, nothing written to ``--out``; combinations that
 the flags alone decide (``--heads`` vs ``--d-model``, ``--preset`` vs ``--model``) fail right
 after parsing, before the tokenizer is trained; a warmup as long as the run is clamped, with a note.
@@ -12,55 +12,56 @@ import os
 import subprocess
 import sys
 
-import optax
 import pytest
 
+from corpus import english
 from conftest import ROOT
 from jaxllm import cli
+from jaxllm.options import Optim, parts, values
 from jaxllm.training import make_optimizer, make_schedule
 from jaxllm.training.optim import SCHEDULES
 
-TEXT = (ROOT / "README.md").read_text() * 3
+TEXT = english() * 3
 
 
 # --- the validators ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("validator, text, value", [
-    (cli.positive_int, "1", 1), (cli.positive_int, "20", 20),
-    (cli.non_negative_int, "0", 0),
-    (cli.int_in(2), "2", 2), (cli.int_in(1, 3), "3", 3),
-    (cli.bpe_vocab_size, "257", 257),
-    (cli.positive_float, "3e-4", 3e-4),
-    (cli.non_negative_float, "0", 0.0),
-    (cli.fraction_below_1, "0", 0.0), (cli.fraction_below_1, "0.99", 0.99),
-    (cli.positive_fraction, "1", 1.0), (cli.positive_fraction, "0.9", 0.9),
-    (cli.int_list(1), "1,2, 4", [1, 2, 4]),
+    (values.positive_int, "1", 1), (values.positive_int, "20", 20),
+    (values.non_negative_int, "0", 0),
+    (values.int_in(2), "2", 2), (values.int_in(1, 3), "3", 3),
+    (values.bpe_vocab_size, "257", 257),
+    (values.positive_float, "3e-4", 3e-4),
+    (values.non_negative_float, "0", 0.0),
+    (values.fraction_below_1, "0", 0.0), (values.fraction_below_1, "0.99", 0.99),
+    (values.positive_fraction, "1", 1.0), (values.positive_fraction, "0.9", 0.9),
+    (values.int_list(1), "1,2, 4", [1, 2, 4]),
 ])
 def test_validators_accept(validator, text, value):
     assert validator(text) == value
 
 
 @pytest.mark.parametrize("validator, text, message", [
-    (cli.positive_int, "0", "must be >= 1, got 0"),
-    (cli.positive_int, "-3", "must be >= 1, got -3"),
-    (cli.positive_int, "1.5", "must be an integer >= 1, got '1.5'"),
-    (cli.positive_int, "many", "must be an integer >= 1, got 'many'"),
-    (cli.non_negative_int, "-1", "must be >= 0, got -1"),
-    (cli.int_in(2), "1", "must be >= 2, got 1"),
-    (cli.int_in(1, 3), "4", "must be in [1, 3], got 4"),
-    (cli.bpe_vocab_size, "256", "must be >= 257, got 256"),
-    (cli.positive_float, "0", "must be > 0, got 0"),
-    (cli.positive_float, "-1e-3", "must be > 0, got -1e-3"),
-    (cli.positive_float, "nan", "must be a finite number > 0, got nan"),
-    (cli.positive_float, "inf", "must be a finite number > 0, got inf"),
-    (cli.positive_float, "fast", "must be a number > 0, got 'fast'"),
-    (cli.non_negative_float, "-0.5", "must be >= 0, got -0.5"),
-    (cli.fraction_below_1, "1", "must be in [0, 1), got 1"),
-    (cli.fraction_below_1, "-0.1", "must be in [0, 1), got -0.1"),
-    (cli.positive_fraction, "0", "must be in (0, 1], got 0"),
-    (cli.positive_fraction, "1.01", "must be in (0, 1], got 1.01"),
-    (cli.int_list(1), "1,0", "needs integers >= 1, got '1,0'"),
-    (cli.int_list(1), "1,x", "takes comma-separated integers, got '1,x'"),
+    (values.positive_int, "0", "must be >= 1, got 0"),
+    (values.positive_int, "-3", "must be >= 1, got -3"),
+    (values.positive_int, "1.5", "must be an integer >= 1, got '1.5'"),
+    (values.positive_int, "many", "must be an integer >= 1, got 'many'"),
+    (values.non_negative_int, "-1", "must be >= 0, got -1"),
+    (values.int_in(2), "1", "must be >= 2, got 1"),
+    (values.int_in(1, 3), "4", "must be in [1, 3], got 4"),
+    (values.bpe_vocab_size, "256", "must be >= 257, got 256"),
+    (values.positive_float, "0", "must be > 0, got 0"),
+    (values.positive_float, "-1e-3", "must be > 0, got -1e-3"),
+    (values.positive_float, "nan", "must be a finite number > 0, got nan"),
+    (values.positive_float, "inf", "must be a finite number > 0, got inf"),
+    (values.positive_float, "fast", "must be a number > 0, got 'fast'"),
+    (values.non_negative_float, "-0.5", "must be >= 0, got -0.5"),
+    (values.fraction_below_1, "1", "must be in [0, 1), got 1"),
+    (values.fraction_below_1, "-0.1", "must be in [0, 1), got -0.1"),
+    (values.positive_fraction, "0", "must be in (0, 1], got 0"),
+    (values.positive_fraction, "1.01", "must be in (0, 1], got 1.01"),
+    (values.int_list(1), "1,0", "needs integers >= 1, got '1,0'"),
+    (values.int_list(1), "1,x", "takes comma-separated integers, got '1,x'"),
 ])
 def test_validators_refuse_naming_the_range(validator, text, message):
     with pytest.raises(argparse.ArgumentTypeError) as exc:
@@ -76,7 +77,7 @@ REFUSED = [  # (script, flags, the message after "argument ")
     ("lm", ["--preset", "tny"], "--preset: invalid choice: 'tny'"),
     ("lm", ["--stride", "0"], "--stride: must be >= 1, got 0"),
     ("lm", ["--steps", "0"], "--steps: must be >= 1, got 0"),
-    # the shared flags (cli.make_parser, add_parallel_flags)
+    # the shared flags (jaxllm.options.parts)
     ("lm", ["--epochs", "0"], "--epochs: must be >= 1, got 0"),
     ("lm", ["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
     ("lm", ["--lr", "0"], "--lr: must be > 0, got 0"),
@@ -179,21 +180,20 @@ def test_lm_flag_combinations_fail_before_the_data(load_script, tmp_path, flags,
 
 @pytest.mark.parametrize("warmup, total, clamped", [(100, 20, 19), (3, 3, 2), (5, 1, 0), (20, 20, 19)])
 def test_a_warmup_as_long_as_the_run_is_clamped_with_a_note(capsys, warmup, total, clamped):
-    assert cli.clamp_warmup(warmup, total) == clamped
+    assert parts.clamp_warmup(warmup, total) == clamped
     assert capsys.readouterr().out == (f"note: --warmup-steps {warmup} clamped to {clamped} "
                                        f"(the run has {total} step{'s' if total != 1 else ''})\n")
 
 
 @pytest.mark.parametrize("warmup, total", [(0, 20), (19, 20), (2, 3), (0, 1)])
 def test_a_warmup_shorter_than_the_run_is_kept_silently(capsys, warmup, total):
-    assert cli.clamp_warmup(warmup, total) == warmup
+    assert parts.clamp_warmup(warmup, total) == warmup
     assert capsys.readouterr().out == ""
 
 
 def _args(**overrides):
-    flags = dict(optimizer="adamw", lr=1e-3, weight_decay=0.0, momentum=0.0, schedule="constant", warmup_steps=0,
-                 clip_norm=None)
-    return argparse.Namespace(**{**flags, **overrides})
+    return Optim(**{**dict(optimizer="adamw", lr=1e-3, weight_decay=0.0, momentum=0.0, schedule="constant",
+                           warmup_steps=0, clip_norm=None), **overrides})
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -202,7 +202,7 @@ def test_every_warmup_and_length_the_parser_accepts_builds_an_optimiser(capsys, 
     learning rate at every step, the peak --lr reached by the last step at the latest."""
     for total in range(1, 7):
         for warmup in range(0, 9):
-            config = cli.optimizer_config(_args(schedule=schedule, warmup_steps=warmup), total)
+            config = _args(schedule=schedule, warmup_steps=warmup).build(total)
             assert config.warmup_steps == min(warmup, total - 1)
             make_optimizer(config)
             lr = [float(make_schedule(config)(step)) for step in range(total)]
@@ -213,7 +213,7 @@ def test_every_warmup_and_length_the_parser_accepts_builds_an_optimiser(capsys, 
 
 def test_a_decaying_schedule_on_a_run_of_no_steps_names_the_flags():
     with pytest.raises(ValueError, match=r"--schedule warmup_cosine needs the run's length.*--batch-size"):
-        cli.optimizer_config(_args(schedule="warmup_cosine"), 0)
+        _args(schedule="warmup_cosine").build(0)
 
 
 @pytest.mark.parametrize("flags, note", [
@@ -265,12 +265,12 @@ def test_lm_short_run_clamps_the_default_warmup_and_splits_the_batch_over_the_co
 
 def test_auto_uses_the_most_devices_that_divide_the_batch(capsys):
     devices = ["d0", "d1", "d2", "d3"]  # only counted and sliced
-    assert cli._devices_dividing(12, 1, devices) == devices and capsys.readouterr().out == ""
-    assert cli._devices_dividing(10, 1, devices) == ["d0", "d1"]
+    assert parts.devices_dividing(12, 1, devices) == devices and capsys.readouterr().out == ""
+    assert parts.devices_dividing(10, 1, devices) == ["d0", "d1"]
     assert "note: --batch-size 10 does not split over 4 devices x --accum-steps 1: training on 2 device(s)" \
         in capsys.readouterr().out
-    assert cli._devices_dividing(455, 1, devices) == ["d0"]  # logreg's odd batch: one device
-    assert cli._devices_dividing(12, 4, devices) == ["d0", "d1", "d2"]
+    assert parts.devices_dividing(455, 1, devices) == ["d0"]  # logreg's odd batch: one device
+    assert parts.devices_dividing(12, 4, devices) == ["d0", "d1", "d2"]
 
 
 def test_the_cpu_device_count_is_checked_and_a_fixed_count_left_alone(monkeypatch):
@@ -287,13 +287,16 @@ def test_the_cpu_device_count_is_checked_and_a_fixed_count_left_alone(monkeypatc
 
 
 @pytest.mark.parametrize("optimizer,per_core", [("adamw", True), ("muon", True)])
-def test_every_optimizer_defaults_to_one_cpu_device_per_core(monkeypatch, optimizer, per_core):
+def test_every_optimizer_defaults_to_one_cpu_device_per_core(monkeypatch, tmp_path, optimizer, per_core):
     """The split no longer depends on the optimiser: muon was kept on one device while XLA's
     in-process all-reduce could deadlock (tests/test_cpu_split_stress.py)."""
     from jaxllm import cpu_devices
 
     asked = []
     monkeypatch.setattr(cpu_devices, "request", lambda count, per_core: asked.append((count, per_core)))
-    parser = cli.make_parser("test", job="lm", epochs=1, lr=1e-3, batch_size=8)
-    parser.parse_args(["--optimizer", optimizer, "--weight-decay", "0"])
+    from jaxllm.jobs.lm import LmConfig
+    from jaxllm.runio import unlock_run_dir
+
+    cli.start(cli.parse(LmConfig, ["--optimizer", optimizer, "--weight-decay", "0", "--out", str(tmp_path)]))
+    unlock_run_dir(tmp_path)
     assert asked == [(None, per_core)]

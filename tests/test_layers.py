@@ -13,6 +13,7 @@ LAYERS = (
     ("jaxllm.jobs", "jaxllm.bench", "jaxllm.notebook_utils"),
     ("jaxllm.chat", "jaxllm.export"),
     ("jaxllm.cli", "jaxllm.orbax_noise"),
+    ("jaxllm.options",),
     ("jaxllm.pretrained",),
     ("jaxllm.training",),
     ("jaxllm.generate", "jaxllm.interop", "jaxllm.torch_ref"),

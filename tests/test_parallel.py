@@ -6,12 +6,15 @@ per-device code folds the device index into the dropout key, so its masks differ
 device's by design.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 import multidevice
-from jaxllm import cli
+from jaxllm.options import Devices, Optim, Precision, Run
+from jaxllm.options.parser import parse
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_strategy, make_train_step
 from jaxllm.training.losses import softmax_cross_entropy
 from jaxllm.training.parallel import STRATEGIES
@@ -169,18 +172,33 @@ def test_single_default_step_is_the_plain_jitted_step():
     assert step.strategy is strategy and hasattr(step, "lower")  # a jax.jit function, no wrapper
 
 
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    run: Run = Run()
+    optim: Optim = Optim(batch_size=8)
+    devices: Devices = Devices()
+    precision: Precision = Precision()
+
+
+@dataclasses.dataclass(frozen=True)
+class _JobWithoutPrecision:
+    run: Run = Run()
+    devices: Devices = Devices()
+
+
 def test_cli_flags():
-    parser = cli.make_parser("test", job="test", epochs=1, lr=1e-3, batch_size=8)
-    args = parser.parse_args(["--parallel", "shard_map", "--accum-steps", "2", "--dtype", "bfloat16", "--remat"])
-    assert (args.parallel, args.accum_steps, args.dtype, args.remat) == ("shard_map", 2, "bfloat16", True)
-    defaults = parser.parse_args([])
-    assert (defaults.parallel, defaults.accum_steps, defaults.dtype, defaults.remat) == ("auto", 1, "float32", False)
-    assert cli.strategy(defaults).name == "single"
+    config = parse(_Job, ["--parallel", "shard_map", "--accum-steps", "2", "--dtype", "bfloat16", "--remat"])
+    assert (config.devices.parallel, config.devices.accum_steps) == ("shard_map", 2)
+    assert (config.precision.dtype, config.precision.remat) == ("bfloat16", True)
+    defaults = parse(_Job, [])
+    assert (defaults.devices.parallel, defaults.devices.accum_steps) == ("auto", 1)
+    assert (defaults.precision.dtype, defaults.precision.remat) == ("float32", False)
+    assert defaults.devices.strategy(8).name == "single"
     with pytest.raises(SystemExit):  # refused while parsing, before any work
-        parser.parse_args(["--accum-steps", "0"])
+        parse(_Job, ["--accum-steps", "0"])
     with pytest.raises(ValueError, match="8 rows does not divide by 1 device.* 3 accumulation step.*e.g. 6 or 9"):
-        cli.strategy(parser.parse_args(["--accum-steps", "3"]))
+        parse(_Job, ["--accum-steps", "3"]).devices.strategy(8)
     with pytest.raises(SystemExit):
-        parser.parse_args(["--parallel", "ddp"])
-    no_precision = cli.make_parser("test", job="test", epochs=1, lr=1e-3, precision=False)
-    assert not hasattr(no_precision.parse_args([]), "dtype")
+        parse(_Job, ["--parallel", "ddp"])
+    with pytest.raises(SystemExit):  # a job without the precision part has no --dtype
+        parse(_JobWithoutPrecision, ["--dtype", "bfloat16"])

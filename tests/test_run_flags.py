@@ -1,4 +1,4 @@
-"""Configs as data (``jaxllm.training.run_flags`` + ``cli.parse_args``): every run writes its flags
+"""Configs as data (``jaxllm.training.run_flags`` + ``jaxllm.options``): every run writes its flags
 to ``config.yaml``; ``--resume`` reads them back, ``--config FILE|PRESET`` reads a file as the
 defaults, flags on the command line override both; bad files, keys and values are one line."""
 
@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from jaxllm import cli
+from jaxllm.options import file_values, spec
 from jaxllm.training import run_flags
 from jaxllm.training.optim import OPTIMIZERS
 from jaxllm.runio import unlock_run_dir
@@ -25,7 +26,9 @@ def test_a_run_writes_every_flag_and_resume_needs_only_out(load_script, tmp_path
     written = flags_of(tmp_path)
     assert written["lr"] == 0.05 and written["steps"] == 20 and written["points"] == 12
     assert written["clip-norm"] is None and written["no-progress"] is True
-    for key in cli.COMMAND_LINE_ONLY:  # where and whether to run, not how: never in the file
+    only = [f.key for f in spec.flags(linreg.LinregConfig) if f.command_line_only]
+    assert {"out", "config", "resume", "overwrite", "accept-data-change", "num-processes"} <= set(only)
+    for key in only:  # where and whether to run, not how: never in the file
         assert key not in written
     unlock_run_dir(tmp_path)
     # lr 0.05 and 12 points come from config.yaml: with the defaults (lr 0.1) the resume would be refused
@@ -89,16 +92,13 @@ class _Parsed(Exception):
 
 @pytest.mark.parametrize("job, name", [(p.parent.name, p.stem) for p in sorted(run_flags.PRESET_DIR.glob("*/*.yaml"))])
 def test_every_shipped_preset_parses_as_its_jobs_flags(load_script, monkeypatch, tmp_path, job, name):
-    parse = cli.parse_args
+    def stop(config):
+        raise _Parsed(config)
 
-    def parse_then_stop(parser, argv):
-        raise _Parsed(parse(parser, argv))
-
-    monkeypatch.setattr(cli, "parse_args", parse_then_stop)
+    monkeypatch.setattr(cli, "start", stop)
     with pytest.raises(_Parsed) as parsed:
         load_script(job).main(["--out", str(tmp_path), "--config", name])
-    unlock_run_dir(tmp_path)
-    args = parsed.value.args[0]
+    flags = file_values(parsed.value.args[0])
     for key, value in run_flags.read_flags(run_flags.preset_path(job, name)).items():
-        assert args.flags[key] == value, key
-    assert json.dumps(args.flags)  # plain data
+        assert flags[key] == value, key
+    assert json.dumps(flags)  # plain data

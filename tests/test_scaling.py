@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from jaxllm import cli
 from parity import TRAJECTORY, assert_close
 
 PEAK = 1e12
@@ -73,13 +74,14 @@ def test_processes_are_launched_only_by_one_cpu_process(load_script):
     scaling = load_script("scaling")
 
     def args(*flags):
-        parsed = scaling.make_parser().parse_args(list(flags))
-        scaling.check_args(parsed)
-        return parsed
+        config = cli.parse(scaling.ScalingConfig, list(flags))
+        config.check()
+        return config
 
     assert scaling.launches_workers(args("--processes", "1,2", "--devices", "2"), "cpu", 1)
     launched_by_hand = args("--devices", "4")
-    assert not scaling.launches_workers(launched_by_hand, "cpu", 2) and launched_by_hand.process_counts == [2]
+    assert not scaling.launches_workers(launched_by_hand, "cpu", 2)
+    assert scaling.process_counts(launched_by_hand, "cpu", 2) == (2,)
     assert not scaling.launches_workers(args("--processes", "2", "--devices", "4"), "cpu", 2)  # the count running
     assert not scaling.launches_workers(args(), "gpu", 1)
     with pytest.raises(ValueError, match="only a CPU run of one process launches processes itself; this run has "

@@ -137,8 +137,9 @@ def test_a_fresh_run_and_overwrite_remove_earlier_event_files(tmp_path):
     assert len(files) == 1 and not stale.exists()
     assert "train/lr" not in scalars(tmp_path)  # neither a schedule nor a run config: no lr
 
-    parser = cli.make_parser("test", job="test", epochs=1, lr=0.1)
-    cli.parse_args(parser, ["--out", str(tmp_path), "--overwrite"])
+    from jaxllm.jobs.linreg import LinregConfig
+
+    cli.start(cli.parse(LinregConfig, ["--out", str(tmp_path), "--overwrite"]))
     assert tensorboard.event_files(tmp_path) == [] and not (tmp_path / "metrics.jsonl").exists()
 
 

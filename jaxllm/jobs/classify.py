@@ -28,9 +28,11 @@ alone without the base). ``--predict "text" ... --out RUN`` classifies texts wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,9 @@ from jaxllm.models import classifier
 from jaxllm.pretrained import load_base
 from jaxllm import cli, runio
 from jaxllm.data.corpus import files_fingerprint
+from jaxllm.options import Devices, Evaluation, MultiHost, Optim, Precision, Run, fit_config, option
+from jaxllm.options.parts import eval_batches_option
+from jaxllm.options.values import absolute_path, fraction_below_1, positive_float, positive_int
 from jaxllm.training import TrainState, fit, make_eval_step, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.freeze import (count_params, freeze_optimizer, stop_frozen_gradients, trainable_mask,
@@ -59,23 +64,94 @@ DEFAULT_LR = {"lora": 8e-4, "last_block": 3e-3, "head": 1e-3, "full": 5e-4}
 # 3e-3 with 100 warmup steps and cosine decay +10.4 (README table)
 DEFAULT_SCHEDULE = {"last_block": ("warmup_cosine", 100)}
 EXPORT_DIR = "classifier"  # one of runio.RUN_OUTPUTS: --overwrite sets it aside with the run
+MODES = ("lora", "last-block", "head", "full")
 
 
-def prepare_data(args, encoding, limit: int):
+@dataclasses.dataclass(frozen=True)
+class ClassifyConfig:
+    __doc__ = __doc__
+    JOB: ClassVar[str] = "classify"
+    run: Run = Run(out="runs/classify", epochs=3, log_every=100)
+    # --lr, --schedule and --warmup-steps default per --mode (``optim_for``): None here, and so in config.yaml
+    optim: Optim = Optim(batch_size=8, lr=None, weight_decay=0.1, schedule=None, warmup_steps=None)
+    base: str = option("runs/lm", "a `jaxllm train lm` run directory (`make demo` writes runs/lm) or a local HF GPT-2 "
+                                  "directory", type=absolute_path, section="model")
+    mode: str = option("lora", "what trains: LoRA adapters, the last block + final norm + head, the head, everything",
+                       choices=MODES, section="model")
+    rank: int = option(16, "LoRA rank", type=positive_int, section="model")
+    alpha: float = option(16.0, "LoRA alpha (scale alpha / rank)", type=positive_float, section="model")
+    dropout: float | None = option(None, "GPT-2 bases: drop rate (default 0.0, the book's)", type=fraction_below_1,
+                                   section="model")
+    data: str | None = option(None, f"data file (default for vader: {cdata.VADER_DEFAULT})", type=absolute_path,
+                              section="data")
+    format: str = option("vader", "vader: the movie-review snippets; sms: label<TAB>text lines",
+                         choices=cdata.FORMATS, section="data")
+    labels: tuple[str, ...] | None = option(None, "sms format: the label names, class 0 first", many=True,
+                                            section="data")
+    max_length: int | None = option(None, "tokens per text (default: the longest training text, capped at the "
+                                          "context)", type=positive_int, section="data")
+    evaluation: Evaluation = Evaluation()
+    eval_batches: int = eval_batches_option()
+    eval_batch_size: int = option(64, "rows per evaluation batch", type=positive_int, section="evaluation")
+    predict: tuple[str, ...] | None = option(None, "classify these texts with the classifier saved in --out (no "
+                                                   "training)", many=True, metavar="TEXT", section="evaluation")
+    devices: Devices = Devices()
+    precision: Precision = Precision()
+    hosts: MultiHost = MultiHost()
+
+    HELP: ClassVar[dict] = {
+        "lr": f"learning rate (default: per --mode, {DEFAULT_LR})",
+        "schedule": "learning-rate schedule (default: per --mode: warmup_cosine for last-block, else constant)",
+        "warmup_steps": "warmup of a decaying schedule (default: per --mode, at most a tenth of the run)",
+    }
+
+    @property
+    def mode_name(self) -> str:
+        """``--mode`` as the training code names it: ``last_block``."""
+        return self.mode.replace("-", "_")
+
+    @property
+    def learning_rate(self) -> float:
+        """``--lr``, else the mode's (``DEFAULT_LR``)."""
+        return DEFAULT_LR[self.mode_name] if self.optim.lr is None else self.optim.lr
+
+    @property
+    def lr_schedule(self) -> str:
+        """``--schedule``, else the mode's (``DEFAULT_SCHEDULE``; constant)."""
+        if self.optim.schedule is not None:
+            return self.optim.schedule
+        return DEFAULT_SCHEDULE.get(self.mode_name, ("constant", 0))[0]
+
+    def warmup_for(self, total: int) -> int:
+        """``--warmup-steps``, else the mode's warmup (at most a tenth of a run of ``total`` steps)
+        under a decaying schedule, 0 under a constant one."""
+        if self.optim.warmup_steps is not None:
+            return self.optim.warmup_steps
+        warmup = DEFAULT_SCHEDULE.get(self.mode_name, ("constant", 0))[1]
+        return min(warmup, total // 10) if self.lr_schedule != "constant" else 0
+
+    def optim_for(self, total: int) -> Optim:
+        """The optimiser part with the per-mode defaults filled in, for a run of ``total`` steps."""
+        return dataclasses.replace(self.optim, lr=self.learning_rate, schedule=self.lr_schedule,
+                                   warmup_steps=self.warmup_for(total))
+
+
+def prepare_data(cfg: ClassifyConfig, encoding, limit: int):
     """Load, balance, split and encode; returns ``(splits {name: Encoded}, label_names, max_length, report)``."""
-    path = args.data or cdata.VADER_DEFAULT
-    data = cdata.load(path, args.format, args.labels)
-    balanced = cdata.balance(data, args.seed)
-    parts = dict(zip(("train", "val", "test"), cdata.split(balanced, args.seed)))
-    if args.max_length is not None:
-        if not 1 <= args.max_length <= limit:
-            raise ValueError(f"--max-length must lie in [1, {limit}] (the model's context), got {args.max_length}")
-        max_length = args.max_length
+    path = cfg.data or cdata.VADER_DEFAULT
+    seed = cfg.run.seed
+    data = cdata.load(path, cfg.format, list(cfg.labels) if cfg.labels is not None else None)
+    balanced = cdata.balance(data, seed)
+    parts = dict(zip(("train", "val", "test"), cdata.split(balanced, seed)))
+    if cfg.max_length is not None:
+        if not 1 <= cfg.max_length <= limit:
+            raise ValueError(f"--max-length must lie in [1, {limit}] (the model's context), got {cfg.max_length}")
+        max_length = cfg.max_length
     else:
         max_length = min(cdata.longest(encoding, parts["train"].texts), limit)
     splits = {name: cdata.encode_texts(encoding, part.texts, max_length, labels=part.labels)
               for name, part in parts.items()}
-    report = {"path": os.fspath(path), "format": args.format, "loaded": data.counts(),
+    report = {"path": os.fspath(path), "format": cfg.format, "loaded": data.counts(),
               "balanced": balanced.counts(), "sizes": {k: len(v) for k, v in parts.items()},
               "test_counts": parts["test"].counts()}
     return splits, data.label_names, max_length, report
@@ -165,120 +241,86 @@ def predict(out: str, texts: list[str]) -> list[dict]:
             for t, p, n in zip(texts, probs, map(len, cdata.token_lists(encoding, texts)))]
 
 
-def make_parser():
-    parser = cli.make_parser(__doc__, job="classify", epochs=3, lr=0.0, batch_size=8, weight_decay=0.1,
-                             log_every=100)
-    parser.set_defaults(lr=None, schedule=None, warmup_steps=None)  # per-mode defaults, resolved in main
-    parser.add_argument("--base", type=cli.absolute_path, default="runs/lm",
-                        help="a `jaxllm train lm` run directory (`make demo` writes runs/lm) or a local HF GPT-2 directory")
-    parser.add_argument("--data", type=cli.absolute_path, default=None, help=f"data file (default for vader: {cdata.VADER_DEFAULT})")
-    parser.add_argument("--format", choices=cdata.FORMATS, default="vader",
-                        help="vader: the movie-review snippets; sms: label<TAB>text lines")
-    parser.add_argument("--labels", nargs="+", default=None, help="sms format: the label names, class 0 first")
-    parser.add_argument("--mode", choices=("lora", "last-block", "head", "full"), default="lora",
-                        help="what trains: LoRA adapters, the last block + final norm + head, the head, everything")
-    parser.add_argument("--rank", type=cli.positive_int, default=16, help="LoRA rank")
-    parser.add_argument("--alpha", type=cli.positive_float, default=16.0, help="LoRA alpha (scale alpha / rank)")
-    parser.add_argument("--max-length", type=cli.positive_int, default=None,
-                        help="tokens per text (default: the longest training text, capped at the context)")
-    parser.add_argument("--dropout", type=cli.fraction_below_1, default=None,
-                        help="GPT-2 bases: drop rate (default 0.0, the book's)")
-    parser.add_argument("--eval-batch-size", type=cli.positive_int, default=64, help="rows per evaluation batch")
-    parser.add_argument("--predict", nargs="+", default=None, metavar="TEXT",
-                        help="classify these texts with the classifier saved in --out (no training)")
-    cli.add_eval_batches(parser)
-    parser.reword(lr=f"learning rate (default: per --mode, {DEFAULT_LR})",
-                  schedule="learning-rate schedule (default: per --mode: warmup_cosine for last-block, else constant)",
-                  warmup_steps="warmup of a decaying schedule (default: per --mode, at most a tenth of the run)")
-    parser.arrange(model=["--base", "--mode", "--rank", "--alpha", "--dropout"],
-                   data=["--data", "--format", "--labels", "--max-length"],
-                   evaluation=["--eval-batch-size", "--predict"])
-    return parser
-
-
 def main(argv=None) -> dict:
     t_start = time.perf_counter()
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    if args.predict is not None:
-        results = predict(args.out, args.predict)
+    cfg = cli.parse(ClassifyConfig, argv)
+    if cfg.predict is not None:  # no training: --out is read, not claimed
+        from jaxllm import compile_cache
+
+        compile_cache.enable(not cfg.run.compilation.no_compile_cache)
+        results = predict(cfg.run.out, list(cfg.predict))
         for r in results:
             p = r["probabilities"][r["label"]]
             print(f"{r['label']} ({p:.3f}){' [truncated]' if r['truncated'] else ''}: {r['text']}")
         return {"predictions": results}
-    args = cli.parse_args(parser, argv)  # now refuse (or --overwrite) an existing run
-    mode = args.mode.replace("-", "_")
-    lr = DEFAULT_LR[mode] if args.lr is None else args.lr
-    args.lr = lr
-    schedule, warmup = DEFAULT_SCHEDULE.get(mode, ("constant", 0))
-    args.schedule = schedule if args.schedule is None else args.schedule
-    strategy = cli.strategy(args)  # checks --batch-size against the devices and --accum-steps now
+    cli.start(cfg)  # now refuse (or --overwrite) an existing run
+    run_, mode, precision = cfg.run, cfg.mode_name, cfg.precision
+    batch_size, seed, labels = cfg.optim.batch_size, run_.seed, list(cfg.labels) if cfg.labels is not None else None
+    strategy = cfg.devices.strategy(batch_size)  # checks --batch-size against the devices and --accum-steps now
 
-    base = load_base(args.base)
+    base = load_base(cfg.base)
     lm_config = base.config
-    lm_config = lm_config.with_dropout(0.0 if args.dropout is None else args.dropout)  # the book's 0.0
-    if args.remat:
+    lm_config = lm_config.with_dropout(0.0 if cfg.dropout is None else cfg.dropout)  # the book's 0.0
+    if precision.remat:
         lm_config = lm_config.replace(remat=True)
-    splits, label_names, max_length, report = prepare_data(args, base.encoding, lm_config.context_limit)
-    runio.record_data(args.out, files_fingerprint([report["path"]], format=args.format, labels=args.labels,
-                                                  seed=args.seed), resume=args.resume,
-                      accept_change=args.accept_data_change)
+    splits, label_names, max_length, report = prepare_data(cfg, base.encoding, lm_config.context_limit)
+    runio.record_data(run_.out, files_fingerprint([report["path"]], format=cfg.format, labels=labels,
+                                                  seed=seed), resume=run_.resume,
+                      accept_change=run_.accept_data_change)
     for part in splits.values():
         lm_config.validate_input(part.tokens)
     truncated = {name: part.truncated for name, part in splits.items()}
     print(f"{report['sizes']} examples (balanced {report['balanced']}), max length {max_length} tokens, "
           f"truncated {truncated}")
 
-    key_head, key_lora, key_train = jax.random.split(jax.random.PRNGKey(args.seed), 3)
+    key_head, key_lora, key_train = jax.random.split(jax.random.PRNGKey(seed), 3)
     config, params = classifier.from_lm(lm_config, base.params, len(label_names), key_head)
     apply = lambda p, tokens, key=None: config.logits(p, tokens, key=key)  # noqa: E731
     lora_cfg = None
     if mode == "lora":
         from jaxllm.nn import lora
 
-        lora_cfg = lora.raschka(rank=args.rank, alpha=args.alpha)
+        lora_cfg = lora.raschka(rank=cfg.rank, alpha=cfg.alpha)
         params = lora.add_lora(params, lora_cfg, key_lora)
         apply = lora.apply_with_lora(apply, lora_cfg)
     mask = trainable_mask(params, trainable_predicate(config, mode))
     loss_fn = classification_loss(apply)
 
-    batches = ArrayBatches(splits["train"].arrays(), args.batch_size, seed=args.seed)
-    total = cli.total_steps(args, batches.steps_per_epoch)
-    if args.warmup_steps is None:  # the mode's warmup, at most a tenth of a short run
-        args.warmup_steps = min(warmup, total // 10) if args.schedule != "constant" else 0
-    opt_config = cli.optimizer_config(args, total)
+    batches = ArrayBatches(splits["train"].arrays(), batch_size, seed=seed)
+    total = run_.total_steps(batches.steps_per_epoch)
+    opt_config = cfg.optim_for(total).build(total)  # the mode's lr, schedule and warmup unless given
     optimizer = freeze_optimizer(make_optimizer(opt_config), mask)
-    evaluate = make_evaluator(loss_fn, args.eval_batch_size)
-    run = run_config(config, opt_config, batch_size=args.batch_size, seed=args.seed, mode=mode,
-                     base=base.source, data=report["path"], format=args.format, labels=list(label_names),
-                     max_length=max_length, rank=args.rank if lora_cfg else None,
-                     alpha=args.alpha if lora_cfg else None,
-                     **({"dtype": args.dtype} if args.dtype != "float32" else {}))
+    evaluate = make_evaluator(loss_fn, cfg.eval_batch_size)
+    run = run_config(config, opt_config, batch_size=batch_size, seed=seed, mode=mode,
+                     base=base.source, data=report["path"], format=cfg.format, labels=list(label_names),
+                     max_length=max_length, rank=cfg.rank if lora_cfg else None,
+                     alpha=cfg.alpha if lora_cfg else None,
+                     **({"dtype": precision.dtype} if precision.dtype != "float32" else {}))
     # frozen leaves get no gradient computed; bf16 compute when --dtype asks (evaluation stays fp32)
-    train_loss = mixed_precision(stop_frozen_gradients(loss_fn, mask), args.dtype)
-    train_step = strategy.train_step(train_loss, optimizer, accum_steps=args.accum_steps)
-    fit_config = cli.fit_config(args, steps_per_epoch=batches.steps_per_epoch, run_config=run,
-                                title=f"classifier ({mode})")
-    state = fit(TrainState.create(params, optimizer, key_train), train_step, batches, fit_config, strategy=strategy,
-                eval_fn=lambda p: evaluate(p, splits["val"], args.eval_batches),
+    train_loss = mixed_precision(stop_frozen_gradients(loss_fn, mask), precision.dtype)
+    train_step = strategy.train_step(train_loss, optimizer, accum_steps=cfg.devices.accum_steps)
+    # config.yaml records the flags as given: --lr/--schedule/--warmup-steps stay per-mode (None) unless set
+    fit_cfg = fit_config(cfg, steps_per_epoch=batches.steps_per_epoch, run_config=run, title=f"classifier ({mode})")
+    state = fit(TrainState.create(params, optimizer, key_train), train_step, batches, fit_cfg, strategy=strategy,
+                eval_fn=lambda p: evaluate(p, splits["val"], cfg.eval_batches),
                 final_eval_fn=lambda p: evaluate(p, splits["val"]))
 
     results = {name: evaluate(state.params, part) for name, part in splits.items()}
     test_labels = splits["test"].labels
     majority = float(np.bincount(test_labels, minlength=len(label_names)).max() / len(test_labels))
     final_params = lora.merge(state.params, lora_cfg) if lora_cfg else state.params
-    export(args.out, config, final_params, base.encoding,
+    export(run_.out, config, final_params, base.encoding,
            {"label_names": list(label_names), "max_length": max_length, "mode": mode, "base": base.source,
             "lora_merged": lora_cfg.to_dict() if lora_cfg else None})
-    summary = update_json(os.path.join(args.out, "summary.json"), {
+    summary = update_json(os.path.join(run_.out, "summary.json"), {
         **{f"{name}_accuracy": r["accuracy"] for name, r in results.items()},
         **{f"{name}_loss": r["loss"] for name, r in results.items()},
         "majority_baseline": majority, "trainable_params": count_params(state.params, mask),
-        "total_params": count_params(state.params), "mode": mode, "base": base.source, "lr": lr,
+        "total_params": count_params(state.params), "mode": mode, "base": base.source, "lr": cfg.learning_rate,
         "truncated": truncated, "max_length": max_length, "label_names": list(label_names), "data": report,
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     })
     print(f"accuracy train {summary['train_accuracy']:.4f} val {summary['val_accuracy']:.4f} test "
           f"{summary['test_accuracy']:.4f} (majority {majority:.4f}); {summary['trainable_params']:,} of "
-          f"{summary['total_params']:,} parameters trained ({mode}) -> {args.out}")
+          f"{summary['total_params']:,} parameters trained ({mode}) -> {run_.out}")
     return summary

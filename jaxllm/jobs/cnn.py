@@ -6,37 +6,52 @@ the test split is held out from training and reported at the end. ``--parallel``
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import ClassVar
 
 from jaxllm.data.tabular import digits8x8, mnist5k
 from jaxllm.models import cnn
 from jaxllm import cli
+from jaxllm.options import Devices, Evaluation, MultiHost, Optim, Run, fit_kwargs, option
 from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
 
 DATASETS = {"mnist": (mnist5k, cnn.mnist), "digits": (digits8x8, cnn.digits8x8)}
 
 
+@dataclasses.dataclass(frozen=True)
+class CnnConfig:
+    __doc__ = __doc__
+    JOB: ClassVar[str] = "cnn"
+    dataset: str = option("mnist", "mnist: 28x28 images, 5,000 of them; digits: scikit-learn's 8x8 digits",
+                          choices=sorted(DATASETS), section="data")
+    run: Run = Run(out="runs/cnn", epochs=10, log_every=20)
+    optim: Optim = Optim(batch_size=64, lr=1e-3)
+    evaluation: Evaluation = Evaluation()
+    devices: Devices = Devices()
+    hosts: MultiHost = MultiHost()
+
+
 def main(argv=None) -> dict:
-    parser = cli.make_parser(__doc__, job="cnn", epochs=10, lr=1e-3, batch_size=64, log_every=20,
-                             precision=False)
-    parser.group("data").add_argument("--dataset", choices=sorted(DATASETS), default="mnist",
-                                      help="mnist: 28x28 images, 5,000 of them; digits: scikit-learn's 8x8 digits")
-    args = cli.parse_args(parser, argv)
-    load, make_config = DATASETS[args.dataset]
-    train, test = load(seed=args.seed)
+    cfg = cli.parse(CnnConfig, argv)
+    cli.start(cfg)
+    run_, optim = cfg.run, cfg.optim
+    load, make_config = DATASETS[cfg.dataset]
+    train, test = load(seed=run_.seed)
     config = make_config()
-    steps_per_epoch = len(train[0]) // args.batch_size
+    steps_per_epoch = len(train[0]) // optim.batch_size
     run = train_supervised(
-        config, train, loss="softmax", optimizer=cli.optimizer_config(args, cli.total_steps(args, steps_per_epoch)),
-        out_dir=args.out, batch_size=args.batch_size, seed=args.seed, test=test, title=f"CNN {args.dataset}",
-        **cli.parallel_kwargs(args), **cli.length_kwargs(args), **cli.fit_kwargs(args, steps_per_epoch=steps_per_epoch),
+        config, train, loss="softmax", optimizer=optim.build(run_.total_steps(steps_per_epoch)),
+        out_dir=run_.out, batch_size=optim.batch_size, seed=run_.seed, test=test, title=f"CNN {cfg.dataset}",
+        strategy=cfg.devices.strategy(optim.batch_size), accum_steps=cfg.devices.accum_steps, **run_.length(),
+        **fit_kwargs(cfg, steps_per_epoch=steps_per_epoch),
     )
-    summary = update_json(os.path.join(args.out, "summary.json"), {
-        "dataset": args.dataset, "test_accuracy": run.metrics["test_accuracy"],
+    summary = update_json(os.path.join(run_.out, "summary.json"), {
+        "dataset": cfg.dataset, "test_accuracy": run.metrics["test_accuracy"],
         "train_accuracy": run.metrics["train_accuracy"], "test_examples": len(test[0]),
         "train_examples": len(train[0]),
     })
-    print(f"{args.dataset}: test accuracy {summary['test_accuracy']:.4f} on {len(test[0])} held-out images "
-          f"(train {summary['train_accuracy']:.4f}) -> {args.out}")
+    print(f"{cfg.dataset}: test accuracy {summary['test_accuracy']:.4f} on {len(test[0])} held-out images "
+          f"(train {summary['train_accuracy']:.4f}) -> {run_.out}")
     return summary

@@ -8,34 +8,51 @@ its continuation.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+from typing import ClassVar
 
 import jax
 
 from jaxllm.jobs.lm import sample_text
 from jaxllm.pretrained import load_base
 from jaxllm import cli
+from jaxllm.options import Compilation, Sampling, option
+from jaxllm.options.values import non_negative_int, positive_int
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    __doc__ = __doc__
+    SECTION: ClassVar[str] = "generation"
+    run: str | None = option(None, "a jaxllm train lm output directory or a local Hugging Face GPT-2 directory "
+                                   "(default: runs/lm)", positional=True)
+    run_flag: str | None = option(None, flag="run", hidden=True)  # the older spelling, --run RUN
+    step: int | None = option(None, "checkpoint step (default: the latest)", type=non_negative_int)
+    prompt: str = option("ROMEO:\n", "the text to continue")
+    max_new_tokens: int = option(200, "tokens to add to the prompt", type=positive_int)
+    sampling: Sampling = Sampling()
+    seed: int = option(0, "seed of the sampling keys", type=non_negative_int)
+    compilation: Compilation = Compilation()
+
+    def __post_init__(self):
+        if self.run and self.run_flag:
+            raise ValueError("give the run directory once: as RUN or as --run")
+
+    @property
+    def run_dir(self) -> str:
+        return self.run or self.run_flag or "runs/lm"
 
 
 def main(argv=None) -> str:
-    p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("run", nargs="?", default=None,
-                   help="a jaxllm train lm output directory or a local Hugging Face GPT-2 directory (default: runs/lm)")
-    p.add_argument("--run", dest="run_flag", default=None, help=argparse.SUPPRESS)  # the older spelling
-    p.add_argument("--step", type=cli.non_negative_int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--prompt", default="ROMEO:\n", help="the text to continue")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=200, help="tokens to add to the prompt")
-    cli.add_sampling_flags(p)
-    p.add_argument("--seed", type=cli.non_negative_int, default=0, help="seed of the sampling keys")
-    args = p.parse_args(argv)
-    if args.run and args.run_flag:
-        p.error("give the run directory once: as RUN or as --run")
-    base = load_base(args.run or args.run_flag or "runs/lm", args.step)
+    cfg = cli.parse(GenerateConfig, argv)
+    cli.start(cfg)
+    base = load_base(cfg.run_dir, cfg.step)
     config, params, encoding = base.config, base.params, base.encoding
+    sampling = cfg.sampling
     prompt, continuation = sample_text(
-        config, params, encoding, args.prompt, max_new_tokens=args.max_new_tokens,
-        key=jax.random.PRNGKey(args.seed), temperature=args.temperature, top_k=args.top_k or None,
-        top_p=args.top_p)
+        config, params, encoding, cfg.prompt, max_new_tokens=cfg.max_new_tokens,
+        key=jax.random.PRNGKey(cfg.seed), temperature=sampling.temperature, top_k=sampling.top_k or None,
+        top_p=sampling.top_p)
     text = prompt + continuation
     print(text)
     return text

@@ -23,10 +23,12 @@ exact-match rate.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
+from typing import ClassVar
 
 import jax
 import numpy as np
@@ -39,11 +41,63 @@ from jaxllm.generate import generate
 from jaxllm.pretrained import load_base
 from jaxllm import cli, runio
 from jaxllm.data.corpus import files_fingerprint
+from jaxllm.options import Devices, Evaluation, MultiHost, Optim, Precision, Run, fit_config, option, parts
+from jaxllm.options.values import absolute_path, fraction_below_1, int_in, positive_int
 from jaxllm.training import TrainState, fit, make_optimizer
 from jaxllm.training.precision import mixed_precision
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.losses import lm_loss
 from jaxllm.runio import update_json, write_atomically
+
+
+@dataclasses.dataclass(frozen=True)
+class InstructConfig:
+    __doc__ = __doc__
+    JOB: ClassVar[str] = "instruct"
+    # The book's AdamW (weight decay 0.1, batch 8). Its lr 5e-5 for 2 epochs suits a pretrained GPT-2
+    # (the default for a Hugging Face base); the small models `jaxllm train lm` makes here barely move at
+    # that rate. Measured on a 0.5M-parameter Burkov decoder base (`jaxllm train lm`, 400 steps): val loss
+    # 4.91 -> 1.53 in 2 epochs at 5e-5, -> 0.36 at 1e-3; at 1e-3 it levels off near 0.29 after ~5
+    # epochs (10 epochs: 0.288), when responses have taken each task's form. So a run-directory
+    # base defaults to lr 1e-3 for 5 epochs. --lr and --epochs default per base (``lr_for``,
+    # ``run_for``): None here, and so in config.yaml.
+    run: Run = Run(out="runs/instruct", epochs=None, log_every=10)
+    optim: Optim = Optim(batch_size=8, lr=None, weight_decay=0.1)
+    base: str = option("runs/lm", "a `jaxllm train lm` output directory or a local Hugging Face GPT-2 directory",
+                       type=absolute_path, section="model")
+    dropout: float | None = option(None, "GPT-2 bases: drop rate while fine-tuning (default: the base's; the book "
+                                         "uses 0.0)", type=fraction_below_1, section="model")
+    data: str = option(str(SHIPPED_PATH), "Alpaca-format JSON list of records", type=absolute_path, section="data")
+    mask_prompt: bool = option(False, "score only the response tokens", section="data")
+    max_length: int | None = option(None, "tokens per training row (default: the context the base was trained at)",
+                                    type=int_in(2), section="data")
+    evaluation: Evaluation = Evaluation()
+    eval_batches: int = parts.eval_batches_option()
+    max_new_tokens: int = option(48, "response length limit for the test records", type=positive_int,
+                                 section="evaluation")
+    eval_batch_size: int = option(32, "rows per validation / generation batch", type=positive_int,
+                                  section="evaluation")
+    devices: Devices = Devices()
+    precision: Precision = Precision()
+    hosts: MultiHost = MultiHost()
+
+    HELP: ClassVar[dict] = {
+        "lr": "learning rate (default: 5e-5 for a Hugging Face base, else 1e-3)",
+        "epochs": "passes over the training records (default: 2 for a Hugging Face base, else 5)",
+    }
+
+    def lr_for(self, pretrained: bool) -> float:
+        """``--lr``, else the book's 5e-5 for a Hugging Face base (``pretrained``), 1e-3 for a run directory."""
+        if self.optim.lr is not None:
+            return self.optim.lr
+        return 5e-5 if pretrained else 1e-3
+
+    def run_for(self, pretrained: bool) -> Run:
+        """The run part with its length decided: ``--steps``, ``--epochs``, else 2 epochs of a
+        Hugging Face base (``pretrained``), 5 of a run directory."""
+        if self.run.epochs is not None or self.run.steps is not None:
+            return self.run
+        return dataclasses.replace(self.run, epochs=2 if pretrained else 5)
 
 
 def make_evaluate(config, batches):
@@ -89,51 +143,25 @@ def respond(config, params, encoding, records, *, max_new_tokens: int, batch_siz
 
 def main(argv=None) -> dict:
     t_start = time.perf_counter()
-    # The book's AdamW (weight decay 0.1, batch 8). Its lr 5e-5 for 2 epochs suits a pretrained GPT-2
-    # (the default for a Hugging Face base); the small models `jaxllm train lm` makes here barely move at
-    # that rate. Measured on a 0.5M-parameter Burkov decoder base (`jaxllm train lm`, 400 steps): val loss
-    # 4.91 -> 1.53 in 2 epochs at 5e-5, -> 0.36 at 1e-3; at 1e-3 it levels off near 0.29 after ~5
-    # epochs (10 epochs: 0.288), when responses have taken each task's form. So a run-directory
-    # base defaults to lr 1e-3 for 5 epochs.
-    parser = cli.make_parser(__doc__, job="instruct", epochs=0, lr=0.0, batch_size=8, weight_decay=0.1,
-                             log_every=10)
-    parser.set_defaults(epochs=None, lr=None)
-    parser.reword(lr="learning rate (default: 5e-5 for a Hugging Face base, else 1e-3)",
-                  epochs="passes over the training records (default: 2 for a Hugging Face base, else 5)")
-    parser.add_argument("--base", type=cli.absolute_path, default="runs/lm",
-                        help="a `jaxllm train lm` output directory or a local Hugging Face GPT-2 directory")
-    parser.add_argument("--data", type=cli.absolute_path, default=str(SHIPPED_PATH), help="Alpaca-format JSON list of records")
-    parser.add_argument("--mask-prompt", action="store_true", help="score only the response tokens")
-    parser.add_argument("--max-length", type=cli.int_in(2), default=None,
-                        help="tokens per training row (default: the context the base was trained at)")
-    parser.add_argument("--dropout", type=cli.fraction_below_1, default=None,
-                        help="GPT-2 bases: drop rate while fine-tuning (default: the base's; the book uses 0.0)")
-    parser.add_argument("--max-new-tokens", type=cli.positive_int, default=48,
-                        help="response length limit for the test records")
-    parser.add_argument("--eval-batch-size", type=cli.positive_int, default=32,
-                        help="rows per validation / generation batch")
-    cli.add_eval_batches(parser)
-    parser.arrange(model=["--base", "--dropout"], data=["--data", "--mask-prompt", "--max-length"],
-                   evaluation=["--max-new-tokens", "--eval-batch-size"])
-    args = cli.parse_args(parser, argv)
+    cfg = cli.parse(InstructConfig, argv)
+    cli.start(cfg)
+    seed, precision, batch_size = cfg.run.seed, cfg.precision, cfg.optim.batch_size
 
-    records = load_instructions(args.data)  # bad data fails before the base is loaded
-    runio.record_data(args.out, files_fingerprint([args.data], seed=args.seed), resume=args.resume,
-                      accept_change=args.accept_data_change)
-    train_records, test_records, val_records = split_instructions(records, seed=args.seed)
-    base = load_base(args.base)
+    records = load_instructions(cfg.data)  # bad data fails before the base is loaded
+    runio.record_data(cfg.run.out, files_fingerprint([cfg.data], seed=seed), resume=cfg.run.resume,
+                      accept_change=cfg.run.accept_data_change)
+    train_records, test_records, val_records = split_instructions(records, seed=seed)
+    base = load_base(cfg.base)
     pretrained = base.source.startswith("hf:")
-    if args.lr is None:
-        args.lr = 5e-5 if pretrained else 1e-3
-    if args.epochs is None and args.steps is None:
-        args.epochs = 2 if pretrained else 5
+    # the base decides --lr and the run's length unless given (config.yaml keeps them as given)
+    run_, optim = cfg.run_for(pretrained), dataclasses.replace(cfg.optim, lr=cfg.lr_for(pretrained))
     config = base.config
-    if args.dropout is not None:
-        config = config.with_dropout(args.dropout)  # refused by a base without dropout
-    if args.remat:
+    if cfg.dropout is not None:
+        config = config.with_dropout(cfg.dropout)  # refused by a base without dropout
+    if precision.remat:
         config = config.replace(remat=True)
-    strategy = cli.strategy(args)  # checks --batch-size against the devices and --accum-steps now
-    max_length = args.max_length or base.context
+    strategy = cfg.devices.strategy(batch_size)  # checks --batch-size against the devices and --accum-steps now
+    max_length = cfg.max_length or base.context
     limit = config.max_positions
     if max_length < 2 or (limit is not None and max_length > limit):
         raise ValueError(f"--max-length must lie in [2, {limit or 'inf'}] (the base's context), got {max_length}")
@@ -153,54 +181,54 @@ def main(argv=None) -> dict:
     def arrays(name):
         token_lists, prompt_lengths = splits[name]
         return collate(token_lists, pad_id=pad_id, length=width,
-                       prompt_lengths=prompt_lengths if args.mask_prompt else None)
+                       prompt_lengths=prompt_lengths if cfg.mask_prompt else None)
 
-    if args.batch_size > len(train_records):
-        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train_records)} training records")
-    batches = ArrayBatches(arrays("train"), args.batch_size, seed=args.seed)
-    evaluate = make_evaluate(config, padded_batches(arrays("val"), args.eval_batch_size, pad_id=pad_id))
+    if batch_size > len(train_records):
+        raise ValueError(f"--batch-size {batch_size} exceeds the {len(train_records)} training records")
+    batches = ArrayBatches(arrays("train"), batch_size, seed=seed)
+    evaluate = make_evaluate(config, padded_batches(arrays("val"), cfg.eval_batch_size, pad_id=pad_id))
     val_first = evaluate(base.params)["loss"]
     print(f"{len(records)} records: {len(train_records)} train, {len(val_records)} val, {len(test_records)} test; "
           f"rows of {width} tokens; val loss before fine-tuning {val_first:.4f}")
 
-    total = cli.total_steps(args, batches.steps_per_epoch)
-    opt_config = cli.optimizer_config(args, total, muon_blocks=config.block_names)
+    total = run_.total_steps(batches.steps_per_epoch)
+    opt_config = optim.build(total, muon_blocks=config.block_names)
     optimizer = make_optimizer(opt_config)
-    run = run_config(config, opt_config, batch_size=args.batch_size, seed=args.seed, context=max_length,
-                     **({"dtype": args.dtype} if args.dtype != "float32" else {}),
-                     base=base.source, instructions=os.path.abspath(args.data), mask_prompt=args.mask_prompt)
-    os.makedirs(args.out, exist_ok=True)
-    save_encoding(base.encoding, os.path.join(args.out, "tokenizer.json"))  # the output is a base itself
+    run = run_config(config, opt_config, batch_size=batch_size, seed=seed, context=max_length,
+                     **({"dtype": precision.dtype} if precision.dtype != "float32" else {}),
+                     base=base.source, instructions=os.path.abspath(cfg.data), mask_prompt=cfg.mask_prompt)
+    os.makedirs(run_.out, exist_ok=True)
+    save_encoding(base.encoding, os.path.join(run_.out, "tokenizer.json"))  # the output is a base itself
     last_eval = {}
 
     def final_eval_fn(params):  # every validation record; periodic evaluations score --eval-batches
         last_eval.update(evaluate(params))
         return dict(last_eval)
 
-    fit_config = cli.fit_config(args, steps_per_epoch=batches.steps_per_epoch, run_config=run, unit="tokens",
-                                units_per_batch=args.batch_size * width, title="instruction fine-tuning",
-                                eval_every=args.eval_every or max(1, batches.steps_per_epoch // 4))
-    state = fit(TrainState.create(base.params, optimizer, jax.random.PRNGKey(args.seed + 1)),
-                strategy.train_step(mixed_precision(lm_loss(config, pad_id=IGNORE_INDEX), args.dtype), optimizer,
-                                    accum_steps=args.accum_steps),
-                batches, fit_config, eval_fn=lambda params: evaluate(params, args.eval_batches),
+    fit_cfg = fit_config(cfg, steps_per_epoch=batches.steps_per_epoch, **run_.length(), run_config=run,
+                         unit="tokens", units_per_batch=batch_size * width, title="instruction fine-tuning",
+                         eval_every=cfg.evaluation.eval_every or max(1, batches.steps_per_epoch // 4))
+    state = fit(TrainState.create(base.params, optimizer, jax.random.PRNGKey(seed + 1)),
+                strategy.train_step(mixed_precision(lm_loss(config, pad_id=IGNORE_INDEX), precision.dtype),
+                                    optimizer, accum_steps=cfg.devices.accum_steps),
+                batches, fit_cfg, eval_fn=lambda params: evaluate(params, cfg.eval_batches),
                 final_eval_fn=final_eval_fn, strategy=strategy)
     val_last = (last_eval or evaluate(state.params))["loss"]
 
-    responses = respond(config, state.params, base.encoding, test_records, max_new_tokens=args.max_new_tokens,
-                        batch_size=args.eval_batch_size)
+    responses = respond(config, state.params, base.encoding, test_records, max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.eval_batch_size)
     answered = [{**record, "model_response": text} for record, text in zip(test_records, responses)]
-    write_atomically(os.path.join(args.out, "test_responses.json"),  # record order and key order kept
+    write_atomically(os.path.join(run_.out, "test_responses.json"),  # record order and key order kept
                      json.dumps(answered, indent=1, ensure_ascii=False))
     exact = sum(r["model_response"] == r["output"].strip() for r in answered)
-    summary = update_json(os.path.join(args.out, "summary.json"), {
+    summary = update_json(os.path.join(run_.out, "summary.json"), {
         "val_loss_first": val_first, "val_loss_last": val_last, "base": base.source,
         "records": {"total": len(records), "train": len(train_records), "val": len(val_records),
                     "test": len(test_records), "truncated": truncated},
-        "max_length": max_length, "row_tokens": width, "mask_prompt": args.mask_prompt,
+        "max_length": max_length, "row_tokens": width, "mask_prompt": cfg.mask_prompt,
         "test_exact_match": exact / len(answered),
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     })
     print(f"val loss {val_first:.4f} -> {val_last:.4f}; test exact match {exact}/{len(answered)}; "
-          f"responses in {os.path.join(args.out, 'test_responses.json')}")
+          f"responses in {os.path.join(run_.out, 'test_responses.json')}")
     return summary

@@ -29,9 +29,11 @@ master weights; ``--remat`` recomputes transformer blocks in the backward pass.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
+from typing import ClassVar
 
 import jax
 
@@ -44,6 +46,9 @@ from jaxllm.data.windows import lm_windows
 from jaxllm.generate import fit_context, generate
 from jaxllm.models import LANGUAGE_MODELS, language_model
 from jaxllm import cli, runio
+from jaxllm.options import (Devices, Evaluation, MultiHost, Optim, Precision, Run, TextData,
+                            fit_config, option, parts)
+from jaxllm.options.values import absolute_path, fraction_below_1, non_negative_float, positive_int
 from jaxllm.training import TrainState, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.lm_eval import eval_windows, lm_scores, window_nll
@@ -98,8 +103,6 @@ def sample_text(config, params, encoding, prompt: str, *, max_new_tokens: int, k
     ids = encode(encoding, prompt)
     if not ids:
         raise ValueError("the prompt is empty: it needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     ids, max_new_tokens, notes = fit_context(ids, max_new_tokens, config.context_limit)
     for note in notes:
         print(note)
@@ -110,100 +113,122 @@ def sample_text(config, params, encoding, prompt: str, *, max_new_tokens: int, k
     return encoding.decode(ids), encoding.decode(new)
 
 
-def data_flags(args) -> TokenData | None:
-    """Resolve ``--tokenizer``/``--vocab-size``: with ``--tokens``, the directory's (loaded and
-    returned; ``--text``, or a ``--tokenizer``/``--vocab-size`` other than it was prepared with, is
-    refused), else bpe and 512, recorded so in the run's config.yaml."""
-    if args.tokens is None:
-        for key, dest, default in (("tokenizer", "tokenizer", "bpe"), ("vocab-size", "vocab_size", 512)):
-            if getattr(args, dest) is None:
-                setattr(args, dest, default)
-                args.flags[key] = default
-        return None
-    if args.text:
-        raise ValueError(f"--tokens and --text contradict each other: {args.tokens} holds the corpus it was prepared "
-                         f"from (drop --text, or prepare the files: jaxllm prepare --text FILE... --out DIR)")
-    tokens = load_token_dir(args.tokens)
+@dataclasses.dataclass(frozen=True)
+class LmConfig:
+    __doc__ = __doc__
+    JOB: ClassVar[str] = "lm"
+    # chosen with the burkov preset on 2 CPU cores (docs/performance.md); 576 steps are an epoch of
+    # Shakespeare at batch 32 x context 128 with the 512 BPE
+    run: Run = Run(out="runs/lm", epochs=3, log_every=50)
+    optim: Optim = Optim(batch_size=32, lr=2e-3, weight_decay=0.1, clip_norm=1.0, schedule="warmup_cosine",
+                         warmup_steps=100)
+    model: str = option("decoder", "the model family", choices=tuple(LANGUAGE_MODELS), section="model")
+    preset: str | None = option(None, "decoder: burkov|tiny|llama (default burkov); gpt2: tiny|gpt2_124m|gpt2_medium "
+                                      "(default tiny)", choices=ALL_PRESETS, section="model")
+    d_model: int | None = option(None, type=positive_int, section="model")
+    layers: int | None = option(None, type=positive_int, section="model")
+    heads: int | None = option(None, type=positive_int, section="model")
+    dropout: float | None = option(None, "GPT-2's drop rate (default: the preset's)", type=fraction_below_1,
+                                   section="model")
+    data: TextData = TextData(tokenizer=None, vocab_size=None)
+    tokens: str | None = option(None, "train on a token directory written by `jaxllm prepare` (memory-mapped, for "
+                                      "corpora larger than memory) instead of --text; its tokenizer and vocabulary "
+                                      "are used", type=absolute_path, metavar="DIR", section="data")
+    context: int = option(128, "tokens per training and validation window", type=positive_int, section="data")
+    stride: int | None = option(None, "training window stride (default: --context)", type=positive_int,
+                                section="data")
+    evaluation: Evaluation = Evaluation(eval_every=576)
+    eval_batches: int = parts.eval_batches_option()
+    eval_batch_size: int = option(32, "validation windows per batch", type=positive_int, section="evaluation")
+    sample_tokens: int = option(200, "length of sample.txt", type=positive_int, section="evaluation")
+    temperature: float = option(0.8, "sample.txt's sampling temperature; 0: greedy", type=non_negative_float,
+                                section="evaluation")
+    top_k: int = option(40, "sample.txt keeps the k likeliest tokens", type=positive_int, section="evaluation")
+    devices: Devices = Devices()
+    precision: Precision = Precision()
+    hosts: MultiHost = MultiHost()
+
+    HELP: ClassVar[dict] = {
+        **{field: f"{text} (default: the preset's -- {preset_sizes(flag)})" for field, flag, text in (
+            ("d_model", "--d-model", "the model width"), ("layers", "--layers", "the number of blocks"),
+            ("heads", "--heads", "the number of heads"))},
+        "tokenizer": "bpe: a byte-level BPE trained on the training text; gpt2: GPT-2's (default: bpe; with "
+                     "--tokens: the directory's)",
+        "vocab_size": "size of the trained BPE (bpe tokenizer) (default: 512; with --tokens: the directory's)",
+    }
+
+    @property
+    def preset_name(self) -> str:
+        """``--preset``, or the family's first preset."""
+        return self.preset or next(iter(LANGUAGE_MODELS[self.model].PRESETS))
+
+    @property
+    def window_stride(self) -> int:
+        return self.context if self.stride is None else self.stride
+
+
+def with_token_dir(config: LmConfig) -> tuple[LmConfig, TokenData | None]:
+    """The config with ``--tokenizer``/``--vocab-size`` resolved, and the ``--tokens`` directory
+    (loaded) or None: with ``--tokens`` the directory's (a ``--tokenizer``/``--vocab-size`` other
+    than it was prepared with is refused), else bpe and 512, recorded so in the run's config.yaml."""
+    data = config.data
+    if config.tokens is None:
+        return dataclasses.replace(config, data=dataclasses.replace(
+            data, tokenizer=data.tokenizer or "bpe", vocab_size=data.vocab_size or 512)), None
+    if data.text:
+        raise ValueError(f"--tokens and --text contradict each other: {config.tokens} holds the corpus it was prepared "
+                         "from (drop --text, or prepare the files: jaxllm prepare --text FILE... --out DIR)")
+    tokens = load_token_dir(config.tokens)
     meta = tokens.meta
-    if args.tokenizer not in (None, meta["tokenizer"]):
-        raise ValueError(f"--tokenizer {args.tokenizer} contradicts --tokens {args.tokens}, prepared with "
+    if data.tokenizer not in (None, meta["tokenizer"]):
+        raise ValueError(f"--tokenizer {data.tokenizer} contradicts --tokens {config.tokens}, prepared with "
                          f"{meta['tokenizer']} (drop --tokenizer: the directory decides)")
-    if args.vocab_size not in (None, meta["requested_vocab_size"], meta["vocab_size"]):
-        raise ValueError(f"--vocab-size {args.vocab_size} contradicts --tokens {args.tokens}, whose "
+    if data.vocab_size not in (None, meta["requested_vocab_size"], meta["vocab_size"]):
+        raise ValueError(f"--vocab-size {data.vocab_size} contradicts --tokens {config.tokens}, whose "
                          f"{meta['tokenizer']} vocabulary has {meta['vocab_size']:,} ids (drop --vocab-size: the "
                          "directory decides)")
-    args.tokenizer, args.vocab_size = meta["tokenizer"], tokens.vocab_size
-    return tokens
+    resolved = dataclasses.replace(data, tokenizer=meta["tokenizer"], vocab_size=tokens.vocab_size)
+    return dataclasses.replace(config, data=resolved), tokens
 
 
 def main(argv=None) -> dict:
     t_start = time.perf_counter()
-    parser = cli.make_parser(__doc__, job="lm", epochs=3, lr=2e-3, batch_size=32, weight_decay=0.1,
-                             log_every=50)
-    # defaults chosen with the burkov preset on 2 CPU cores (its figures: README, Language models);
-    # 576 steps are an epoch of Shakespeare at batch 32 x context 128 with the 512 BPE
-    parser.set_defaults(clip_norm=1.0, schedule="warmup_cosine", warmup_steps=100, eval_every=576)
-    cli.add_text_flags(parser.group("data"), tokenizer=None, vocab_size=None,
-                       default_note=" (default: bpe, 512; with --tokens: the directory's)")
-    parser.add_argument("--tokens", type=cli.absolute_path, default=None, metavar="DIR",
-                        help="train on a token directory written by `jaxllm prepare` (memory-mapped, for corpora "
-                             "larger than memory) instead of --text; its tokenizer and vocabulary are used")
-    parser.add_argument("--model", choices=tuple(LANGUAGE_MODELS), default="decoder")
-    parser.add_argument("--preset", choices=ALL_PRESETS, default=None,
-                        help="decoder: burkov|tiny|llama (default burkov); gpt2: tiny|gpt2_124m|gpt2_medium "
-                             "(default tiny)")
-    parser.add_argument("--d-model", type=cli.positive_int, default=None,
-                        help=f"the model width (default: the preset's -- {preset_sizes('--d-model')})")
-    parser.add_argument("--layers", type=cli.positive_int, default=None,
-                        help=f"the number of blocks (default: the preset's -- {preset_sizes('--layers')})")
-    parser.add_argument("--heads", type=cli.positive_int, default=None,
-                        help=f"the number of heads (default: the preset's -- {preset_sizes('--heads')})")
-    parser.add_argument("--dropout", type=cli.fraction_below_1, default=None,
-                        help="GPT-2's drop rate (default: the preset's)")
-    parser.add_argument("--context", type=cli.positive_int, default=128,
-                        help="tokens per training and validation window")
-    parser.add_argument("--stride", type=cli.positive_int, default=None,
-                        help="training window stride (default: --context)")
-    parser.add_argument("--eval-batch-size", type=cli.positive_int, default=32, help="validation windows per batch")
-    parser.add_argument("--sample-tokens", type=cli.positive_int, default=200, help="length of sample.txt")
-    cli.add_sampling_flags(parser.group("evaluation"), top_p=False, all_tokens=False)
-    cli.add_eval_batches(parser)
-    parser.arrange(model=["--model", "--preset", "--d-model", "--layers", "--heads", "--dropout"],
-                   data=["--text", "--tokens", "--tokenizer", "--vocab-size", "--context", "--stride"],
-                   evaluation=["--eval-batch-size", "--sample-tokens", "--temperature", "--top-k"])
-    args = cli.parse_args(parser, argv)
-    strategy = cli.strategy(args)  # checks --batch-size against the devices and --accum-steps now
-    token_dir = data_flags(args)  # --tokens: its directory, read (a contradicting flag is refused now)
-    preset = args.preset or next(iter(LANGUAGE_MODELS[args.model].PRESETS))  # the family's first preset
+    cfg = cli.parse(LmConfig, argv)
+    cli.start(cfg)
+    run_, optim, data_cfg = cfg.run, cfg.optim, cfg.data
+    strategy = cfg.devices.strategy(optim.batch_size)  # checks --batch-size against the devices now
+    cfg, token_dir = with_token_dir(cfg)  # --tokens: its directory, read (a contradicting flag is refused now)
+    data_cfg = cfg.data
+    preset = cfg.preset_name
     # the model from the flags alone (the tokenizer's size stands in for the vocabulary until the
     # data is ready): --model/--preset and --d-model/--heads/... that do not fit fail before any data work
-    config = build_config(args.model, preset, args.vocab_size, args.context, d_model=args.d_model,
-                          layers=args.layers, heads=args.heads, dropout=args.dropout)
-    if args.remat:
+    config = build_config(cfg.model, preset, data_cfg.vocab_size, cfg.context, d_model=cfg.d_model,
+                          layers=cfg.layers, heads=cfg.heads, dropout=cfg.dropout)
+    if cfg.precision.remat:
         config = config.replace(remat=True)
-    stride = args.context if args.stride is None else args.stride
+    stride, dtype = cfg.window_stride, cfg.precision.dtype
 
     if token_dir is None:
-        data = prepare_lm_data(args.text, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seed=args.seed,
-                               out_dir=args.out, reuse_tokenizer=args.resume)
+        data = prepare_lm_data(data_cfg.text, tokenizer=data_cfg.tokenizer, vocab_size=data_cfg.vocab_size,
+                               seed=run_.seed, out_dir=run_.out, reuse_tokenizer=run_.resume)
         val_prompt = data.val_text[:40]
     else:  # the same ids, split and batches as --text on the corpus it was prepared from, read from disk
         data = token_dir
-        data.save_tokenizer(args.out, resume=args.resume)  # generate, chat and export read the run's copy
+        data.save_tokenizer(run_.out, resume=run_.resume)  # generate, chat and export read the run's copy
         val_prompt = data.val_prefix(40)
     print(describe(data.report))
-    fingerprint = (data_fingerprint(args.text, seed=args.seed, val_fraction=VAL_FRACTION) if token_dir is None
+    fingerprint = (data_fingerprint(data_cfg.text, seed=run_.seed, val_fraction=VAL_FRACTION) if token_dir is None
                    else token_dir.fingerprint())
-    runio.record_data(args.out, fingerprint, resume=args.resume, accept_change=args.accept_data_change)
+    runio.record_data(run_.out, fingerprint, resume=run_.resume, accept_change=run_.accept_data_change)
     config = config.replace(vocab_size=data.vocab_size)
     if token_dir is None:
-        batches = ArrayBatches(lm_windows(data.train_ids, args.context, stride, vocab_size=data.vocab_size),
-                               args.batch_size, seed=args.seed)
+        batches = ArrayBatches(lm_windows(data.train_ids, cfg.context, stride, vocab_size=data.vocab_size),
+                               optim.batch_size, seed=run_.seed)
     else:
-        batches = TokenWindows(data.train_ids, args.context, args.batch_size, stride=stride, seed=args.seed,
+        batches = TokenWindows(data.train_ids, cfg.context, optim.batch_size, stride=stride, seed=run_.seed,
                                vocab_size=data.vocab_size)
-    val_batches = eval_windows(data.val_ids, args.context, args.eval_batch_size)  # fails before training
-    params = config.init(jax.random.PRNGKey(args.seed))
+    val_batches = eval_windows(data.val_ids, cfg.context, cfg.eval_batch_size)  # fails before training
+    params = config.init(jax.random.PRNGKey(run_.seed))
 
     def scorer(batches):
         """Loss, perplexity and bits/char of the held-out windows in ``batches`` (a prefix of val_batches)."""
@@ -218,37 +243,37 @@ def main(argv=None) -> dict:
         last_eval.update(evaluate(params))
         return dict(last_eval)
 
-    total = cli.total_steps(args, batches.steps_per_epoch)
-    opt_config = cli.optimizer_config(args, total, muon_blocks=config.block_names)
+    opt_config = optim.build(run_.total_steps(batches.steps_per_epoch), muon_blocks=config.block_names)
     optimizer = make_optimizer(opt_config)
-    run = run_config(config, opt_config, batch_size=args.batch_size, seed=args.seed, context=args.context,
-                     stride=stride, text=args.text, tokenizer=args.tokenizer,
-                     vocab_size=data.vocab_size, **({"dtype": args.dtype} if args.dtype != "float32" else {}),
+    run = run_config(config, opt_config, batch_size=optim.batch_size, seed=run_.seed, context=cfg.context,
+                     stride=stride, text=list(data_cfg.text) if data_cfg.text else None,
+                     tokenizer=data_cfg.tokenizer, vocab_size=data.vocab_size,
+                     **({"dtype": dtype} if dtype != "float32" else {}),
                      # a resume must read the same token files: their place and size
-                     **({"tokens": os.path.abspath(args.tokens), "train_tokens": int(data.train_ids.size),
+                     **({"tokens": cfg.tokens, "train_tokens": int(data.train_ids.size),
                          "val_tokens": int(data.val_ids.size)} if token_dir is not None else {}))
-    title = f"{args.model} LM ({preset})"
-    loss_fn = mixed_precision(lm_loss(config), args.dtype)  # float32: unchanged
-    train_step = strategy.train_step(loss_fn, optimizer, accum_steps=args.accum_steps)
-    fit_config = cli.fit_config(args, steps_per_epoch=batches.steps_per_epoch, run_config=run, unit="tokens",
-                                units_per_batch=args.batch_size * args.context, title=title)
-    state = fit(TrainState.create(params, optimizer, jax.random.PRNGKey(args.seed + 1)), train_step, batches,
-                fit_config, eval_fn=scorer(val_batches[:args.eval_batches]), final_eval_fn=final_evaluate,
+    title = f"{cfg.model} LM ({preset})"
+    loss_fn = mixed_precision(lm_loss(config), dtype)  # float32: unchanged
+    train_step = strategy.train_step(loss_fn, optimizer, accum_steps=cfg.devices.accum_steps)
+    fit_settings = fit_config(cfg, steps_per_epoch=batches.steps_per_epoch, run_config=run, unit="tokens",
+                                units_per_batch=optim.batch_size * cfg.context, title=title)
+    state = fit(TrainState.create(params, optimizer, jax.random.PRNGKey(run_.seed + 1)), train_step, batches,
+                fit_settings, eval_fn=scorer(val_batches[:cfg.eval_batches]), final_eval_fn=final_evaluate,
                 strategy=strategy)
 
     final = last_eval or evaluate(state.params)  # fit() evaluates after its last step
     prompt, sample = sample_text(config, state.params, data.encoding, val_prompt,
-                                 max_new_tokens=args.sample_tokens, key=jax.random.PRNGKey(args.seed),
-                                 temperature=args.temperature, top_k=args.top_k)
-    write_atomically(os.path.join(args.out, "sample.txt"), prompt + sample + "\n")
-    summary = update_json(os.path.join(args.out, "summary.json"), {
+                                 max_new_tokens=cfg.sample_tokens, key=jax.random.PRNGKey(run_.seed),
+                                 temperature=cfg.temperature, top_k=cfg.top_k)
+    write_atomically(os.path.join(run_.out, "sample.txt"), prompt + sample + "\n")
+    summary = update_json(os.path.join(run_.out, "summary.json"), {
         "val_loss": final["loss"], "val_perplexity": final["perplexity"], "val_bpc": final["bpc"],
-        "model": args.model, "preset": preset, "context": args.context,
+        "model": cfg.model, "preset": preset, "context": cfg.context,
         "params": sum(x.size for x in jax.tree_util.tree_leaves(state.params)), "data": data.report,
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     })
-    print(f"--- sample (KV-cache generation, temperature {args.temperature}, top-k {args.top_k}) ---\n"
+    print(f"--- sample (KV-cache generation, temperature {cfg.temperature}, top-k {cfg.top_k}) ---\n"
           f"{prompt + sample}\n---")
     print(f"val loss {final['loss']:.4f} nats/token, perplexity {final['perplexity']:.2f}, {final['bpc']:.4f} bits/char "
-          f"-> {args.out}")
+          f"-> {run_.out}")
     return summary

@@ -9,38 +9,54 @@ Prints each example's score against the 0.5 threshold. Full batch: on several de
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import ClassVar
 
 import numpy as np
 
 from jaxllm.data.tabular import will_buy
 from jaxllm.models.linear import LogisticConfig, predict_proba
 from jaxllm import cli
+from jaxllm.options import Devices, MultiHost, Optim, Run, fit_kwargs, parts
 from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
 
 
+@dataclasses.dataclass(frozen=True)
+class LogregConfig:  # no held-out set: no evaluation flags
+    __doc__ = __doc__
+    JOB: ClassVar[str] = "logreg"
+    SPLIT_CPU: ClassVar[bool] = False
+    HELP: ClassVar[dict] = {"batch_size": "rows per step (default: full batch)", "cpu_devices": parts.ONE_CPU_DEVICE}
+    run: Run = Run(out="runs/logreg", epochs=3000, log_every=100)
+    optim: Optim = Optim(optimizer="sgd", lr=1e-3)
+    devices: Devices = Devices()
+    hosts: MultiHost = MultiHost()
+
+
 def main(argv=None) -> dict:
-    parser = cli.make_parser(__doc__, job="logreg", split_cpu=False, epochs=3000, lr=1e-3, optimizer="sgd",
-                             log_every=100, precision=False, evaluation=False)  # no held-out set
-    args = cli.parse_args(parser, argv)
+    cfg = cli.parse(LogregConfig, argv)
+    cli.start(cfg)
     x, y = will_buy()
     config = LogisticConfig(num_inputs=2)
-    steps_per_epoch = len(x) // (args.batch_size or len(x))
+    run_, optim = cfg.run, cfg.optim
+    steps_per_epoch = len(x) // (optim.batch_size or len(x))
     run = train_supervised(
-        config, (x, y), loss="binary", optimizer=cli.optimizer_config(args, cli.total_steps(args, steps_per_epoch)),
-        out_dir=args.out, batch_size=args.batch_size, seed=args.seed, title="logistic regression",
-        **cli.parallel_kwargs(args), **cli.length_kwargs(args), **cli.fit_kwargs(args),
+        config, (x, y), loss="binary", optimizer=optim.build(run_.total_steps(steps_per_epoch)),
+        out_dir=run_.out, batch_size=optim.batch_size, seed=run_.seed, title="logistic regression",
+        strategy=cfg.devices.strategy(optim.batch_size), accum_steps=cfg.devices.accum_steps, **run_.length(),
+        **fit_kwargs(cfg),
     )
     probs = np.asarray(predict_proba(config.apply(run.params, x)))
     print(f"{'age':>4} {'income':>6}  label  P(buy)  prediction")
     for (age, income), label, p in zip(x, y, probs):
         pred = int(p > 0.5)
         print(f"{age:4.0f} {income:6.0f}  {label:5d}  {p:6.3f}  {pred} {'ok' if pred == label else 'WRONG'}")
-    summary = update_json(os.path.join(args.out, "summary.json"), {
+    summary = update_json(os.path.join(run_.out, "summary.json"), {
         "accuracy": run.metrics["train_accuracy"],
         "final_loss": run.metrics["train_loss"],
         "probabilities": probs.round(6).tolist(),
     })
-    print(f"accuracy {summary['accuracy']:.3f}  loss {summary['final_loss']:.4f}  -> {args.out}")
+    print(f"accuracy {summary['accuracy']:.3f}  loss {summary['final_loss']:.4f}  -> {run_.out}")
     return summary

@@ -8,36 +8,53 @@ The MLP's run is written to --out, the baseline's to --out/baseline. ``--paralle
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import ClassVar
 
 from jaxllm.data.tabular import breast_cancer
 from jaxllm.models.linear import LogisticConfig
 from jaxllm.models.mlp import MLPConfig
 from jaxllm import cli, runio
+from jaxllm.options import Devices, Evaluation, MultiHost, Optim, Run, fit_kwargs, option, parts
+from jaxllm.options.values import positive_int
 from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
 
 
-def main(argv=None) -> dict:
-    parser = cli.make_parser(__doc__, job="mlp", split_cpu=False, epochs=30, lr=3e-3, batch_size=32, precision=False)
-    parser.group("model").add_argument("--hidden", type=cli.positive_int, nargs="+", default=[30, 20],
-                                       help="hidden layer widths")
-    args = cli.parse_args(parser, argv)
-    train, test = breast_cancer(seed=args.seed)
-    steps_per_epoch = len(train[0]) // args.batch_size
-    optimizer = cli.optimizer_config(args, cli.total_steps(args, steps_per_epoch))
-    common = dict(optimizer=optimizer, batch_size=args.batch_size, seed=args.seed, test=test,
-                  **cli.parallel_kwargs(args), **cli.length_kwargs(args),
-                  **cli.fit_kwargs(args, steps_per_epoch=steps_per_epoch))
+@dataclasses.dataclass(frozen=True)
+class MlpConfig:
+    __doc__ = __doc__
+    JOB: ClassVar[str] = "mlp"
+    SPLIT_CPU: ClassVar[bool] = False
+    HELP: ClassVar[dict] = {"cpu_devices": parts.ONE_CPU_DEVICE}
+    hidden: tuple[int, ...] = option((30, 20), "hidden layer widths", type=positive_int, many=True, section="model")
+    run: Run = Run(out="runs/mlp", epochs=30)
+    optim: Optim = Optim(batch_size=32, lr=3e-3)
+    evaluation: Evaluation = Evaluation()
+    devices: Devices = Devices()
+    hosts: MultiHost = MultiHost()
 
-    mlp = MLPConfig(num_inputs=train[0].shape[1], num_outputs=2, hidden=tuple(args.hidden))
-    run = train_supervised(mlp, train, loss="softmax", out_dir=args.out, title="MLP", **common)
-    baseline = os.path.join(args.out, "baseline")
+
+def main(argv=None) -> dict:
+    cfg = cli.parse(MlpConfig, argv)
+    cli.start(cfg)
+    run_, optim = cfg.run, cfg.optim
+    train, test = breast_cancer(seed=run_.seed)
+    steps_per_epoch = len(train[0]) // optim.batch_size
+    common = dict(optimizer=optim.build(run_.total_steps(steps_per_epoch)), batch_size=optim.batch_size,
+                  seed=run_.seed, test=test, strategy=cfg.devices.strategy(optim.batch_size),
+                  accum_steps=cfg.devices.accum_steps, **run_.length(),
+                  **fit_kwargs(cfg, steps_per_epoch=steps_per_epoch))
+
+    mlp = MLPConfig(num_inputs=train[0].shape[1], num_outputs=2, hidden=cfg.hidden)
+    run = train_supervised(mlp, train, loss="softmax", out_dir=run_.out, title="MLP", **common)
+    baseline = os.path.join(run_.out, "baseline")
     # the run's config.yaml is the MLP's, in --out; a run stopped during the MLP has no baseline to resume
-    resume_baseline = args.resume and runio.has_checkpoints(baseline)
+    resume_baseline = run_.resume and runio.has_checkpoints(baseline)
     base = train_supervised(LogisticConfig(num_inputs=train[0].shape[1]), train, loss="binary", out_dir=baseline,
                             title="baseline", **{**common, "flags": None, "resume": resume_baseline})
-    summary = update_json(os.path.join(args.out, "summary.json"), {
+    summary = update_json(os.path.join(run_.out, "summary.json"), {
         "test_accuracy": run.metrics["test_accuracy"],
         "train_accuracy": run.metrics["train_accuracy"],
         "baseline_test_accuracy": base.metrics["test_accuracy"],
@@ -45,5 +62,5 @@ def main(argv=None) -> dict:
         "test_examples": len(test[0]),
     })
     print(f"test accuracy: MLP {summary['test_accuracy']:.4f}   logistic baseline "
-          f"{summary['baseline_test_accuracy']:.4f}   ({len(test[0])} held-out rows) -> {args.out}")
+          f"{summary['baseline_test_accuracy']:.4f}   ({len(test[0])} held-out rows) -> {run_.out}")
     return summary

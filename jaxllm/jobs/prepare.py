@@ -13,31 +13,37 @@ first ``--bpe-train-chars`` characters of the train split (all of it when shorte
 
 from __future__ import annotations
 
+import dataclasses
+
 from jaxllm.data.lm_data import describe
 from jaxllm.data.token_file import BPE_TRAIN_CHARS, load_token_dir, prepare_tokens
 from jaxllm import cli
+from jaxllm.options import TextData, option
+from jaxllm.options.values import float_in, non_negative_int, positive_int
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:  # tokenizes: nothing to compile
+    __doc__ = __doc__
+    data: TextData = TextData()
+    val_fraction: float = option(0.1, "share of the characters held out for validation, whole documents (jaxllm "
+                                      "train lm's is 0.1)", type=float_in(0.0, 1.0, low_open=True, high_open=True),
+                                 section="data")
+    bpe_train_chars: int = option(BPE_TRAIN_CHARS, "the BPE learns from at most the first this many characters of the "
+                                                   "train split", type=positive_int, section="data")
+    seed: int = option(0, "seed of the split (the same as jaxllm train lm --seed gives the same split)",
+                       type=non_negative_int)
+    out: str = option("data/tokens", "the token directory to write")
+    overwrite: bool = option(False, "replace a token directory already prepared in --out")
+    no_progress: bool = option(False, "hide the progress bar")
 
 
 def main(argv=None) -> dict:
-    p = cli.ArgumentParser(description=__doc__, compile_cache=False)  # tokenizes: nothing to compile
-    data, run = p.group("data"), p.group("run")
-    cli.add_text_flags(data)
-    data.add_argument("--val-fraction", type=cli.float_in(0.0, 1.0, low_open=True, high_open=True), default=0.1,
-                      help="share of the characters held out for validation, whole documents (jaxllm train lm's is "
-                           "0.1)")
-    data.add_argument("--bpe-train-chars", type=cli.positive_int, default=BPE_TRAIN_CHARS,
-                      help="the BPE learns from at most the first this many characters of the train split")
-    run.add_argument("--seed", type=cli.non_negative_int, default=0,
-                     help="seed of the split (the same as jaxllm train lm --seed gives the same split)")
-    run.add_argument("--out", default="data/tokens", help="the token directory to write")
-    run.add_argument("--overwrite", action="store_true", help="replace a token directory already prepared in --out")
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = p.parse_args(argv)
-
-    meta = prepare_tokens(args.text, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seed=args.seed,
-                          val_fraction=args.val_fraction, bpe_train_chars=args.bpe_train_chars,
-                          overwrite=args.overwrite, progress=not args.no_progress)
-    data = load_token_dir(args.out)  # read back: the files agree with meta.json
-    print(f"{args.out}: {describe(data.report)}, {meta['dtype']}, in {meta['prepare_s']:.1f} s "
-          f"-> jaxllm train lm --tokens {args.out}")
+    cfg = cli.parse(PrepareConfig, argv)
+    meta = prepare_tokens(cfg.data.text, cfg.out, tokenizer=cfg.data.tokenizer, vocab_size=cfg.data.vocab_size, seed=cfg.seed,
+                          val_fraction=cfg.val_fraction, bpe_train_chars=cfg.bpe_train_chars,
+                          overwrite=cfg.overwrite, progress=not cfg.no_progress)
+    data = load_token_dir(cfg.out)  # read back: the files agree with meta.json
+    print(f"{cfg.out}: {describe(data.report)}, {meta['dtype']}, in {meta['prepare_s']:.1f} s "
+          f"-> jaxllm train lm --tokens {cfg.out}")
     return meta

@@ -37,8 +37,8 @@ may only name that count; process 0 writes the files.
 
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import json
 import os
 import socket
@@ -56,6 +56,8 @@ import optax
 from jaxllm.models import language_model
 from jaxllm.training import TrainState
 from jaxllm import cli
+from jaxllm.options import Compilation, MultiHost, Precision, option
+from jaxllm.options.values import int_list, non_negative_int, positive_float, positive_int
 from jaxllm.training import distributed
 from jaxllm.training.losses import lm_loss
 from jaxllm.training.parallel import STRATEGIES, make_strategy
@@ -84,86 +86,99 @@ def build_config(model: str, size: str, vocab_size: int, context: int, remat: bo
     return config.with_dropout(0.0).replace(remat=remat)
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("--devices", type=cli.int_list(1), default="1,2,4",
-                   help="device counts to sweep, in total over all processes (comma-separated)")
-    p.add_argument("--processes", type=cli.int_list(1), default=None,
-                   help="CPU: process counts to sweep (comma-separated), each on localhost with devices/processes "
-                        "forced devices per process; elsewhere only the count running (default: 1, or the "
-                        "processes launched by hand)")
-    p.add_argument("--batch", type=cli.int_list(1), default="8,16",
-                   help="global batch sizes (rows per step over all devices, comma-separated)")
-    p.add_argument("--sizes", default="tiny,small", help=f"model sizes among {', '.join(SIZES)}")
-    p.add_argument("--model", choices=("decoder", "gpt2"), default="decoder",
-                   help="decoder: Burkov's (RoPE, RMSNorm); gpt2: learned positions, LayerNorm")
-    p.add_argument("--context", type=cli.positive_int, default=128, help="tokens per row")
-    p.add_argument("--vocab-size", type=cli.positive_int, default=512, help="vocabulary of the synthetic tokens")
-    p.add_argument("--steps", type=cli.positive_int, default=10, help="timed steps per point")
-    p.add_argument("--warmup", type=cli.non_negative_int, default=2, help="untimed steps after the compiling one")
-    p.add_argument("--parallel", choices=("auto", *STRATEGIES), default="auto",
-                   help="device strategy (auto: single on 1 device, sharded on several)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype: bfloat16 = bf16 activations and matmuls, fp32 master weights")
-    p.add_argument("--remat", action="store_true", help="recompute transformer blocks in the backward pass")
-    p.add_argument("--peak-flops", type=cli.positive_float, default=None,
-                   help="peak FLOP/s of ONE device (e.g. 989e12 for an H100's dense bf16) for the MFU column")
-    p.add_argument("--timeout", type=cli.positive_float, default=3600.0,
-                   help="CPU: seconds the worker processes of one device and process count may take; then "
-                        "all of them are killed")
-    p.add_argument("--out", default="runs/scaling", help="directory for scaling.csv and scaling.png")
-    p.add_argument("--seed", type=cli.non_negative_int, default=0, help="seed for init and the synthetic batches")
-    p.add_argument("--worker", type=cli.positive_int, default=None, help=argparse.SUPPRESS)  # CPU: one device count
-    distributed.add_flags(p, p.group("multi-host"))
-    return p
+@dataclasses.dataclass(frozen=True)
+class ScalingConfig:
+    __doc__ = __doc__
+    sizes: str = option("tiny,small", f"model sizes among {', '.join(SIZES)}", section="model")
+    model: str = option("decoder", "decoder: Burkov's (RoPE, RMSNorm); gpt2: learned positions, LayerNorm",
+                        choices=("decoder", "gpt2"), section="model")
+    context: int = option(128, "tokens per row", type=positive_int, section="model")
+    vocab_size: int = option(512, "vocabulary of the synthetic tokens", type=positive_int, section="model")
+    # comma-separated lists: their defaults written as they are typed
+    device_counts: tuple[int, ...] = option((1, 2, 4), "device counts to sweep, in total over all processes "
+                                                       "(comma-separated) (default: 1,2,4)", type=int_list(1),
+                                            metavar="DEVICES", section="devices and memory", flag="devices")
+    processes: tuple[int, ...] | None = option(
+        None, "CPU: process counts to sweep (comma-separated), each on localhost with devices/processes forced "
+              "devices per process; elsewhere only the count running (default: 1, or the processes launched by "
+              "hand)", type=int_list(1), section="devices and memory")
+    batch: tuple[int, ...] = option((8, 16), "global batch sizes (rows per step over all devices, comma-separated) "
+                                             "(default: 8,16)", type=int_list(1), section="devices and memory")
+    parallel: str = option("auto", "device strategy (auto: single on 1 device, sharded on several)",
+                           choices=("auto", *STRATEGIES), section="devices and memory")
+    precision: Precision = Precision()
+    steps: int = option(10, "timed steps per point", type=positive_int)
+    warmup: int = option(2, "untimed steps after the compiling one", type=non_negative_int)
+    peak_flops: float | None = option(None, "peak FLOP/s of ONE device (e.g. 989e12 for an H100's dense bf16) for "
+                                            "the MFU column", type=positive_float)
+    timeout: float = option(3600.0, "CPU: seconds the worker processes of one device and process count may take; "
+                                    "then all of them are killed", type=positive_float)
+    out: str = option("runs/scaling", "directory for scaling.csv and scaling.png")
+    seed: int = option(0, "seed for init and the synthetic batches", type=non_negative_int)
+    worker: int | None = option(None, "CPU: the device count of one worker this job launches itself",
+                                type=positive_int, hidden=True)
+    compilation: Compilation = Compilation()
+    hosts: MultiHost = MultiHost()
+
+    @property
+    def size_names(self) -> tuple[str, ...]:
+        """``--sizes``, split."""
+        return tuple(s.strip() for s in self.sizes.split(",") if s.strip())
+
+    def check(self) -> None:
+        """What the flags' types cannot say alone: the sizes named, process counts that divide some
+        device count (numbers are checked while parsing); a ValueError otherwise."""
+        if not self.size_names:
+            raise ValueError(f"--sizes names no size (choose among {tuple(SIZES)})")
+        for size in self.size_names:
+            if size not in SIZES:
+                raise ValueError(f"--sizes must be among {tuple(SIZES)}, got {size!r}")
+        for p in self.processes or (1,):
+            if not any(n % p == 0 for n in self.device_counts):
+                raise ValueError(f"--processes {p} divides none of --devices "
+                                 f"{','.join(map(str, self.device_counts))}: "
+                                 f"every process needs the same number of devices")
 
 
-def check_args(args) -> None:
-    """What the flags' types cannot say alone: the sizes named, process counts that divide some
-    device count (numbers are checked while parsing)."""
-    args.device_counts, args.batches = args.devices, args.batch
-    args.process_counts = args.processes or [1]
-    args.size_names = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    if not args.size_names:
-        raise ValueError(f"--sizes names no size (choose among {tuple(SIZES)})")
-    for size in args.size_names:
-        if size not in SIZES:
-            raise ValueError(f"--sizes must be among {tuple(SIZES)}, got {size!r}")
-    for p in args.process_counts:
-        if not any(n % p == 0 for n in args.device_counts):
-            raise ValueError(f"--processes {p} divides none of --devices {','.join(map(str, args.device_counts))}: "
-                             f"every process needs the same number of devices")
+def launched_here(backend: str, running: int) -> bool:
+    """Whether a run on ``backend`` with ``running`` processes launches localhost CPU workers (a CPU
+    run of one process) rather than measuring in the processes running."""
+    return backend == "cpu" and running == 1
 
 
-def launches_workers(args, backend: str, running: int) -> bool:
-    """Whether this run launches localhost CPU workers for ``args.process_counts`` (a CPU run of
-    one process) rather than measuring in the ``running`` processes; a ``--processes`` that the
-    run cannot honour, or a one-process strategy over several, is a ValueError."""
-    launch = backend == "cpu" and running == 1
-    if not launch:
-        if args.processes not in (None, [running]):
-            raise ValueError(f"--processes {','.join(map(str, args.processes))}: only a CPU run of one process "
-                             f"launches processes itself; this run has {running} process(es) on {backend}, so "
-                             f"--processes can only be {running} (or left out)")
-        args.process_counts = [running]
-    if args.parallel in ONE_PROCESS_STRATEGIES and max(args.process_counts) > 1:
-        raise ValueError(f"--parallel {args.parallel} runs in one process; with several processes use sharded, "
+def process_counts(config: ScalingConfig, backend: str, running: int) -> tuple[int, ...]:
+    """The process counts the sweep measures: ``--processes`` (default 1) where this run launches
+    its CPU workers, else the ``running`` processes."""
+    return (config.processes or (1,)) if launched_here(backend, running) else (running,)
+
+
+def launches_workers(config: ScalingConfig, backend: str, running: int) -> bool:
+    """Whether this run launches localhost CPU workers for ``process_counts`` (a CPU run of one
+    process) rather than measuring in the ``running`` processes; a ``--processes`` that the run
+    cannot honour, or a one-process strategy over several, is a ValueError."""
+    launch = launched_here(backend, running)
+    if not launch and config.processes not in (None, (running,)):
+        raise ValueError(f"--processes {','.join(map(str, config.processes))}: only a CPU run of one process "
+                         f"launches processes itself; this run has {running} process(es) on {backend}, so "
+                         f"--processes can only be {running} (or left out)")
+    if config.parallel in ONE_PROCESS_STRATEGIES and max(process_counts(config, backend, running)) > 1:
+        raise ValueError(f"--parallel {config.parallel} runs in one process; with several processes use sharded, "
                          f"fsdp or shard_map")
     return launch
 
 
-def measure_point(args, size: str, config, devices, batch: int) -> dict:
+def measure_point(cfg: ScalingConfig, size: str, config, devices, batch: int) -> dict:
     """Compile, warm up and time one (size, devices, batch) point; returns one CSV row."""
     n = len(devices)
-    name = args.parallel if args.parallel != "auto" else ("sharded" if n > 1 else "single")
+    name = cfg.parallel if cfg.parallel != "auto" else ("sharded" if n > 1 else "single")
     strategy = make_strategy(name, devices=devices)
     optimizer = optax.adamw(1e-3, weight_decay=0.0)
-    params = config.init(jax.random.PRNGKey(args.seed))
+    params = config.init(jax.random.PRNGKey(cfg.seed))
     n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
-    state = strategy.place(TrainState.create(params, optimizer, jax.random.PRNGKey(args.seed + 1)))
-    step = strategy.train_step(mixed_precision(lm_loss(config), args.dtype), optimizer)
-    rng = np.random.default_rng(args.seed)  # every process draws the same global batches
-    ids = rng.integers(0, config.vocab_size, (4, batch, args.context + 1)).astype(np.int32)
+    state = strategy.place(TrainState.create(params, optimizer, jax.random.PRNGKey(cfg.seed + 1)))
+    step = strategy.train_step(mixed_precision(lm_loss(config), cfg.precision.dtype), optimizer)
+    rng = np.random.default_rng(cfg.seed)  # every process draws the same global batches
+    ids = rng.integers(0, config.vocab_size, (4, batch, cfg.context + 1)).astype(np.int32)
     batches = [{"inputs": x[:, :-1], "targets": x[:, 1:]} for x in ids]
     sharding = getattr(strategy, "batch_sharding", None)  # single, pmap: one process, the host batch as it is
     if sharding is not None:  # each process keeps the rows its devices hold, sent to them every step
@@ -179,26 +194,26 @@ def measure_point(args, size: str, config, devices, batch: int) -> dict:
     t0 = time.perf_counter()
     losses = [run(0)]  # compiles
     compile_s = time.perf_counter() - t0
-    for i in range(args.warmup):
+    for i in range(cfg.warmup):
         losses.append(run(1 + i))
     times = []
-    for i in range(args.steps):
+    for i in range(cfg.steps):
         t0 = time.perf_counter()
-        losses.append(run(1 + args.warmup + i))
+        losses.append(run(1 + cfg.warmup + i))
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    tokens = batch * args.context
+    tokens = batch * cfg.context
     tps = tokens / step_s
-    mfu = 6 * n_params * tps / (args.peak_flops * n) if args.peak_flops else None
-    return {"model": args.model, "size": size, "params": n_params, "devices": n,
-            "processes": jax.process_count(), "parallel": strategy.name, "dtype": args.dtype, "remat": args.remat,
-            "global_batch": batch, "context": args.context, "tokens_per_step": tokens,
+    mfu = 6 * n_params * tps / (cfg.peak_flops * n) if cfg.peak_flops else None
+    return {"model": cfg.model, "size": size, "params": n_params, "devices": n,
+            "processes": jax.process_count(), "parallel": strategy.name, "dtype": cfg.precision.dtype,
+            "remat": cfg.precision.remat, "global_batch": batch, "context": cfg.context, "tokens_per_step": tokens,
             "compile_s": round(compile_s, 3), "step_time_s": step_s, "tokens_per_s": tps,
             "tokens_per_s_per_device": tps / n, "mfu": mfu, "loss_first": losses[0], "loss_last": losses[-1],
             "backend": jax.default_backend(), "device_kind": devices[0].device_kind}
 
 
-def run_points(args, counts: list[int]) -> list[dict]:
+def run_points(cfg: ScalingConfig, counts: list[int]) -> list[dict]:
     """Every (size, batch) point for each device count in ``counts``, in the processes running."""
     available = jax.devices()
     processes = jax.process_count()
@@ -211,31 +226,32 @@ def run_points(args, counts: list[int]) -> list[dict]:
         if processes > 1 and n != len(available):
             print(f"note: skipping {n} devices: with several processes every point uses all {len(available)}")
             continue
-        for size in args.size_names:
-            config = build_config(args.model, size, args.vocab_size, args.context, args.remat)
-            for batch in args.batches:
+        for size in cfg.size_names:
+            config = build_config(cfg.model, size, cfg.vocab_size, cfg.context, cfg.precision.remat)
+            for batch in cfg.batch:
                 if batch % n:
                     print(f"note: skipping {size} batch {batch} on {n} devices: the batch does not divide by {n}")
                     continue
-                row = measure_point(args, size, config, available[:n], batch)
+                row = measure_point(cfg, size, config, available[:n], batch)
                 print(f"{size:>8} devices {n:>2}{over} batch {batch:>4}: {row['step_time_s'] * 1e3:8.1f} ms/step "
                       f"{row['tokens_per_s']:10.0f} tokens/s  (compile {row['compile_s']:.1f} s)", flush=True)
                 rows.append(row)
     return rows
 
 
-def run_cpu_workers(args, argv: list[str]) -> list[dict]:
-    """CPU: for each process count P and device count N that P divides, P localhost workers with
-    N/P forced host devices each run every point over the N devices; process 0's rows come back."""
+def run_cpu_workers(cfg: ScalingConfig, argv: list[str], processes: tuple[int, ...]) -> list[dict]:
+    """CPU: for each process count P (of ``processes``) and device count N that P divides, P
+    localhost workers with N/P forced host devices each run every point over the N devices;
+    process 0's rows come back."""
     rows = []
-    for p in args.process_counts:
-        for n in args.device_counts:
+    for p in processes:
+        for n in cfg.device_counts:
             if n % p:
                 print(f"note: skipping {n} devices over {p} processes: {n} does not divide by {p}")
                 continue
             coordinator = f"127.0.0.1:{free_port()}" if p > 1 else None
             what = f"the worker for {n} devices" if p == 1 else f"the workers for {n} devices over {p} processes"
-            out = launch([worker(argv, n, p, i, coordinator) for i in range(p)], what, args.timeout)
+            out = launch([worker(argv, n, p, i, coordinator) for i in range(p)], what, cfg.timeout)
             rows += json.loads(next(line for line in out.splitlines()
                                     if line.startswith(RESULT_PREFIX))[len(RESULT_PREFIX):])
     return rows
@@ -389,14 +405,14 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def work(args) -> list[dict]:
-    """A CPU worker (``--worker N``): every point on N devices over the processes its flags join;
-    process 0 prints the rows. A failure among several processes ends this one at once: the exit
-    of ``jax.distributed`` would wait for the others at a barrier while they wait for this one."""
+def work(cfg: ScalingConfig) -> list[dict]:
+    """A CPU worker (``--worker N``): every point on N devices over the processes its flags join
+    (joined by ``cli.start``); process 0 prints the rows. A failure among several processes ends this
+    one at once: the exit of ``jax.distributed`` would wait for the others at a barrier while they
+    wait for this one."""
     try:
-        check_args(args)
-        distributed.initialize_from_args(args)
-        rows = run_points(args, [args.worker])
+        cfg.check()
+        rows = run_points(cfg, [cfg.worker])
     except Exception:
         if not jax.distributed.is_initialized():
             raise
@@ -411,20 +427,21 @@ def work(args) -> list[dict]:
 
 def main(argv=None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = make_parser().parse_args(argv)
-    if args.worker is not None:
-        return work(args)
-    check_args(args)
-    distributed.initialize_from_args(args)
-    if launches_workers(args, jax.default_backend(), jax.process_count()):
-        rows = run_cpu_workers(args, argv)
+    cfg = cli.parse(ScalingConfig, argv)
+    cli.start(cfg)  # the compilation cache, and joining the processes of a multi-host run (no --out to claim)
+    if cfg.worker is not None:
+        return work(cfg)
+    cfg.check()
+    backend, running = jax.default_backend(), jax.process_count()
+    if launches_workers(cfg, backend, running):
+        rows = run_cpu_workers(cfg, argv, process_counts(cfg, backend, running))
     else:
-        rows = run_points(args, args.device_counts)
+        rows = run_points(cfg, list(cfg.device_counts))
     if not rows:
         raise ValueError("no point of the sweep could run (see the skipped points above)")
     if jax.process_index() == 0:
-        os.makedirs(args.out, exist_ok=True)
-        write_csv(rows, os.path.join(args.out, "scaling.csv"))
-        plot(rows, os.path.join(args.out, "scaling.png"))
-        print(f"{len(rows)} points -> {os.path.join(args.out, 'scaling.csv')}, {os.path.join(args.out, 'scaling.png')}")
+        os.makedirs(cfg.out, exist_ok=True)
+        write_csv(rows, os.path.join(cfg.out, "scaling.csv"))
+        plot(rows, os.path.join(cfg.out, "scaling.png"))
+        print(f"{len(rows)} points -> {os.path.join(cfg.out, 'scaling.csv')}, {os.path.join(cfg.out, 'scaling.png')}")
     return rows

@@ -5,7 +5,7 @@ a resumed run has passed its checks); ``--config FILE`` reads such a file as the
 and ``--resume`` reads the run's own. Keys are the long flag names without their dashes
 (``batch-size: 32``), values what the flag takes (``null`` for an unset optional one). A preset is
 such a file shipped with the package, ``jaxllm/configs/<job>/<name>.yaml``, named bare
-(``--config demo``). The flags themselves are matched to keys in ``jaxllm.cli``.
+(``--config demo``). The flags themselves come from each job's config class (``jaxllm.options``).
 """
 
 from __future__ import annotations
