@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from corpus import english
 from conftest import ROOT
 from jaxllm import chat as chat_module
 from jaxllm import generate as gen
@@ -29,10 +30,12 @@ CONTEXT = 128
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
-    """A tiny GPT-2 run (2 steps, its own 300-token BPE, context 128) written by ``jaxllm train lm``."""
+    """A tiny GPT-2 run (2 steps, its own 300-token BPE, context 128) written by ``jaxllm train lm``,
+    on English and the shipped instructions in their template (so a templated prompt fits the context)."""
     root = tmp_path_factory.mktemp("chat")
     corpus = root / "corpus.txt"
-    corpus.write_text((ROOT / "README.md").read_text() * 2)
+    records = load_instructions(SHIPPED_PATH)
+    corpus.write_text(english() + "\n".join(format_prompt(r) + r["output"] for r in records) * 2)
     out = root / "lm"
     lm_job.main(["--text", str(corpus), "--model", "gpt2", "--preset", "tiny", "--steps", "2",
                         "--vocab-size", "300", "--context", str(CONTEXT), "--batch-size", "4", "--warmup-steps", "0",
@@ -82,9 +85,12 @@ def logged_steps(monkeypatch, events):
 
 def expected_chunks(encoding, tokens):
     """What a streaming writer must emit for each of ``tokens``: its text as soon as it decodes
-    (nothing for end-of-text)."""
+    (nothing for end-of-text); then the closing newline, after a replacement character for the
+    bytes of a character the last tokens left unfinished."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    return [decoder.decode(b"" if t == encoding.eot_token else encoding.decode_single_token_bytes(t)) for t in tokens]
+    chunks = [decoder.decode(b"" if t == encoding.eot_token else encoding.decode_single_token_bytes(t))
+              for t in tokens]
+    return chunks, decoder.decode(b"\n", final=True)
 
 
 # --------------------------------------------------------------------------- stream
@@ -124,10 +130,11 @@ def test_each_token_is_written_before_the_next_step(lm_run, monkeypatch):
     tokens = chat.reply("The model", out)
     assert len(tokens) >= 3
     expected = []
-    for i, chunk in enumerate(expected_chunks(chat.base.encoding, tokens)):
+    chunks, last = expected_chunks(chat.base.encoding, tokens)
+    for i, chunk in enumerate(chunks):
         expected += [("step", None)] if i else []  # token i > 0 is computed by a step, token 0 by the prefill
         expected += [("emit", chunk)] if chunk else []
-    expected += [("emit", "\n")]
+    expected += [("emit", last)]
     assert out.log == expected
 
 
@@ -147,7 +154,7 @@ def test_prompts_of_one_bucket_compile_once(lm_run):
     """main's warm-up compiles the smallest bucket's prefill and the decode step; prompts of other
     lengths in that bucket then compile nothing."""
     chat = Chat(load_base(lm_run), max_new_tokens=5)
-    by_length = {}  # three lines of three token lengths (whatever the BPE trained on the README merged)
+    by_length = {}  # three lines of three token lengths (whatever the BPE trained on the corpus merged)
     for k in range(1, 12):
         line = " ".join(["the run"] * k)
         by_length.setdefault(len(chat.prompt(line)[0]), line)

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from corpus import english
 from conftest import ROOT  # noqa: E402
 from flax.traverse_util import unflatten_dict  # noqa: E402
 from jaxllm import export  # noqa: E402
@@ -21,7 +22,7 @@ from jaxllm.pretrained import load_run  # noqa: E402
 from parity import OUTPUT, assert_close  # noqa: E402
 
 # Unicode lines too, so the BPE learns merges of multi-byte characters
-TEXT = (ROOT / "README.md").read_text()[:20000] + "naïve café — 日本語のテキスト 🙂 Ωmega\n" * 30
+TEXT = english(20000) + "naïve café — 日本語のテキスト 🙂 Ωmega\n" * 30
 
 SAMPLES = ["The model trains on text.\n\nIt   reads\tspaces   and\r\nnewlines\n", "naïve café — 日本語 🙂🙂 ß",
            f"one{ENDOFTEXT}two {ENDOFTEXT}", "trailing spaces   ", "   \n\n\n  x", "'s 'll don't 12345 ٣٤"]

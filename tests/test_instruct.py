@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from corpus import english
 from jaxllm.data.instruct import (SHIPPED_PATH, collate, format_input, format_prompt, load_instructions,
                                   padded_batches, split_instructions, tokenize_instructions,
                                   validate_instructions)
@@ -319,7 +319,7 @@ def tiny_base(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("base")
     corpus = root / "corpus.txt"
-    corpus.write_text((ROOT / "README.md").read_text() * 3)
+    corpus.write_text(english() * 3)
     out = root / "lm"
     lm.main(["--text", str(corpus), "--model", "gpt2", "--preset", "tiny", "--steps", "3", "--vocab-size", "300",
              "--context", "256", "--batch-size", "4", "--warmup-steps", "0", "--d-model", "32", "--heads", "2",

@@ -8,10 +8,10 @@ import pytest
 
 from jaxllm.pretrained import load_run
 
-from conftest import ROOT
+from corpus import english
 from jaxllm.training import lm_eval
 
-TEXT = (ROOT / "README.md").read_text() * 3
+TEXT = english() * 3
 
 
 @pytest.fixture

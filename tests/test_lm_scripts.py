@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from conftest import ROOT
+from corpus import english
 
-TEXT = (ROOT / "README.md").read_text() * 3  # a few thousand words of real English
+TEXT = english() * 3  # real English
 
 
 @pytest.fixture
