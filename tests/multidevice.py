@@ -20,7 +20,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -264,12 +263,11 @@ def results(devices: int = 4) -> tuple[dict, dict]:
     with open(f"{out}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(os.path.join(out, "results.json")):
-            env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
             shutil.rmtree(out, ignore_errors=True)
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--devices", str(devices),
-                                   "--out", out], capture_output=True, text=True, env=env, timeout=1800)
-            if proc.returncode:
-                raise RuntimeError(f"tests/multidevice.py failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+            import processes
+
+            processes.finish([processes.start([os.path.abspath(__file__), "--devices", str(devices), "--out", out])],
+                             timeout_s=1800)
     with np.load(os.path.join(out, "results.npz")) as npz:
         arrays = {k: npz[k] for k in npz.files}
     with open(os.path.join(out, "results.json")) as f:

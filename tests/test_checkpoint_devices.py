@@ -7,10 +7,9 @@ Also run as a script: ``python tests/test_checkpoint_devices.py save|restore DIR
 
 import json
 import os
-import subprocess
 import sys
 
-import pytest
+import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = ("sharded", "fsdp")
@@ -98,22 +97,12 @@ def _leaves(tree):
     return jax.tree_util.tree_leaves(tree)
 
 
-def run_worker(mode: str, directory: str, devices: int) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.Popen([sys.executable, __file__, mode, directory], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_worker(mode: str, directory: str, devices: int):
+    return processes.start([__file__, mode, directory], processes.environment(devices))
 
 
-def result(proc: subprocess.Popen) -> dict:
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"worker timed out after {TIMEOUT_S} s:\n{err[-3000:]}")
-    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{err[-3000:]}"
-    return json.loads(out.strip().splitlines()[-1])
+def result(proc) -> dict:
+    return processes.last_json(processes.finish([proc], TIMEOUT_S)[0])
 
 
 def test_checkpoint_from_four_devices_restores_on_one_and_two(tmp_path):
@@ -126,10 +115,10 @@ def test_checkpoint_from_four_devices_restores_on_one_and_two(tmp_path):
     on_two = run_worker("restore", str(tmp_path), 2)
     try:
         restored = {1: restore(str(tmp_path), jax.devices()[:1])}  # in this process, on one device
-        restored[2] = result(on_two)
-    finally:
-        if on_two.poll() is None:
-            on_two.kill()
+    except BaseException:
+        on_two.kill()
+        raise
+    restored[2] = result(on_two)
     assert saved["sharded"]["sharded_leaves"] == 0  # data parallel: params replicated
     assert saved["fsdp"]["sharded_leaves"] > 0  # fsdp: params split over the 4 devices
     for n, by_strategy in restored.items():

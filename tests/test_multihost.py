@@ -7,11 +7,11 @@ settings come from the JAX_* environment variables); it prints one JSON line.
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
+
+import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, ROWS, TIME, VOCAB = 5, 8, 12, 67
@@ -66,46 +66,19 @@ def worker(devices: int) -> dict:
             "rows": rows_seen, "checksum": checksum, "decided": decided}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(devices: int, env_extra: dict) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(env_extra, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.Popen([sys.executable, __file__, str(devices)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def result(proc: subprocess.Popen) -> dict:
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"worker timed out after {TIMEOUT_S} s:\n{err[-3000:]}")
-    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{err[-3000:]}"
-    return json.loads(out.strip().splitlines()[-1])
+def spawn(devices: int, env_extra: dict):
+    return processes.start([__file__, str(devices)], processes.environment(devices, **env_extra))
 
 
 def test_two_processes_reproduce_one_process_with_four_devices(tmp_path):
     from parity import TRAJECTORY, assert_close  # here, not in the workers: it imports torch
 
-    address = f"127.0.0.1:{free_port()}"
-    workers = [spawn(2, {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
-                         "CHECKPOINT_DIR": str(tmp_path / "ckpt")})
+    address = f"127.0.0.1:{processes.free_port()}"
+    workers = [spawn(2, {**processes.multihost(i, 2, address), "CHECKPOINT_DIR": str(tmp_path / "ckpt")})
                for i in range(2)]
     single = spawn(4, {})
-    try:
-        reference = result(single)
-        results = sorted((result(w) for w in workers), key=lambda r: r["process"])
-    finally:
-        for p in workers + [single]:
-            if p.poll() is None:
-                p.kill()
+    reference, *results = map(processes.last_json, processes.finish([single, *workers], TIMEOUT_S))
+    results.sort(key=lambda r: r["process"])
     assert reference["devices"] == 4 and reference["processes"] == 1
     assert reference["rows"] == [ROWS] * STEPS
     for process_id, r in enumerate(results):

@@ -13,17 +13,15 @@ gradients shows as a difference of the same size in the parameters.
 """
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+import processes as children
+
 
 STEPS, TIMEOUT_S = 24, 240
 def corpus_text() -> str:
@@ -45,37 +43,18 @@ def lm_flags(corpus, out, *extra) -> list[str]:
             "--sample-tokens", "8", "--eval-batch-size", "8", "--no-progress", "--out", str(out), *extra]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(flags: list[str], *, processes: int, devices: int) -> list[subprocess.Popen]:
-    """``jaxllm FLAGS`` as ``processes`` localhost processes of ``devices`` CPU devices each."""
-    # --cpu-devices sets the count: no device count inherited from this test process (another test
-    # may set XLA_FLAGS), and no multi-host settings; the session's compilation cache is shared
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    port = free_port()
+def launch(flags: list[str], *, processes: int, devices: int) -> list:
+    """``jaxllm FLAGS`` as ``processes`` localhost processes of ``devices`` CPU devices each
+    (``--cpu-devices`` sets the count; the session's compilation cache is shared)."""
+    port = children.free_port()
     multihost = lambda i: (["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
                             "--process-id", str(i)] if processes > 1 else [])
-    return [subprocess.Popen([sys.executable, "-m", "jaxllm", *flags, "--cpu-devices", str(devices), *multihost(i)],
-                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return [children.start(["-m", "jaxllm", *flags, "--cpu-devices", str(devices), *multihost(i)])
             for i in range(processes)]
 
 
-def wait(procs: list[subprocess.Popen], *, returncode: int = 0) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            assert p.returncode == returncode, f"process exited {p.returncode}, expected {returncode}:\n{err[-3000:]}"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+def wait(procs: list, *, returncode: int = 0) -> None:
+    children.finish(procs, TIMEOUT_S, returncode=returncode)
 
 
 def train_losses(out) -> list[float]:
