@@ -13,7 +13,7 @@ from typing import ClassVar
 from jaxllm.data.tabular import digits8x8, mnist5k
 from jaxllm.models import cnn
 from jaxllm import cli
-from jaxllm.options import Devices, Evaluation, MultiHost, Optim, Run, fit_kwargs, option
+from jaxllm.options import Devices, Evaluation, MultiHost, Optim, Run, option, supervised_kwargs
 from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
 
@@ -36,22 +36,16 @@ class CnnConfig:
 def main(argv=None) -> dict:
     cfg = cli.parse(CnnConfig, argv)
     cli.start(cfg)
-    run_, optim = cfg.run, cfg.optim
     load, make_config = DATASETS[cfg.dataset]
-    train, test = load(seed=run_.seed)
+    train, test = load(seed=cfg.run.seed)
     config = make_config()
-    steps_per_epoch = len(train[0]) // optim.batch_size
-    run = train_supervised(
-        config, train, loss="softmax", optimizer=optim.build(run_.total_steps(steps_per_epoch)),
-        out_dir=run_.out, batch_size=optim.batch_size, seed=run_.seed, test=test, title=f"CNN {cfg.dataset}",
-        strategy=cfg.devices.strategy(optim.batch_size), accum_steps=cfg.devices.accum_steps, **run_.length(),
-        **fit_kwargs(cfg, steps_per_epoch=steps_per_epoch),
-    )
-    summary = update_json(os.path.join(run_.out, "summary.json"), {
+    run = train_supervised(config, train, loss="softmax", test=test, title=f"CNN {cfg.dataset}",
+                           **supervised_kwargs(cfg, steps_per_epoch=len(train[0]) // cfg.optim.batch_size))
+    summary = update_json(os.path.join(cfg.run.out, "summary.json"), {
         "dataset": cfg.dataset, "test_accuracy": run.metrics["test_accuracy"],
         "train_accuracy": run.metrics["train_accuracy"], "test_examples": len(test[0]),
         "train_examples": len(train[0]),
     })
     print(f"{cfg.dataset}: test accuracy {summary['test_accuracy']:.4f} on {len(test[0])} held-out images "
-          f"(train {summary['train_accuracy']:.4f}) -> {run_.out}")
+          f"(train {summary['train_accuracy']:.4f}) -> {cfg.run.out}")
     return summary

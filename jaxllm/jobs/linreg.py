@@ -17,7 +17,7 @@ import numpy as np
 from jaxllm.data.tabular import linear_toy
 from jaxllm.models.linear import LinearConfig
 from jaxllm import cli
-from jaxllm.options import MultiHost, Optim, Run, fit_kwargs, option
+from jaxllm.options import MultiHost, Optim, Run, option, supervised_kwargs
 from jaxllm.options.values import positive_int
 from jaxllm.training.by_hand import fit_by_hand
 from jaxllm.runio import update_json
@@ -48,11 +48,8 @@ def main(argv=None) -> dict:
     print(f"by hand:   W = {float(W[0, 0]):.4f}  b = {float(b[0]):.4f}  loss {losses[-1]:.5f}")
 
     steps_per_epoch = len(x) // (optim.batch_size or len(x))
-    run = train_supervised(
-        config, (x, y), loss="mse", optimizer=optim.build(run_.total_steps(steps_per_epoch)),
-        out_dir=run_.out, batch_size=optim.batch_size, seed=run_.seed, title="linear regression",
-        **run_.length(), **fit_kwargs(cfg),
-    )
+    run = train_supervised(config, (x, y), loss="mse", title="linear regression",
+                           **supervised_kwargs(cfg, steps_per_epoch=steps_per_epoch))
     W_opt, b_opt = float(np.asarray(run.params["kernel"])[0, 0]), float(np.asarray(run.params["bias"])[0])
     print(f"optax fit: W = {W_opt:.4f}  b = {b_opt:.4f}  loss {run.metrics['train_loss']:.5f}  (true W = 2, b = 1)")
     return update_json(os.path.join(run_.out, "summary.json"), {

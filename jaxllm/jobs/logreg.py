@@ -18,7 +18,7 @@ import numpy as np
 from jaxllm.data.tabular import will_buy
 from jaxllm.models.linear import LogisticConfig, predict_proba
 from jaxllm import cli
-from jaxllm.options import Devices, MultiHost, Optim, Run, fit_kwargs, parts
+from jaxllm.options import Devices, MultiHost, Optim, Run, parts, supervised_kwargs
 from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
 
@@ -40,23 +40,18 @@ def main(argv=None) -> dict:
     cli.start(cfg)
     x, y = will_buy()
     config = LogisticConfig(num_inputs=2)
-    run_, optim = cfg.run, cfg.optim
-    steps_per_epoch = len(x) // (optim.batch_size or len(x))
-    run = train_supervised(
-        config, (x, y), loss="binary", optimizer=optim.build(run_.total_steps(steps_per_epoch)),
-        out_dir=run_.out, batch_size=optim.batch_size, seed=run_.seed, title="logistic regression",
-        strategy=cfg.devices.strategy(optim.batch_size), accum_steps=cfg.devices.accum_steps, **run_.length(),
-        **fit_kwargs(cfg),
-    )
+    steps_per_epoch = len(x) // (cfg.optim.batch_size or len(x))
+    run = train_supervised(config, (x, y), loss="binary", title="logistic regression",
+                           **supervised_kwargs(cfg, steps_per_epoch=steps_per_epoch))
     probs = np.asarray(predict_proba(config.apply(run.params, x)))
     print(f"{'age':>4} {'income':>6}  label  P(buy)  prediction")
     for (age, income), label, p in zip(x, y, probs):
         pred = int(p > 0.5)
         print(f"{age:4.0f} {income:6.0f}  {label:5d}  {p:6.3f}  {pred} {'ok' if pred == label else 'WRONG'}")
-    summary = update_json(os.path.join(run_.out, "summary.json"), {
+    summary = update_json(os.path.join(cfg.run.out, "summary.json"), {
         "accuracy": run.metrics["train_accuracy"],
         "final_loss": run.metrics["train_loss"],
         "probabilities": probs.round(6).tolist(),
     })
-    print(f"accuracy {summary['accuracy']:.3f}  loss {summary['final_loss']:.4f}  -> {run_.out}")
+    print(f"accuracy {summary['accuracy']:.3f}  loss {summary['final_loss']:.4f}  -> {cfg.run.out}")
     return summary

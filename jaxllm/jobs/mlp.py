@@ -16,7 +16,7 @@ from jaxllm.data.tabular import breast_cancer
 from jaxllm.models.linear import LogisticConfig
 from jaxllm.models.mlp import MLPConfig
 from jaxllm import cli, runio
-from jaxllm.options import Devices, Evaluation, MultiHost, Optim, Run, fit_kwargs, option, parts
+from jaxllm.options import Devices, Evaluation, MultiHost, Optim, Run, option, parts, supervised_kwargs
 from jaxllm.options.values import positive_int
 from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
@@ -39,21 +39,17 @@ class MlpConfig:
 def main(argv=None) -> dict:
     cfg = cli.parse(MlpConfig, argv)
     cli.start(cfg)
-    run_, optim = cfg.run, cfg.optim
+    run_ = cfg.run
     train, test = breast_cancer(seed=run_.seed)
-    steps_per_epoch = len(train[0]) // optim.batch_size
-    common = dict(optimizer=optim.build(run_.total_steps(steps_per_epoch)), batch_size=optim.batch_size,
-                  seed=run_.seed, test=test, strategy=cfg.devices.strategy(optim.batch_size),
-                  accum_steps=cfg.devices.accum_steps, **run_.length(),
-                  **fit_kwargs(cfg, steps_per_epoch=steps_per_epoch))
+    common = dict(test=test, **supervised_kwargs(cfg, steps_per_epoch=len(train[0]) // cfg.optim.batch_size))
 
     mlp = MLPConfig(num_inputs=train[0].shape[1], num_outputs=2, hidden=cfg.hidden)
-    run = train_supervised(mlp, train, loss="softmax", out_dir=run_.out, title="MLP", **common)
+    run = train_supervised(mlp, train, loss="softmax", title="MLP", **common)
     baseline = os.path.join(run_.out, "baseline")
     # the run's config.yaml is the MLP's, in --out; a run stopped during the MLP has no baseline to resume
     resume_baseline = run_.resume and runio.has_checkpoints(baseline)
-    base = train_supervised(LogisticConfig(num_inputs=train[0].shape[1]), train, loss="binary", out_dir=baseline,
-                            title="baseline", **{**common, "flags": None, "resume": resume_baseline})
+    base = train_supervised(LogisticConfig(num_inputs=train[0].shape[1]), train, loss="binary",
+                            title="baseline", **{**common, "out_dir": baseline, "flags": None, "resume": resume_baseline})
     summary = update_json(os.path.join(run_.out, "summary.json"), {
         "test_accuracy": run.metrics["test_accuracy"],
         "train_accuracy": run.metrics["train_accuracy"],

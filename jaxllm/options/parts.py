@@ -230,9 +230,20 @@ def fit_config(config: Any, *, steps_per_epoch: int | None = None, **fields) -> 
 
 
 def fit_kwargs(config: Any, *, steps_per_epoch: int | None = None) -> dict:
-    """The ``fit`` settings a job's config gives (evaluation: every ``--eval-every`` steps, default once an epoch)."""
+    """The ``fit`` settings a job's config gives (evaluation, where the job has it: every
+    ``--eval-every`` steps, default once an epoch)."""
     run, evaluation = config.run, getattr(config, "evaluation", None)
-    return dict(eval_every=(evaluation.eval_every if evaluation else None) or steps_per_epoch,
+    return dict(eval_every=(evaluation.eval_every or steps_per_epoch) if evaluation else None,
                 checkpoint_every=run.checkpoint_every, checkpoint_minutes=run.checkpoint_minutes or None,
                 keep=run.keep, resume=run.resume, log_every=run.log_every, progress=not run.no_progress,
                 flags=file_values(config))
+
+
+def supervised_kwargs(config: Any, *, steps_per_epoch: int) -> dict:
+    """``train_supervised``'s settings from a job's config: the optimiser for the run's length,
+    ``--out``, the batch, the seed, the devices (where the job has them) and ``fit``'s settings."""
+    run, optim, devices = config.run, config.optim, getattr(config, "devices", None)
+    return dict(optimizer=optim.build(run.total_steps(steps_per_epoch)), out_dir=run.out, batch_size=optim.batch_size,
+                seed=run.seed, **run.length(), **fit_kwargs(config, steps_per_epoch=steps_per_epoch),
+                **({"strategy": devices.strategy(optim.batch_size), "accum_steps": devices.accum_steps}
+                   if devices is not None else {}))
