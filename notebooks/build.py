@@ -82,9 +82,10 @@ def _client(nb, cwd: Path, timeout: int):
 
 
 def _kernel_env() -> dict[str, str]:
-    """The kernel's environment: ours, with the repository root first on ``PYTHONPATH``."""
+    """The kernel's environment: ours, with the repository root and the notebooks' own helpers
+    (``notebooks/notebook_utils.py``) first on ``PYTHONPATH``."""
     path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "notebooks"), *([path] if path else [])])}
 
 
 def execute(nb, *, cwd: Path = ROOT, timeout: int = 1200):

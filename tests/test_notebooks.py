@@ -2,22 +2,23 @@
 directory, with the small sizes its ``parameters`` cell declares (``NAME = normal  # test: small``);
 a cell error fails the test and the stored notebook is never written. The stored notebooks carry
 the outputs of a full run, match their sources in ``notebooks/cells/`` and are listed in
-``notebooks/README.md``. Also the small helpers of ``jaxllm.notebook_utils``."""
+``notebooks/README.md``. Also the notebooks' small helpers, ``notebooks/notebook_utils.py``."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from jaxllm.notebook_utils import overlay_losses, time_calls, timing_table
-
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
+sys.path.insert(0, str(NOTEBOOK_DIR))  # the notebooks' own helpers, as their kernels import them
+from notebook_utils import overlay_losses, time_calls, timing_table  # noqa: E402
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 SMOKE_LINE = re.compile(r"^(?P<name>[A-Za-z_]\w*)\s*=\s*(?P<normal>.+?)\s*#\s*test:\s*(?P<small>.+?)\s*$")
 
@@ -192,7 +193,7 @@ def test_overlay_losses_draws_every_curve_and_their_gaps():
 
 
 def test_play_tokens_refuses_an_unknown_play():
-    from jaxllm.notebook_utils import play_tokens
+    from notebook_utils import play_tokens
 
     with pytest.raises(ValueError, match="unknown play 'hamlett'"):
         play_tokens("hamlett")

@@ -42,7 +42,7 @@ from torch import nn
 from jaxllm import interop
 from jaxllm.data import tabular
 from jaxllm.models import linear
-from jaxllm.notebook_utils import overlay_losses, timing_table
+from notebook_utils import overlay_losses, timing_table
 from jaxllm.torch_ref import linear as t_linear
 
 torch.set_num_threads(TORCH_THREADS)

@@ -42,7 +42,7 @@ from jaxllm import interop
 from jaxllm.data import tabular
 from jaxllm.data.batches import ArrayBatches
 from jaxllm.models import cnn, linear, mlp
-from jaxllm.notebook_utils import overlay_losses, timing_table
+from notebook_utils import overlay_losses, timing_table
 from jaxllm.torch_ref import cnn as t_cnn, linear as t_linear, mlp as t_mlp
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
 from jaxllm.training.losses import LOSSES

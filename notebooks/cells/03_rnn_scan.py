@@ -50,7 +50,7 @@ from jaxllm.data.tokenizer import encode
 from jaxllm.data.windows import lm_windows
 from jaxllm.generate import sample_recurrent
 from jaxllm.models import rnn
-from jaxllm.notebook_utils import MarkdownTable, overlay_losses, play_tokens, time_calls, timing_table
+from notebook_utils import MarkdownTable, overlay_losses, play_tokens, time_calls, timing_table
 from jaxllm.torch_ref import rnn as t_rnn
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
 from jaxllm.training.losses import lm_cross_entropy

@@ -50,7 +50,7 @@ from jaxllm.data.windows import lm_windows
 from jaxllm.generate import generate
 from jaxllm.models import gpt2, transformer as tr
 from jaxllm.nn.rope import interleaved_to_half, rope_angles, rope_interleaved, rope_rotate_half
-from jaxllm.notebook_utils import overlay_losses, play_tokens, time_calls, timing_table
+from notebook_utils import overlay_losses, play_tokens, time_calls, timing_table
 from jaxllm.torch_ref import gpt2 as t_gpt2, transformer as t_tr
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
 from jaxllm.training.losses import lm_cross_entropy

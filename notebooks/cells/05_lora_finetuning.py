@@ -62,7 +62,7 @@ from jaxllm import interop
 from jaxllm.data.tokenizer import gpt2_encoding
 from jaxllm.models import gpt2
 from jaxllm.nn import lora
-from jaxllm.notebook_utils import overlay_losses, time_calls, timing_table
+from notebook_utils import overlay_losses, time_calls, timing_table
 from jaxllm.torch_ref import gpt2 as t_gpt2, lora as t_lora
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_train_step
 from jaxllm.training.freeze import count_params, lora_optimizer, stop_frozen_gradients

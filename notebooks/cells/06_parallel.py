@@ -58,7 +58,7 @@ from jaxllm.data.batches import ArrayBatches
 from jaxllm.data.corpus import shakespeare_plays
 from jaxllm.data.windows import lm_windows
 from jaxllm.models import gpt2
-from jaxllm.notebook_utils import MarkdownTable, overlay_losses, timing_table
+from notebook_utils import MarkdownTable, overlay_losses, timing_table
 from jaxllm.torch_ref import gpt2 as t_gpt2
 from jaxllm.training import OptimizerConfig, TrainState, make_optimizer, make_strategy
 from jaxllm.training.losses import lm_cross_entropy

@@ -1,7 +1,7 @@
 """Small helpers the notebooks share: overlaid loss curves, a timing table, a tokenized play.
 
-Kept apart from the core: nothing in ``jaxllm`` imports this module, and it imports matplotlib
-only when a plot is drawn.
+Kept outside the package (the notebooks' kernels find it on ``PYTHONPATH`` or in their working
+directory); it imports matplotlib only when a plot is drawn.
 """
 
 from __future__ import annotations
