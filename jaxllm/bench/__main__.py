@@ -19,46 +19,51 @@ fusions), so a slow case shows where its time goes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+from typing import ClassVar
+
+from jaxllm.options import option
 
 SUITES = ("train", "generate", "rnn", "parallel", "compile", "profile")
 DEFAULT_SUITES = ("train", "generate", "rnn")
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxllm bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suites", nargs="*", default=list(DEFAULT_SUITES), help=f"any of {SUITES}")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiniest sizes, few rounds, no torch.compile")
-    p.add_argument("--out", default="runs/bench", help="directory for <suite>.json")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default: 10, quick 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls per case after the first")
-    p.add_argument("--families", default=None,
-                   help="comma list for train (linear,mlp,cnn,rnn,decoder,gpt2) and generate (decoder,gpt2)")
-    p.add_argument("--sizes", default=None, help="comma list: tiny,small (decoder/gpt2: tiny = config A, small = B)")
-    p.add_argument("--torch-compile", default=None,
-                   help="'all', 'none' or a comma list of families to also run under torch.compile")
-    p.add_argument("--host-devices", type=int, default=None,
-                   help="CPU: host devices to force (default: one per core; 1 = no data-parallel rows)")
-    p.add_argument("--no-data-parallel", action="store_true", help="train: skip the data-parallel JAX row")
-    p.add_argument("--batches", default=None, help="generate: comma list of batch sizes (default 1,8)")
-    p.add_argument("--new-tokens", type=int, default=256, help="generate: tokens decoded per call")
-    p.add_argument("--prompt-tokens", type=int, default=16, help="generate: prompt length")
-    p.add_argument("--strategies", default=None, help="parallel: comma list (default: all of them)")
-    p.add_argument("--gpu-preset", action="store_true",
-                   help="GPU: GPT-2 124M in bfloat16 (train: tokens/s and MFU; generate: ms/token)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="accelerator peak for MFU (default: known bf16 dense peak of the device)")
-    p.add_argument("--gpu-batch", type=int, default=16, help="--gpu-preset: rows of 1,024 tokens per step")
-    p.add_argument("--matmul-precision", default=None,
-                   help="sets jax_default_matmul_precision (recorded either way)")
-    return p
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    __doc__ = __doc__
+    SECTION: ClassVar[str] = "run"
+    suites: tuple[str, ...] = option(DEFAULT_SUITES, f"any of {SUITES}", positional=True, many=True)
+    quick: bool = option(False, "smoke run: tiniest sizes, few rounds, no torch.compile")
+    out: str = option("runs/bench", "directory for <suite>.json")
+    rounds: int | None = option(None, "timed rounds per case (default: 10, quick 3)", type=int)
+    warmup: int | None = option(None, "untimed calls per case after the first", type=int)
+    families: str | None = option(None, "comma list for train (linear,mlp,cnn,rnn,decoder,gpt2) and generate "
+                                        "(decoder,gpt2)")
+    sizes: str | None = option(None, "comma list: tiny,small (decoder/gpt2: tiny = config A, small = B)")
+    torch_compile: str | None = option(None, "'all', 'none' or a comma list of families to also run under "
+                                             "torch.compile")
+    host_devices: int | None = option(None, "CPU: host devices to force (default: one per core; 1 = no "
+                                            "data-parallel rows)", type=int)
+    no_data_parallel: bool = option(False, "train: skip the data-parallel JAX row")
+    batches: str | None = option(None, "generate: comma list of batch sizes (default 1,8)")
+    new_tokens: int = option(256, "generate: tokens decoded per call", type=int)
+    prompt_tokens: int = option(16, "generate: prompt length", type=int)
+    strategies: str | None = option(None, "parallel: comma list (default: all of them)")
+    gpu_preset: bool = option(False, "GPU: GPT-2 124M in bfloat16 (train: tokens/s and MFU; generate: ms/token)")
+    peak_tflops: float | None = option(None, "accelerator peak for MFU (default: known bf16 dense peak of the "
+                                             "device)", type=float)
+    gpu_batch: int = option(16, "--gpu-preset: rows of 1,024 tokens per step", type=int)
+    matmul_precision: str | None = option(None, "sets jax_default_matmul_precision (recorded either way)")
 
 
-def parse(argv=None):
-    args = make_parser().parse_args(argv)
+def parse(argv=None) -> BenchConfig:
+    """The bench's settings; a ``ValueError`` for a suite or count that cannot run."""
+    from jaxllm.options.parser import parse as parse_config
+
+    args = parse_config(BenchConfig, argv, prog="jaxllm bench")
     bad = [s for s in args.suites if s not in SUITES]
     if bad:
         raise ValueError(f"unknown suite(s) {bad}: choose from {SUITES}")
@@ -84,8 +89,8 @@ def force_host_devices(count: int | None) -> int | None:
 
 
 def suite_options(suite_module, args):
-    """``args`` completed with the suite's defaults for whatever the user did not set."""
-    opts = argparse.Namespace(**vars(args))
+    """The suite's options: ``args`` completed with its defaults for whatever the user did not set."""
+    opts = argparse.Namespace(**dataclasses.asdict(args))
     for key, value in suite_module.defaults(args.quick).items():
         given = getattr(args, key, None)
         if given is None:

@@ -65,12 +65,18 @@ def parser_for(cls: type, prog: str | None = None) -> ArgumentParser:
             kwargs["action"] = "store_true"
         else:
             kwargs.update(type=flag.type, choices=flag.choices, metavar=flag.metavar,
-                          nargs="+" if flag.many else ("?" if flag.positional and not flag.required else None))
+                          nargs=_nargs(flag))
         if flag.positional:
             group.add_argument(flag.dest, **kwargs)
         else:
             group.add_argument(flag.name, dest=flag.dest, **kwargs)
     return parser
+
+
+def _nargs(flag: Flag) -> str | None:
+    if flag.positional and not flag.required:
+        return "*" if flag.many else "?"
+    return "+" if flag.many else None
 
 
 def _help(cls: type, flag: Flag) -> str:
