@@ -168,8 +168,9 @@ def check_file(cls: type, values: dict, source: str) -> dict[str, Any]:
     allowed = {k: f for k, f in keys.items() if not f.command_line_only}
     unknown = [k for k in values if k not in allowed]
     if unknown:
-        hints = [f"{k} -> {m[0]}" for k in unknown if (m := difflib.get_close_matches(k.replace("_", "-"), allowed, 1))]
         only = [k for k in unknown if k in keys]
+        hints = [f"{k} -> {m[0]}" for k in unknown if k not in only
+                 if (m := difflib.get_close_matches(k.replace("_", "-"), allowed, 1))]
         raise ValueError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
                          + (f" (did you mean {', '.join(hints)}?)" if hints else "")
                          + (f" ({', '.join(only)}: command line only)" if only else ""))
