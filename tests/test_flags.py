@@ -233,8 +233,9 @@ def test_short_runs_just_work(load_script, tmp_path, capsys, flags, note):
 
 def run_lm(*args, default_devices: bool = False):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    if default_devices:  # what a user gets: one CPU device per core (the suite sets 1, see conftest.py)
-        env.pop("JAXLLM_CPU_DEVICES", None)
+    if default_devices:  # what a user gets: one CPU device per core and XLA's optimising compile
+        env.pop("JAXLLM_CPU_DEVICES", None)  # (the suite sets 1 device and fewer optimisations, see conftest.py)
+        env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
     return subprocess.run([sys.executable, "train/lm.py", *args], cwd=ROOT, capture_output=True, text=True,
                           env=env, timeout=600)
 
