@@ -157,4 +157,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, prog="jaxllm chat")

@@ -10,7 +10,7 @@ import traceback
 from typing import Any, Callable, Sequence, TypeVar
 
 from jaxllm import orbax_noise, runio
-from jaxllm.options import Run, parser
+from jaxllm.options import Devices, MultiHost, Run, parser
 from jaxllm.training import distributed
 
 C = TypeVar("C")
@@ -21,12 +21,12 @@ def parse(cls: type[C], argv: Sequence[str] | None = None) -> C:
     return parser.parse(cls, argv, prog=_command)
 
 
-def start(config: Any) -> None:
+def start(config: Any, *, claim: bool = True) -> None:
     """Everything a job's config asks of the process, before any work, in this order: JAX's
     persistent compilation cache (unless ``--no-compile-cache``), the CPU device count, joining a
-    multi-host run, then claiming ``--out`` (``jaxllm.runio.claim_run_dir``: a writable directory no
-    other live run holds and no other job's run is in; ``--resume`` needs a checkpoint;
-    ``--overwrite`` sets the old run aside until the new one has a checkpoint)."""
+    multi-host run, then (``claim``) claiming ``--out`` (``jaxllm.runio.claim_run_dir``: a writable
+    directory no other live run holds and no other job's run is in; ``--resume`` needs a
+    checkpoint; ``--overwrite`` sets the old run aside until the new one has a checkpoint)."""
     global _claimed
     from jaxllm import compile_cache, cpu_devices
 
@@ -34,12 +34,12 @@ def start(config: Any) -> None:
     compilation = getattr(run, "compilation", None) or getattr(config, "compilation", None)
     if compilation is not None:
         compile_cache.enable(not compilation.no_compile_cache)
-    if hasattr(config, "devices"):  # before JAX starts its backends
-        cpu_devices.request(config.devices.cpu_devices, per_core=getattr(config, "SPLIT_CPU", True))
-    if hasattr(config, "hosts"):
-        hosts = config.hosts
+    devices, hosts = getattr(config, "devices", None), getattr(config, "hosts", None)
+    if isinstance(devices, Devices):  # before JAX starts its backends
+        cpu_devices.request(devices.cpu_devices, per_core=getattr(config, "SPLIT_CPU", True))
+    if isinstance(hosts, MultiHost):
         distributed.initialize(hosts.coordinator, hosts.num_processes, hosts.process_id)
-    if run is None:
+    if run is None or not claim:
         return
     created = not os.path.exists(run.out)
     runio.claim_run_dir(run.out, config.JOB, resume=run.resume, overwrite=run.overwrite)

@@ -250,5 +250,7 @@ def test_lm_trains_from_tokens_exactly_as_from_text(text_files, tmp_path, load_s
 
     saved = yaml.safe_load((tmp_path / "tokens" / "config.yaml").read_text())
     assert saved["tokens"] == str(tmp_path / "tok") and saved["text"] is None
+    # the directory decides the tokenizer and vocabulary: the file does not pin them to this one
+    assert saved["tokenizer"] is None and saved["vocab-size"] is None
     resumed = lm.main(["--out", str(tmp_path / "tokens"), "--resume", "--steps", "7", "--no-progress"])
     assert resumed["resumed_from"] == 6

@@ -39,12 +39,13 @@ class BenchConfig:
     quick: bool = option(False, "smoke run: tiniest sizes, few rounds, no torch.compile")
     out: str = option("runs/bench", "directory for <suite>.json")
     rounds: int | None = option(None, "timed rounds per case (default: 10, quick 3)", type=int)
-    warmup: int | None = option(None, "untimed calls per case after the first", type=int)
+    warmup: int | None = option(None, "untimed calls per case after the first (default: per suite)", type=int)
     families: str | None = option(None, "comma list for train (linear,mlp,cnn,rnn,decoder,gpt2) and generate "
-                                        "(decoder,gpt2)")
-    sizes: str | None = option(None, "comma list: tiny,small (decoder/gpt2: tiny = config A, small = B)")
+                                        "(decoder,gpt2) (default: per suite)")
+    sizes: str | None = option(None, "comma list: tiny,small (decoder/gpt2: tiny = config A, small = B) (default: "
+                                     "per suite)")
     torch_compile: str | None = option(None, "'all', 'none' or a comma list of families to also run under "
-                                             "torch.compile")
+                                             "torch.compile (default: per suite)")
     host_devices: int | None = option(None, "CPU: host devices to force (default: one per core; 1 = no "
                                             "data-parallel rows)", type=int)
     no_data_parallel: bool = option(False, "train: skip the data-parallel JAX row")
@@ -56,7 +57,8 @@ class BenchConfig:
     peak_tflops: float | None = option(None, "accelerator peak for MFU (default: known bf16 dense peak of the "
                                              "device)", type=float)
     gpu_batch: int = option(16, "--gpu-preset: rows of 1,024 tokens per step", type=int)
-    matmul_precision: str | None = option(None, "sets jax_default_matmul_precision (recorded either way)")
+    matmul_precision: str | None = option(None, "sets jax_default_matmul_precision (recorded either way) "
+                                                "(default: JAX's)")
 
 
 def parse(argv=None) -> BenchConfig:

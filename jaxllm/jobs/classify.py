@@ -245,9 +245,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     cfg = cli.parse(ClassifyConfig, argv)
     if cfg.predict is not None:  # no training: --out is read, not claimed
-        from jaxllm import compile_cache
-
-        compile_cache.enable(not cfg.run.compilation.no_compile_cache)
+        cli.start(cfg, claim=False)
         results = predict(cfg.run.out, list(cfg.predict))
         for r in results:
             p = r["probabilities"][r["label"]]

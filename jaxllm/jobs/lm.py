@@ -167,14 +167,15 @@ class LmConfig:
         return self.context if self.stride is None else self.stride
 
 
-def with_token_dir(config: LmConfig) -> tuple[LmConfig, TokenData | None]:
-    """The config with ``--tokenizer``/``--vocab-size`` resolved, and the ``--tokens`` directory
-    (loaded) or None: with ``--tokens`` the directory's (a ``--tokenizer``/``--vocab-size`` other
-    than it was prepared with is refused), else bpe and 512, recorded so in the run's config.yaml."""
+def resolve_data(config: LmConfig) -> tuple[LmConfig, TextData, TokenData | None]:
+    """``(the config as config.yaml records it, the data settings the run uses, the --tokens
+    directory or None)``. Without ``--tokens``: bpe and 512 unless given, recorded so. With it: the
+    directory's tokenizer and vocabulary (loaded now; a ``--tokenizer``/``--vocab-size`` other than
+    it was prepared with is refused), not recorded, so the file fits another directory too."""
     data = config.data
     if config.tokens is None:
-        return dataclasses.replace(config, data=dataclasses.replace(
-            data, tokenizer=data.tokenizer or "bpe", vocab_size=data.vocab_size or 512)), None
+        data = dataclasses.replace(data, tokenizer=data.tokenizer or "bpe", vocab_size=data.vocab_size or 512)
+        return dataclasses.replace(config, data=data), data, None
     if data.text:
         raise ValueError(f"--tokens and --text contradict each other: {config.tokens} holds the corpus it was prepared "
                          "from (drop --text, or prepare the files: jaxllm prepare --text FILE... --out DIR)")
@@ -187,18 +188,16 @@ def with_token_dir(config: LmConfig) -> tuple[LmConfig, TokenData | None]:
         raise ValueError(f"--vocab-size {data.vocab_size} contradicts --tokens {config.tokens}, whose "
                          f"{meta['tokenizer']} vocabulary has {meta['vocab_size']:,} ids (drop --vocab-size: the "
                          "directory decides)")
-    resolved = dataclasses.replace(data, tokenizer=meta["tokenizer"], vocab_size=tokens.vocab_size)
-    return dataclasses.replace(config, data=resolved), tokens
+    return config, dataclasses.replace(data, tokenizer=meta["tokenizer"], vocab_size=tokens.vocab_size), tokens
 
 
 def main(argv=None) -> dict:
     t_start = time.perf_counter()
     cfg = cli.parse(LmConfig, argv)
     cli.start(cfg)
-    run_, optim, data_cfg = cfg.run, cfg.optim, cfg.data
+    run_, optim = cfg.run, cfg.optim
     strategy = cfg.devices.strategy(optim.batch_size)  # checks --batch-size against the devices now
-    cfg, token_dir = with_token_dir(cfg)  # --tokens: its directory, read (a contradicting flag is refused now)
-    data_cfg = cfg.data
+    cfg, data_cfg, token_dir = resolve_data(cfg)  # --tokens: its directory, read (a contradicting flag is refused now)
     preset = cfg.preset_name
     # the model from the flags alone (the tokenizer's size stands in for the vocabulary until the
     # data is ready): --model/--preset and --d-model/--heads/... that do not fit fail before any data work

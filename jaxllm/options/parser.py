@@ -87,8 +87,8 @@ def _help(cls: type, flag: Flag) -> str:
     if flag.switch or flag.required or "(default" in text:
         return text
     default = flag.default
-    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-    return f"{text} (default: {shown})".lstrip()
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else str(default)
+    return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
 
 
 def parse(cls: type[C], argv: Sequence[str] | None = None, *, prog: str | None = None) -> C:

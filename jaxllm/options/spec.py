@@ -156,7 +156,7 @@ def file_values(config: Any) -> dict[str, Any]:
     (plain YAML data: tuples as lists)."""
     values = {}
     for flag in flags(type(config)):
-        if not flag.command_line_only:
+        if not flag.command_line_only and not flag.hidden:
             value = value_of(config, flag)
             values[flag.key] = list(value) if isinstance(value, tuple) else value
     return values
