@@ -18,7 +18,7 @@ import numpy as np
 from jaxllm.data.tabular import will_buy
 from jaxllm.models.linear import LogisticConfig, predict_proba
 from jaxllm import cli
-from jaxllm.options import Devices, MultiHost, Optim, Run, parts, supervised_kwargs
+from jaxllm.options import Devices, MultiHost, Optim, Run, supervised_kwargs
 from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
 
@@ -28,7 +28,7 @@ class LogregConfig:  # no held-out set: no evaluation flags
     __doc__ = __doc__
     JOB: ClassVar[str] = "logreg"
     SPLIT_CPU: ClassVar[bool] = False
-    HELP: ClassVar[dict] = {"batch_size": "rows per step (default: full batch)", "cpu_devices": parts.ONE_CPU_DEVICE}
+    HELP: ClassVar[dict] = {"batch_size": "rows per step (default: full batch)"}
     run: Run = Run(out="runs/logreg", epochs=3000, log_every=100)
     optim: Optim = Optim(optimizer="sgd", lr=1e-3)
     devices: Devices = Devices()

@@ -16,7 +16,7 @@ from jaxllm.data.tabular import breast_cancer
 from jaxllm.models.linear import LogisticConfig
 from jaxllm.models.mlp import MLPConfig
 from jaxllm import cli, runio
-from jaxllm.options import Devices, Evaluation, MultiHost, Optim, Run, option, parts, supervised_kwargs
+from jaxllm.options import Devices, Evaluation, MultiHost, Optim, Run, option, supervised_kwargs
 from jaxllm.options.values import positive_int
 from jaxllm.runio import update_json
 from jaxllm.training.supervised import train_supervised
@@ -27,7 +27,6 @@ class MlpConfig:
     __doc__ = __doc__
     JOB: ClassVar[str] = "mlp"
     SPLIT_CPU: ClassVar[bool] = False
-    HELP: ClassVar[dict] = {"cpu_devices": parts.ONE_CPU_DEVICE}
     hidden: tuple[int, ...] = option((30, 20), "hidden layer widths", type=positive_int, many=True, section="model")
     run: Run = Run(out="runs/mlp", epochs=30)
     optim: Optim = Optim(batch_size=32, lr=3e-3)

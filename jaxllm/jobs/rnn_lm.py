@@ -38,7 +38,6 @@ class RnnConfig:
     __doc__ = __doc__
     JOB: ClassVar[str] = "rnn_lm"
     SPLIT_CPU: ClassVar[bool] = False
-    HELP: ClassVar[dict] = {"cpu_devices": parts.ONE_CPU_DEVICE}
     emb_dim: int = option(256, "embedding = hidden size (the book uses 128)", type=positive_int, section="model")
     layers: int = option(2, "stacked RNN layers", type=positive_int, section="model")
     data: TextData = TextData()

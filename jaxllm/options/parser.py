@@ -15,6 +15,7 @@ import re
 import sys
 from typing import Any, Sequence, TypeVar
 
+from jaxllm.options.parts import ONE_CPU_DEVICE
 from jaxllm.options.spec import SECTIONS, Flag, build, flags
 from jaxllm.training import run_flags
 
@@ -81,6 +82,8 @@ def _nargs(flag: Flag) -> str | None:
 
 def _help(cls: type, flag: Flag) -> str:
     text = (flag.help or "").replace("%", "%%")
+    if flag.dest == "cpu_devices" and not getattr(cls, "SPLIT_CPU", True):
+        text = ONE_CPU_DEVICE.replace("%", "%%")
     if flag.dest == "config":
         presets = run_flags.presets(cls.JOB) if getattr(cls, "JOB", None) else []
         text += f"; or a preset: {', '.join(presets)}" if presets else ""

@@ -160,8 +160,8 @@ class Devices:
         return chosen
 
 
-# the help of --cpu-devices for a job that trains on one CPU device unless asked (its model is so
-# small that splitting a batch costs more than it saves)
+# the help of --cpu-devices for a job whose config sets SPLIT_CPU = False: it trains on one CPU
+# device unless asked (its model is so small that splitting a batch costs more than it saves)
 ONE_CPU_DEVICE = ("on a CPU: JAX host devices to split the batch over (default $JAXLLM_CPU_DEVICES, else 1, what "
                   "measured fastest for this job)")
 
