@@ -16,10 +16,6 @@ import struct
 import time
 from typing import Any
 
-from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.proto.summary_pb2 import Summary
-from tensorboardX.record_writer import masked_crc32c
-
 from jaxllm.runio import EVENT_FILES, is_first_process, naming_the_file
 
 
@@ -47,6 +43,10 @@ class EventLog:
     """One new event file in ``directory``; ``append(rows)`` takes ``metrics.jsonl``'s rows."""
 
     def __init__(self, directory: str | os.PathLike, *, purge_after: int | None = None):
+        # here, not at import: tensorboardX's package imports torch when it is installed (1.4 s),
+        # which a job that writes no events (--help, generate, export) should not pay
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
         # nanoseconds in the name: a run resumed within the second gets a file of its own, after the first
         self.path = os.path.join(os.fspath(directory), f"events.out.tfevents.{time.time_ns()}.{socket.gethostname()}")
         with naming_the_file(self.path):
@@ -57,7 +57,9 @@ class EventLog:
                                   session_log=SessionLog(status=SessionLog.START)))
             self._file.flush()
 
-    def _write(self, event: Event) -> None:
+    def _write(self, event) -> None:
+        from tensorboardX.record_writer import masked_crc32c
+
         data = event.SerializeToString()
         header = struct.pack("<Q", len(data))
         self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data
@@ -67,6 +69,9 @@ class EventLog:
         """One event per row: its step, every metric as the scalar ``<split>/<metric>``."""
         if not rows:
             return
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
         with naming_the_file(self.path):
             for row in rows:
                 values = [Summary.Value(tag=f"{row['split']}/{k}", simple_value=v)
