@@ -18,8 +18,9 @@ from processes import CHEAP_XLA_FLAGS  # noqa: E402
 # * jax_disable_most_optimizations (LLVM at -O0, no expensive passes): a JAX option, switched per
 #   module and test (``_compile_optimized``);
 # * XLA's older CPU fusion emitters (CHEAP_XLA_FLAGS, about 1.5x faster compiles of the same
-#   programs): an XLA flag, read once when a process starts its backend, so it is chosen per
-#   process (see USERS_COMPILER below).
+#   programs): an XLA flag, read once when a process starts its backend, so a process takes it only
+#   when none of the tests it collected is marked `optimized` (``pytest_collection_modifyitems``).
+#   ``make test`` therefore runs the suite as two sessions, ``-m "not optimized"`` then ``-m optimized``.
 # Both reach the subprocesses (scripts, notebooks, forced-device workers) through the environment.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
@@ -48,72 +49,30 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "optimized: compile with XLA's default optimisations (parity tests, real training)")
 
 
-# `make test` runs pytest-xdist with --dist loadgroup --no-loadscope-reorder: groups go to workers
-# whole, in collection order. Each file is a group (its module fixtures computed once), except the
-# tests marked `optimized`, which form one group handed out first: the worker whose first test is
-# optimized compiles as users do all session; every other worker takes the cheap XLA flags and
-# never meets an optimized test. Without that grouping (one process, another --dist), a process
-# takes the cheap flags only when none of the tests it collected is optimized. After the users'
-# group, the longest files go first, so both workers stay busy to the end; test_accumulation reads
-# the multidevice runs that test_parallel starts, so it goes last rather than wait on their lock.
-USERS_COMPILER = "users-compiler"
-RUN_FIRST = ("test_notebooks.py", "test_multihost_jobs.py", "test_parallel.py", "test_bench.py",
-             "test_faults.py", "test_scaling.py", "test_scripts.py", "test_lm_main.py", "test_chat.py")
+# Under --dist loadfile, xdist hands out whole files in collection order: the longest first keeps
+# both workers busy to the end; test_accumulation reads the multidevice runs that test_parallel
+# starts, so it goes last rather than wait on their lock.
+RUN_FIRST = ("test_notebooks.py", "test_parallel.py", "test_scripts.py", "test_checkpoint_devices.py",
+             "test_multihost.py", "test_bench.py", "test_classify.py")
 RUN_LAST = ("test_accumulation.py",)
 
 
-def _optimized(item) -> bool:
-    return item.get_closest_marker("optimized") is not None
-
-
-def _grouped(config) -> bool:
-    return "PYTEST_XDIST_WORKER" in os.environ and config.getoption("dist", None) == "loadgroup"
-
-
-def _take_cheap_flags() -> None:
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized():
-        raise pytest.UsageError("JAX's backend started before the first test: compile flags come too late")
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CHEAP_XLA_FLAGS}".strip()
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist names each test's group in its node id
+@pytest.hookimpl(trylast=True)  # after -m has deselected
 def pytest_collection_modifyitems(config, items):
+    if items and not any(item.get_closest_marker("optimized") for item in items):
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            raise pytest.UsageError("a test module started JAX's backend while being imported: compile flags come too late")
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CHEAP_XLA_FLAGS}".strip()
+
     def rank(item):
-        if _optimized(item):
-            return -1
         name = item.path.name
         if name in RUN_FIRST:
             return RUN_FIRST.index(name)
         return len(RUN_FIRST) + (1 if name in RUN_LAST else 0)
 
     items.sort(key=rank)  # stable: the order within a file and among the rest is kept
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(USERS_COMPILER if _optimized(item) else item.path.name))
-
-
-@pytest.hookimpl(trylast=True)  # after -m has deselected
-def pytest_collection_finish(session):
-    if not _grouped(session.config) and session.items and not any(map(_optimized, session.items)):
-        _take_cheap_flags()
-
-
-_worker_compiler = None  # "users" or "cheap", fixed by a grouped worker's first test
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    global _worker_compiler
-    if not _grouped(item.config):
-        return
-    if _worker_compiler is None:
-        _worker_compiler = "users" if _optimized(item) else "cheap"
-        if _worker_compiler == "cheap":
-            _take_cheap_flags()
-    elif _worker_compiler == "cheap" and _optimized(item):
-        pytest.fail("an optimized test reached a worker that compiles cheaply: run with "
-                    "--dist loadgroup --no-loadscope-reorder, as make test does", pytrace=False)
 
 
 def pytest_unconfigure(config):
