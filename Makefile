@@ -40,12 +40,8 @@ bench: $(STAMP)
 scaling: $(STAMP)
 	$(BIN)/jaxllm scaling --out runs/scaling
 
-# two sessions: a process compiles either cheaply or as users do (tests/conftest.py); exit code 5
-# is a selection (PYTEST_ARGS) holding no test of the second kind
-PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile --durations=10
 test: $(STAMP)
-	$(PYTEST) -m "not optimized" $(PYTEST_ARGS) || [ $$? -eq 5 ]
-	$(PYTEST) -m optimized $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=10 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

@@ -9,19 +9,13 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # tests/parity.py helpers
-from processes import CHEAP_XLA_FLAGS  # noqa: E402
 
 # Most tests check behaviour on tiny models, where XLA's optimising compile costs far more than
-# running the program: they compile cheaply. Modules and tests marked `optimized` -- the parity
-# tests, whose tolerances are about the rounding of the code users run, and the tests that train
-# for real -- compile as users do. Cheap compiles take two settings:
-# * jax_disable_most_optimizations (LLVM at -O0, no expensive passes): a JAX option, switched per
-#   module and test (``_compile_optimized``);
-# * XLA's older CPU fusion emitters (CHEAP_XLA_FLAGS, about 1.5x faster compiles of the same
-#   programs): an XLA flag, read once when a process starts its backend, so a process takes it only
-#   when none of the tests it collected is marked `optimized` (``pytest_collection_modifyitems``).
-#   ``make test`` therefore runs the suite as two sessions, ``-m "not optimized"`` then ``-m optimized``.
-# Both reach the subprocesses (scripts, notebooks, forced-device workers) through the environment.
+# running the program: they compile with jax_disable_most_optimizations (LLVM at -O0, no expensive
+# passes; about 1.6x less CPU for the suite). Modules and tests marked `optimized` -- the parity
+# tests, whose tolerances are about the rounding of the code users run, and the few tests that train
+# for real -- compile as users do. The environment variable reaches the subprocesses (scripts,
+# notebooks, forced-device workers) too.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 # The training scripts split each batch over one CPU device per core by default (jaxllm.cpu_devices);
@@ -57,15 +51,7 @@ RUN_FIRST = ("test_notebooks.py", "test_parallel.py", "test_scripts.py", "test_c
 RUN_LAST = ("test_accumulation.py",)
 
 
-@pytest.hookimpl(trylast=True)  # after -m has deselected
 def pytest_collection_modifyitems(config, items):
-    if items and not any(item.get_closest_marker("optimized") for item in items):
-        from jax._src import xla_bridge
-
-        if xla_bridge.backends_are_initialized():
-            raise pytest.UsageError("a test module started JAX's backend while being imported: compile flags come too late")
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CHEAP_XLA_FLAGS}".strip()
-
     def rank(item):
         name = item.path.name
         if name in RUN_FIRST:

@@ -22,30 +22,17 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTIHOST = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-DEVICE_COUNT = "--xla_force_host_platform_device_count"
-CHEAP_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"  # see tests/conftest.py
 
 
 def environment(devices: int | None = None, **extra: str) -> dict[str, str]:
     """This process's environment for a child on the CPU: the package importable, no multi-host
     settings and no device count of the parent's, ``devices`` CPU devices when given."""
-    env = {k: v for k, v in os.environ.items() if k not in MULTIHOST}
+    env = {k: v for k, v in os.environ.items() if k not in (*MULTIHOST, "XLA_FLAGS")}
     env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    flags = [f for f in env.pop("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT)]  # the compile flags stay
     if devices is not None:
-        flags.append(f"{DEVICE_COUNT}={devices}")
-    if flags:
-        env["XLA_FLAGS"] = " ".join(flags)
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env.update(extra)
     return env
-
-
-def users_compiler(env: dict[str, str]) -> dict[str, str]:
-    """``env`` without the suite's cheap-compile settings (tests/conftest.py): a child that compiles
-    as users' processes do."""
-    env = {k: v for k, v in env.items() if k != "JAX_DISABLE_MOST_OPTIMIZATIONS"}
-    flags = [f for f in env.pop("XLA_FLAGS", "").split() if f not in CHEAP_XLA_FLAGS.split()]
-    return {**env, "XLA_FLAGS": " ".join(flags)} if flags else env
 
 
 def free_port() -> int:
