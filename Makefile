@@ -41,7 +41,7 @@ scaling: $(STAMP)
 	$(BIN)/jaxllm scaling --out runs/scaling
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=10 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=10 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

@@ -43,11 +43,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "optimized: compile with XLA's default optimisations (parity tests, real training)")
 
 
-# Under --dist loadfile, xdist hands out whole files in collection order: the longest first keeps
-# both workers busy to the end; test_accumulation reads the multidevice runs that test_parallel
-# starts, so it goes last rather than wait on their lock.
-RUN_FIRST = ("test_notebooks.py", "test_parallel.py", "test_scripts.py", "test_checkpoint_devices.py",
-             "test_multihost.py", "test_bench.py", "test_classify.py")
+# Under --dist loadfile --no-loadscope-reorder, xdist hands out whole files in collection order
+# (without the flag it sorts them by test count): the longest first keeps both workers busy to the
+# end; test_accumulation reads the multidevice runs that test_parallel starts, so it goes last
+# rather than wait on their lock.
+RUN_FIRST = ("test_notebooks.py", "test_multihost_jobs.py", "test_parallel.py", "test_scripts.py", "test_bench.py",
+             "test_generate_cache.py", "test_lm_main.py", "test_faults.py", "test_chat.py", "test_classify.py",
+             "test_scaling.py")
 RUN_LAST = ("test_accumulation.py",)
 
 
