@@ -9,13 +9,15 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # tests/parity.py helpers
+import processes  # noqa: E402
 
 # Most tests check behaviour on tiny models, where XLA's optimising compile costs far more than
 # running the program: they compile with jax_disable_most_optimizations (LLVM at -O0, no expensive
 # passes; about 1.6x less CPU for the suite). Modules and tests marked `optimized` -- the parity
 # tests, whose tolerances are about the rounding of the code users run, and the few tests that train
-# for real -- compile as users do. The environment variable reaches the subprocesses (scripts,
-# notebooks, forced-device workers) too.
+# for real -- compile as users do. The mode reaches the subprocesses (scripts, notebooks,
+# forced-device workers) through the environment; there a cheap mode also takes XLA's older CPU
+# fusion emitters (processes.CHEAP_XLA_FLAGS, see _compile_optimized).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 # The training scripts split each batch over one CPU device per core by default (jaxllm.cpu_devices);
@@ -70,14 +72,19 @@ def pytest_unconfigure(config):
 
 def _compile_optimized(optimized: bool) -> None:
     """Switch the compiler mode; a switch clears JAX's caches, so no function compiled in one mode
-    is reused in the other (the mode is not part of jit's cache key)."""
+    is reused in the other (the mode is not part of jit's cache key). The children a test starts
+    (scripts, notebooks, forced-device workers) get its mode through the environment; a cheap child
+    also gets ``processes.CHEAP_XLA_FLAGS``, which this process must never read: XLA reads its
+    flags once, so this process's backend is started first, with the flags it was given."""
     import jax
 
+    jax.devices()
     disable = not optimized
     if jax.config.values["jax_disable_most_optimizations"] != disable:
         jax.config.update("jax_disable_most_optimizations", disable)
         jax.clear_caches()
     os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1" if disable else "0"
+    os.environ["XLA_FLAGS"] = processes.compile_flags(os.environ.get("XLA_FLAGS", ""), cheap=disable)
 
 
 @pytest.fixture(scope="module", autouse=True)

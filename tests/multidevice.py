@@ -281,8 +281,8 @@ def main() -> None:
     args = p.parse_args()
     # optimization level 0: compiles ~3x faster; every run here shares the compiler, and the
     # tests compare numbers, not speed
-    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.devices} "
-                               "--xla_backend_optimization_level=0")
+    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
+                               f"{args.devices} --xla_backend_optimization_level=0").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import numpy as np

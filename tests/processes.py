@@ -22,17 +22,36 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTIHOST = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+DEVICE_COUNT = "--xla_force_host_platform_device_count"
+# the cheap mode's XLA flag for children (tests/conftest.py): XLA's older CPU fusion emitters
+# compile the suite's tiny programs about 1.5x faster
+CHEAP_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 
 def environment(devices: int | None = None, **extra: str) -> dict[str, str]:
     """This process's environment for a child on the CPU: the package importable, no multi-host
     settings and no device count of the parent's, ``devices`` CPU devices when given."""
-    env = {k: v for k, v in os.environ.items() if k not in (*MULTIHOST, "XLA_FLAGS")}
+    env = {k: v for k, v in os.environ.items() if k not in MULTIHOST}
     env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    flags = [f for f in env.pop("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT)]  # compile flags stay
     if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        flags.append(f"{DEVICE_COUNT}={devices}")
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     env.update(extra)
     return env
+
+
+def compile_flags(xla_flags: str, *, cheap: bool) -> str:
+    """``xla_flags`` with or without CHEAP_XLA_FLAGS."""
+    flags = [f for f in xla_flags.split() if f not in CHEAP_XLA_FLAGS.split()]
+    return " ".join(flags + (CHEAP_XLA_FLAGS.split() if cheap else []))
+
+
+def users_compiler(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without the suite's cheap-compile settings: a child that compiles as users' processes do."""
+    env = {k: v for k, v in env.items() if k != "JAX_DISABLE_MOST_OPTIMIZATIONS"}
+    return {**env, "XLA_FLAGS": compile_flags(env.get("XLA_FLAGS", ""), cheap=False)}
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+import processes
 from corpus import english
 from conftest import ROOT
 from jaxllm import cli
@@ -234,8 +235,8 @@ def test_short_runs_just_work(load_script, tmp_path, capsys, flags, note):
 def run_lm(*args, default_devices: bool = False):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     if default_devices:  # what a user gets: one CPU device per core and XLA's optimising compile
-        env.pop("JAXLLM_CPU_DEVICES", None)  # (the suite sets 1 device and fewer optimisations, see conftest.py)
-        env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+        env = processes.users_compiler(env)  # (the suite sets 1 device and cheap compiles, see conftest.py)
+        env.pop("JAXLLM_CPU_DEVICES", None)
     return subprocess.run([sys.executable, "train/lm.py", *args], cwd=ROOT, capture_output=True, text=True,
                           env=env, timeout=600)
 
