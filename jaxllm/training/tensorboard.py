@@ -43,10 +43,13 @@ class EventLog:
     """One new event file in ``directory``; ``append(rows)`` takes ``metrics.jsonl``'s rows."""
 
     def __init__(self, directory: str | os.PathLike, *, purge_after: int | None = None):
-        # here, not at import: tensorboardX's package imports torch when it is installed (1.4 s),
-        # which a job that writes no events (--help, generate, export) should not pay
-        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        # imported here, once, not with this module: tensorboardX's package imports torch when it is
+        # installed (1.4 s), which a job that writes no events (--help, generate, export) should not pay
+        from tensorboardX.proto import event_pb2, summary_pb2
+        from tensorboardX.record_writer import masked_crc32c
 
+        self._events, self._summaries, self._crc = event_pb2, summary_pb2, masked_crc32c
+        Event, SessionLog = event_pb2.Event, event_pb2.SessionLog
         # nanoseconds in the name: a run resumed within the second gets a file of its own, after the first
         self.path = os.path.join(os.fspath(directory), f"events.out.tfevents.{time.time_ns()}.{socket.gethostname()}")
         with naming_the_file(self.path):
@@ -58,25 +61,20 @@ class EventLog:
             self._file.flush()
 
     def _write(self, event) -> None:
-        from tensorboardX.record_writer import masked_crc32c
-
         data = event.SerializeToString()
         header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data
-                         + struct.pack("<I", masked_crc32c(data)))
+        self._file.write(header + struct.pack("<I", self._crc(header)) + data + struct.pack("<I", self._crc(data)))
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         """One event per row: its step, every metric as the scalar ``<split>/<metric>``."""
         if not rows:
             return
-        from tensorboardX.proto.event_pb2 import Event
-        from tensorboardX.proto.summary_pb2 import Summary
-
+        Summary = self._summaries.Summary
         with naming_the_file(self.path):
             for row in rows:
                 values = [Summary.Value(tag=f"{row['split']}/{k}", simple_value=v)
                           for k, v in row.items() if k not in ("step", "split")]
-                self._write(Event(wall_time=time.time(), step=row["step"], summary=Summary(value=values)))
+                self._write(self._events.Event(wall_time=time.time(), step=row["step"], summary=Summary(value=values)))
             self._file.flush()  # to the OS at once: TensorBoard shows a live run
 
     def close(self) -> None:
