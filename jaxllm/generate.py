@@ -8,7 +8,8 @@ reaches p, the crossing token included, never fewer than one token).
 then every new token costs one cached step, the whole loop inside one jitted ``lax.while_loop``.
 ``stream`` yields the same tokens for one prompt one at a time (``jaxllm.chat``): the same
 ``prefill`` and ``decode_step``, each jitted on its own, so a token can be shown before the next
-is computed. ``fit_context`` cuts a prompt and its new-token budget to the context, saying so.
+is computed. ``fit_context`` cuts a prompt and its new-token budget to the context, saying so;
+``generate_past_context`` goes on past it with a sliding window.
 ``sample_recurrent`` decodes from a model whose cache is a carried state (the Elman RNN's
 hidden state): the prompt is read once, then every new token costs one step, all inside one
 ``lax.scan``. Both take the model's config and use only the language-model interface
@@ -320,26 +321,71 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, 
     return jnp.asarray(tokens), jnp.asarray(lengths), cache, sampling
 
 
-def fit_context(ids: list[int], max_new_tokens: int | None,
-                limit: int | None) -> tuple[list[int], int | None, list[str]]:
-    """Cut a prompt and its new-token budget to a context of ``limit`` tokens; -> (ids, new tokens,
-    one ``note:`` line per cut, for the caller to print). A prompt that fills the whole context
-    keeps its last half-context tokens; then the new tokens are reduced to the room that is left.
-    ``max_new_tokens=None`` asks for all that room (no note: nothing asked for was cut);
-    ``limit=None`` (no context limit) cuts nothing."""
+def window_keep(limit: int) -> int:
+    """How many tokens a full context of ``limit`` keeps when it must make room: its last half."""
+    if limit < 2:
+        raise ValueError(f"a context of {limit} token leaves no room to generate past it (it needs at least 2)")
+    return limit // 2
+
+
+def fit_context(ids: list[int], max_new_tokens: int | None, limit: int | None, *,
+                slide: bool = False) -> tuple[list[int], int | None, list[str]]:
+    """Fit a prompt and its new-token budget to a context of ``limit`` tokens; -> (ids, new tokens,
+    one ``note:`` line per change, for the caller to print). A prompt that fills the whole context
+    keeps its last half-context tokens. New tokens past the room that is left are then reduced to
+    it, or with ``slide`` kept, and the note says the window will slide (``generate_past_context``).
+    ``max_new_tokens=None`` asks for all the room (no note: nothing asked for was cut);
+    ``limit=None`` (no context limit) changes nothing."""
     notes = []
     if limit is None:
         return ids, max_new_tokens, notes
     if len(ids) >= limit:  # no room for a single new token
-        keep = max(1, limit // 2)
+        keep = window_keep(limit)
         notes.append(f"note: the prompt was cut from {len(ids)} to its last {keep} tokens because the context "
                      f"is {limit}")
         ids = ids[-keep:]
     room = limit - len(ids)
     if max_new_tokens is None:
         max_new_tokens = room
+    elif max_new_tokens > room and slide:
+        notes.append(f"note: {max_new_tokens} new tokens go past the {limit}-token context: each time it is full, "
+                     f"decoding goes on from its last {window_keep(limit)} tokens (their cache recomputed)")
     elif max_new_tokens > room:
         notes.append(f"note: the new tokens were reduced from {max_new_tokens} to {room} because the context is "
                      f"{limit} and the prompt holds {len(ids)}")
         max_new_tokens = room
     return ids, max_new_tokens, notes
+
+
+def generate_past_context(model, params, prompt: list[int], *, max_new_tokens: int, key, temperature: float = 0.0,
+                          top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                          limit: int | None = None) -> list[int]:
+    """Continue one prompt by ``max_new_tokens`` tokens, past a context of ``limit`` tokens (default
+    ``model.context_limit``) if asked: the window slides, as nanoGPT's ``sample.py`` crops to its
+    last ``block_size`` tokens. While the prompt and the new tokens fit, this is ``generate`` with a
+    cache of exactly their length. When the context is full, decoding goes on from its last half
+    (``window_keep``): one prefill recomputes their cache (positions from 0 again: GPT-2's learned
+    positions and RoPE alike), then cached steps fill the other half, and so on. A token past the
+    first window thus sees between half and all of the context, and costs one cached step plus a
+    share of one half-context prefill. Window ``w >= 1`` samples with ``fold_in(key, limit + w)``:
+    no decode step inside a window reaches ``limit``, so no key is reused."""
+    limit = model.context_limit if limit is None else limit
+    if limit is None or len(prompt) + max_new_tokens <= limit:
+        return generate(model, params, [prompt], max_new_tokens=max_new_tokens, key=key, temperature=temperature,
+                        top_k=top_k, top_p=top_p, eos_id=eos_id, max_len=len(prompt) + max_new_tokens)[0]
+    keep = window_keep(limit)
+    if len(prompt) >= limit:
+        raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in the {limit}-token context "
+                         "(fit_context cuts it to the last half)")
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
+    window, new, w = list(prompt), [], 0
+    while len(new) < max_new_tokens:
+        n = min(max_new_tokens - len(new), limit - len(window))
+        window_key = key if w == 0 else jax.random.fold_in(key, limit + w)
+        out = generate(model, params, [window], max_new_tokens=n, key=window_key, max_len=len(window) + n,
+                       **sampling)[0]
+        new += out
+        if eos_id is not None and eos_id in out:  # generate ends a row at its EOS
+            break
+        window, w = (list(prompt) + new)[-keep:], w + 1
+    return new

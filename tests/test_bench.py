@@ -146,12 +146,13 @@ def test_train_case_with_torch_compile():
 
 
 def test_generate_suite_case_on_a_tiny_decoder_and_gpt2():
-    for family, config in (("decoder", TINY_DECODER), ("gpt2", TINY_GPT2)):
-        row = gen_suite.bench_case(f"{family}/test", family, config, batch=2, prompt_len=4, new=6, rounds=1, warmup=0,
-                                   growth_tokens=3, growth_late=30)
+    for family, config, batch in (("decoder", TINY_DECODER, 1), ("gpt2", TINY_GPT2, 2)):
+        row = gen_suite.bench_case(f"{family}/test", family, config, batch=batch, prompt_len=4, new=6, rounds=1,
+                                   warmup=0, growth_tokens=3, growth_late=30)
         for side in ("jax_cache", "torch_cache", "jax_no_cache", "torch_no_cache", "jax_no_cache_at_256",
-                     "torch_no_cache_at_256"):
+                     "torch_no_cache_at_256", *(("jax_past_context",) if batch == 1 else ())):
             assert positive(row[side]["ms_per_token"]), side
+        assert ("jax_past_context" in row) == (batch == 1)  # one row slides past a context of 4 + 6 // 4
         assert row["jax_cache"]["compiles"] <= 1  # 0 if an earlier test compiled the same shapes
         assert set(row["tokens_differ"]) == {"jax_cache", "jax_no_cache", "torch_cache", "torch_no_cache"}
         assert all(v == 0 for v in row["tokens_differ"].values()), row["tokens_differ"]

@@ -9,6 +9,8 @@ Per model (the Burkov decoder and GPT-2 at the benchmark's configs A and B, buil
   ``compiles`` how many executables the calls built (1 = no recompilation);
 * ``torch_cache``: the twin's weights under an imperative KV cache (``torch_decode.greedy_cached``);
 * ``torch_no_cache``: the books' loop, a full forward of the growing prefix per token;
+* ``jax_past_context`` (batch 1): the same 256 tokens through a context of 16 + 64, the window
+  sliding (``generate_past_context``: a half-context prefill each time the context is full);
 * ``jax_no_cache``: the same in JAX -- a jitted full forward of a fixed ``[batch, 16 + 256]``
   buffer per token inside one ``lax.fori_loop`` (fixed shapes: each step costs what the last,
   256-token step of a growing-prefix loop costs).
@@ -31,7 +33,7 @@ from jaxllm.jax_internals import compiled_versions
 from jaxllm.bench.models import config_a, config_b, param_count
 
 COLUMNS = [("case", "case"), ("jax_cache", "JAX cache"), ("torch_cache", "torch cache"),
-           ("vs_torch", "JAX/torch"), ("jax_nc", "JAX no cache"), ("torch_nc", "torch no cache"),
+           ("vs_torch", "JAX/torch"), ("jax_past", "JAX past ctx"), ("jax_nc", "JAX no cache"), ("torch_nc", "torch no cache"),
            ("jax_at256", "JAX @256"), ("torch_at256", "torch @256"), ("cache_gain", "@256/cache"),
            ("jax_growth", "JAX late/early"), ("torch_growth", "torch late/early"), ("compile", "JAX 1st s"),
            ("compiles", "compiles")]
@@ -90,6 +92,19 @@ def bench_case(name, family, config, *, batch, prompt_len, new, rounds, warmup, 
     sides: dict[str, Any] = {}
     calls: dict[str, Any] = {}
     outputs: dict[str, np.ndarray] = {}
+
+    # JAX past the context (batch 1): the same tokens through a context of the prompt and a quarter of them, the
+    # window sliding (generate_past_context): what each token costs once the context is full; first,
+    # so that the compiles counted below are jax_cache's
+    if batch == 1:
+        past_limit = prompt_len + new // 4
+
+        def jax_past_context():
+            gen.generate_past_context(config, params, prompts[0].tolist(), max_new_tokens=new, key=key,
+                                      limit=past_limit)
+
+        sides["jax_past_context"] = {"first_call_s": common.first_call(jax_past_context), "context": past_limit}
+        calls["jax_past_context"] = jax_past_context
 
     # JAX, KV cache: the library's generate(), the cache exactly prompt + new long (as jaxllm train lm)
     width = prompt_len + new
@@ -165,7 +180,8 @@ def bench_case(name, family, config, *, batch, prompt_len, new, rounds, warmup, 
     ms = lambda side: row.get(side, {}).get("ms_per_token")
     row["ratios"] = {"jax_vs_torch_cache": common.ratio(ms("torch_cache"), ms("jax_cache")),
                      "cache_vs_no_cache_at_256": common.ratio(ms("jax_no_cache_at_256"), ms("jax_cache")),
-                     "jax_cache_vs_torch_no_cache": common.ratio(ms("torch_no_cache"), ms("jax_cache"))}
+                     "jax_cache_vs_torch_no_cache": common.ratio(ms("torch_no_cache"), ms("jax_cache")),
+                     "past_context_vs_cache": common.ratio(ms("jax_past_context"), ms("jax_cache"))}
     return row
 
 
@@ -227,7 +243,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ms = lambda side: r.get(side, {}).get("ms_per_token")
         table.append({"case": r["case"], "jax_cache": ms("jax_cache"), "torch_cache": ms("torch_cache"),
-                      "vs_torch": r["ratios"]["jax_vs_torch_cache"], "jax_nc": ms("jax_no_cache"),
+                      "vs_torch": r["ratios"]["jax_vs_torch_cache"], "jax_past": ms("jax_past_context"),
+                      "jax_nc": ms("jax_no_cache"),
                       "torch_nc": ms("torch_no_cache"), "jax_at256": ms("jax_no_cache_at_256"),
                       "torch_at256": ms("torch_no_cache_at_256"),
                       "cache_gain": r["ratios"]["cache_vs_no_cache_at_256"],

@@ -43,7 +43,7 @@ from jaxllm.data.lm_data import VAL_FRACTION, describe, prepare_lm_data
 from jaxllm.data.token_file import TokenData, TokenWindows, load_token_dir
 from jaxllm.data.tokenizer import decode_bytes, encode
 from jaxllm.data.windows import lm_windows
-from jaxllm.generate import fit_context, generate
+from jaxllm.generate import fit_context, generate_past_context
 from jaxllm.models import LANGUAGE_MODELS, language_model
 from jaxllm import cli, runio
 from jaxllm.options import (Devices, Evaluation, MultiHost, Optim, Precision, Run, TextData,
@@ -96,20 +96,20 @@ def sample_text(config, params, encoding, prompt: str, *, max_new_tokens: int, k
                 top_k: int | None = 40, top_p: float | None = None) -> tuple[str, str]:
     """KV-cached sampling from ``prompt``; returns ``(prompt as decoded, continuation)``.
 
-    Prompt + new tokens stay within the model's context limit (GPT-2's ``context_length``, its
-    learned positions; the decoder's ``max_len``). What does not fit is cut, and each cut is
-    announced with one ``note:`` line: a prompt that fills the whole context keeps its last
-    half-context tokens, then the new tokens are reduced to the room that is left."""
+    A prompt that fills the model's whole context (GPT-2's ``context_length``, its learned
+    positions; the decoder's ``max_len``) keeps its last half-context tokens; new tokens past the
+    context are generated with a sliding window (``generate_past_context``). Each of these is
+    announced with one ``note:`` line."""
     ids = encode(encoding, prompt)
     if not ids:
         raise ValueError("the prompt is empty: it needs at least one token")
-    ids, max_new_tokens, notes = fit_context(ids, max_new_tokens, config.context_limit)
+    ids, max_new_tokens, notes = fit_context(ids, max_new_tokens, config.context_limit, slide=True)
     for note in notes:
         print(note)
     if top_k is not None:
         top_k = min(top_k, config.vocab_size)
-    new = generate(config, params, [ids], max_new_tokens=max_new_tokens, key=key, temperature=temperature,
-                   top_k=top_k, top_p=top_p, max_len=len(ids) + max_new_tokens)[0]
+    new = generate_past_context(config, params, ids, max_new_tokens=max_new_tokens, key=key,
+                                temperature=temperature, top_k=top_k, top_p=top_p)
     return encoding.decode(ids), encoding.decode(new)
 
 
