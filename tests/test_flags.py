@@ -3,7 +3,7 @@
 A bad value is refused by the flag's argparse type (``jaxllm.options.values``) with one
 ``error: argument --flag: ...`` line and exit 2, nothing written to ``--out``; combinations that
 the flags alone decide (``--heads`` vs ``--d-model``, ``--preset`` vs ``--model``) fail right
-after parsing, before the tokenizer is trained; a warmup as long as the run is clamped, with a note.
+after parsing, before the tokenizer is trained; an asked-for warmup as long as the run is clamped, with a note.
 """
 
 import argparse
@@ -192,6 +192,13 @@ def test_a_warmup_shorter_than_the_run_is_kept_silently(capsys, warmup, total):
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.parametrize("schedule, total, warmup", [("constant", 20, 0), ("warmup_cosine", 20, 2),
+                                                    ("wsd", 30, 3), ("warmup_cosine", 5000, 100)])
+def test_the_default_warmup_is_a_tenth_of_a_decaying_run_at_most_100_steps(capsys, schedule, total, warmup):
+    assert _args(schedule=schedule, warmup_steps=None).build(total).warmup_steps == warmup
+    assert capsys.readouterr().out == ""
+
+
 def _args(**overrides):
     return Optim(**{**dict(optimizer="adamw", lr=1e-3, weight_decay=0.0, momentum=0.0, schedule="constant",
                            warmup_steps=0, clip_norm=None), **overrides})
@@ -249,7 +256,7 @@ def test_lm_refuses_sample_tokens_0_before_writing_anything(tmp_path):
     assert not out.exists(), "no tokenizer.json (nor anything else) may be left behind"
 
 
-def test_lm_short_run_clamps_the_default_warmup_and_splits_the_batch_over_the_cores(tmp_path):
+def test_lm_short_run_warms_up_a_tenth_and_splits_the_batch_over_the_cores(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
     out = tmp_path / "run"
@@ -257,8 +264,12 @@ def test_lm_short_run_clamps_the_default_warmup_and_splits_the_batch_over_the_co
                   "--context", "16", "--vocab-size", "300", "--batch-size", "8", "--eval-batch-size", "64",
                   "--sample-tokens", "5", default_devices=True)
     assert done.returncode == 0, done.stderr
-    assert "note: --warmup-steps 100 clamped to 19 (the run has 20 steps)" in done.stdout.splitlines()
+    assert "clamped" not in done.stdout  # the default warmup fits the run: a tenth of it
     assert (out / "summary.json").exists() and (out / "checkpoints" / "20").exists()
+    from jaxllm.training.checkpoint import Checkpointer
+
+    with Checkpointer(out / "checkpoints") as ckpt:
+        assert ckpt.read_meta(20)["config"]["optimizer"]["warmup_steps"] == 2
     cores = os.cpu_count()
     expected = {"strategy": "sharded", "devices": cores} if cores in (2, 4, 8) else None
     if expected is not None:  # batch 8 splits over 2, 4 or 8 cores

@@ -43,6 +43,31 @@ def test_warmup_cosine_schedule():
     np.testing.assert_allclose(float(lr(110)), 0.01, rtol=1e-6)
 
 
+def test_wsd_schedule_warms_up_holds_and_decays_over_the_last_fraction():
+    cfg = OptimizerConfig("sgd", lr=0.1, schedule="wsd", warmup_steps=10, total_steps=110, min_lr=0.01,
+                          decay_fraction=0.2)  # decay: the last 22 steps, from step 88
+    lr = make_schedule(cfg)
+    assert cfg.decay_steps == 22
+    np.testing.assert_allclose([float(lr(s)) for s in (0, 5, 10, 50, 88)], [0.0, 0.05, 0.1, 0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(float(lr(99)), 0.1 - 0.09 * 11 / 22, rtol=1e-6)
+    np.testing.assert_allclose(float(lr(110)), 0.01, rtol=1e-6)
+    # a longer run trains every step before its decay at the same rate
+    longer = make_schedule(OptimizerConfig("sgd", lr=0.1, schedule="wsd", warmup_steps=10, total_steps=220,
+                                           min_lr=0.01, decay_fraction=0.2))
+    assert [float(longer(s)) for s in range(88)] == [float(lr(s)) for s in range(88)]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"total_steps": None}, "the wsd schedule needs total_steps"),
+    ({"decay_fraction": 0.0}, r"decay_fraction must lie in \(0, 1\], got 0.0"),
+    ({"decay_fraction": 0.5, "warmup_steps": 6}, r"wsd's warmup \(6 steps\) and decay \(5 steps, decay_fraction "
+                                                 r"0.5\) overlap in a run of 10 steps"),
+])
+def test_bad_wsd_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OptimizerConfig(**{"name": "sgd", "schedule": "wsd", "total_steps": 10, **kwargs})
+
+
 def test_global_norm_clipping():
     opt = make_optimizer(OptimizerConfig("sgd", lr=1.0, clip_norm=1.0))
     params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}

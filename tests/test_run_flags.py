@@ -102,3 +102,24 @@ def test_every_shipped_preset_parses_as_its_jobs_flags(load_script, monkeypatch,
     for key, value in run_flags.read_flags(run_flags.preset_path(job, name)).items():
         assert flags[key] == value, key
     assert json.dumps(flags)  # plain data
+
+
+def test_resume_with_more_steps_extends_constant_and_wsd_runs_only(load_script, tmp_path, capsys):
+    """A constant or wsd run trains every step before its decay at the same rate whatever its
+    length: ``--resume --steps N`` extends it (a wsd run that had decayed says the rate jumps back);
+    a cosine run's rates depend on its length, so its extension is refused."""
+    linreg = load_script("linreg")
+    for schedule in ("constant", "wsd", "warmup_cosine"):
+        out = tmp_path / schedule
+        linreg.main(["--out", str(out), "--steps", "10", "--schedule", schedule, *FAST])
+        capsys.readouterr()
+        if schedule == "warmup_cosine":
+            with pytest.raises(ValueError, match=r"different config.*\n.*optimizer.total_steps: 10 → 20"):
+                linreg.main(["--out", str(out), "--resume", "--steps", "20"])
+            continue
+        summary = linreg.main(["--out", str(out), "--resume", "--steps", "20"])
+        assert summary["steps"] == 20 and summary["resumed_from"] == 10
+        notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: the wsd")]
+        assert notes == ([] if schedule == "constant" else [
+            "note: the wsd schedule now runs 20 steps (it ran 10): its decay moves from steps 8-10 to 16-20; "
+            "step 10 had already decayed: the rate jumps back to the stable one"])

@@ -54,6 +54,7 @@ from jaxllm.training.checkpoint import run_config
 from jaxllm.training.freeze import (count_params, freeze_optimizer, stop_frozen_gradients, trainable_mask,
                                    trainable_predicate)
 from jaxllm.training.losses import classification_loss, last_token_logits
+from jaxllm.training.optim import default_warmup
 from jaxllm.runio import update_json, write_json
 from jaxllm.training.precision import mixed_precision
 from jaxllm.runio import is_first_process
@@ -127,8 +128,7 @@ class ClassifyConfig:
         under a decaying schedule, 0 under a constant one."""
         if self.optim.warmup_steps is not None:
             return self.optim.warmup_steps
-        warmup = DEFAULT_SCHEDULE.get(self.mode_name, ("constant", 0))[1]
-        return min(warmup, total // 10) if self.lr_schedule != "constant" else 0
+        return default_warmup(self.lr_schedule, total, longest=DEFAULT_SCHEDULE.get(self.mode_name, ("constant", 0))[1])
 
     def optim_for(self, total: int) -> Optim:
         """The optimiser part with the per-mode defaults filled in, for a run of ``total`` steps."""

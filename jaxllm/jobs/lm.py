@@ -120,8 +120,7 @@ class LmConfig:
     # chosen with the burkov preset on 2 CPU cores (docs/performance.md); 576 steps are an epoch of
     # Shakespeare at batch 32 x context 128 with the 512 BPE
     run: Run = Run(out="runs/lm", epochs=3, log_every=50)
-    optim: Optim = Optim(batch_size=32, lr=2e-3, weight_decay=0.1, clip_norm=1.0, schedule="warmup_cosine",
-                         warmup_steps=100)
+    optim: Optim = Optim(batch_size=32, lr=2e-3, weight_decay=0.1, clip_norm=1.0, schedule="warmup_cosine")
     model: str = option("decoder", "the model family", choices=tuple(LANGUAGE_MODELS), section="model")
     preset: str | None = option(None, "decoder: burkov|tiny|llama (default burkov); gpt2: tiny|gpt2_124m|gpt2_medium "
                                       "(default tiny)", choices=ALL_PRESETS, section="model")

@@ -46,8 +46,7 @@ class RnnConfig:
     # tuned on the default split to beat the n-gram baseline in under 10 minutes on 2 CPU cores:
     # small batches, clipped gradients, a short warmup and a cosine decay
     run: Run = Run(out="runs/rnn_lm", epochs=5, log_every=50)
-    optim: Optim = Optim(batch_size=16, lr=3e-3, weight_decay=0.01, clip_norm=1.0, schedule="warmup_cosine",
-                         warmup_steps=100)
+    optim: Optim = Optim(batch_size=16, lr=3e-3, weight_decay=0.01, clip_norm=1.0, schedule="warmup_cosine")
     evaluation: Evaluation = Evaluation()
     eval_batches: int = parts.eval_batches_option()
     eval_streams: int = option(16, "parallel pieces of the validation text", type=positive_int, section="evaluation")

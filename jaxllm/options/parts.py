@@ -14,7 +14,7 @@ from jaxllm.options.values import (absolute_path, bpe_vocab_size, fraction_below
                                    non_negative_int, positive_float, positive_fraction, positive_int)
 from jaxllm.training import FitConfig, distributed
 from jaxllm.training.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
-from jaxllm.training.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
+from jaxllm.training.optim import DEFAULT_WARMUP, OPTIMIZERS, SCHEDULES, OptimizerConfig, default_warmup
 from jaxllm.training.parallel import STRATEGIES, Strategy, make_strategy
 
 part = dataclasses.dataclass(frozen=True)
@@ -80,27 +80,33 @@ class Optim:
     momentum: float = option(0.0, "sgd momentum, in [0, 1)", type=fraction_below_1)
     muon_lr: float = option(0.02, "muon: peak learning rate of the blocks' matrices (--lr is AdamW's, for the rest)",
                             type=positive_float)
-    schedule: str | None = option("constant", "learning rate over the run: constant, or linear warmup then cosine "
-                                              "decay to 0", choices=SCHEDULES)
-    warmup_steps: int | None = option(0, "linear warmup from 0 to --lr; at most the run's steps - 1 (longer is "
-                                         "clamped, with a note)", type=non_negative_int)
+    schedule: str | None = option("constant", "learning rate over the run: constant; warmup_cosine: linear warmup "
+                                              "then cosine decay to 0; wsd: warmup, stable, then linear decay to 0 "
+                                              "over the last --decay-fraction", choices=SCHEDULES)
+    warmup_steps: int | None = option(None, "linear warmup from 0 to --lr (default: none for a constant rate, else a "
+                                            f"tenth of the run, at most {DEFAULT_WARMUP}); at most the run's steps - 1 "
+                                            "(longer is clamped, with a note)", type=non_negative_int)
+    decay_fraction: float = option(0.2, "wsd: the last fraction of the run, decaying to 0", type=positive_fraction)
     clip_norm: float | None = option(None, "clip gradients to this global norm", type=positive_float)
 
     def build(self, total: int, *, muon_blocks: Sequence[str] = ()) -> OptimizerConfig:
         """The run's optimiser. ``total`` only matters to a decaying schedule; leaving it out of a
         constant one lets ``--resume --steps N`` extend such a run (the config is checked on resume).
 
-        A warmup as long as the run or longer (the default warmup on a short ``--steps`` run) is
-        not an error: it is clamped to ``total - 1`` steps with one ``note:`` line, so the last step
-        trains at the peak ``--lr`` and a cosine decay keeps at least one step. ``muon_blocks``: the
+        Without ``--warmup-steps`` the warmup is ``default_warmup``'s: none under a constant rate,
+        else a tenth of the run (at most 100 steps), so a short run still decays. An asked-for warmup
+        as long as the run or longer is not an error: it is clamped to ``total - 1`` steps with one
+        ``note:`` line. ``muon_blocks``: the
         top-level param names whose matrices ``--optimizer muon`` trains (empty: every 2-D param)."""
         if total < 1 and self.schedule != "constant":
             raise ValueError(f"--schedule {self.schedule} needs the run's length, but the run has {total} steps "
                              "(is --batch-size larger than the training set?)")
+        warmup = default_warmup(self.schedule, total) if self.warmup_steps is None else self.warmup_steps
         return OptimizerConfig(
             name=self.optimizer, lr=self.lr, weight_decay=self.weight_decay, momentum=self.momentum,
-            schedule=self.schedule, warmup_steps=clamp_warmup(self.warmup_steps, total), clip_norm=self.clip_norm,
+            schedule=self.schedule, warmup_steps=clamp_warmup(warmup, total), clip_norm=self.clip_norm,
             total_steps=total if self.schedule != "constant" else None,
+            **({"decay_fraction": self.decay_fraction} if self.schedule == "wsd" else {}),
             **({"muon_lr": self.muon_lr, "muon_blocks": tuple(muon_blocks)} if self.optimizer == "muon" else {}))
 
 

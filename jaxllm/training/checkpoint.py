@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxllm.training.state import TrainState
+from jaxllm.training.optim import EXTENDABLE, OptimizerConfig
 
 CHECKSUMS = "checksums.json"
 ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step still being written
@@ -231,7 +232,7 @@ class Checkpointer:
         except CheckpointError as exc:
             raise _Damaged(str(exc)) from exc
         if self.config is not None and meta.get("config") is not None and \
-                _without_data_paths(meta["config"]) != _without_data_paths(self.config):
+                _resumable(meta["config"], step, self.config) != _resumable(self.config, step, meta["config"]):
             raise CheckpointError(f"{where} was written for a different config (saved → this run):\n"
                                   f"{_config_diff(meta.get('config'), self.config)}")
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_dict(make_template(meta)))
@@ -285,6 +286,33 @@ def _without_data_paths(config: dict) -> dict:
     run's data record's to say (``jaxllm.runio.record_data``: sizes and sha256s)."""
     data = {k: v for k, v in (config.get("data") or {}).items() if k not in ("text", "tokens")}
     return {**config, "data": data} if "data" in config else config
+
+
+def _resumable(config: dict, step: int, other: dict) -> dict:
+    """``config`` as a resume from ``step`` compares it with ``other``: without where its data lives
+    and, when both schedules are one that extends (``EXTENDABLE``) and ``step`` is past both warmups,
+    without the run's length and warmup: the steps left train at the same rates either way."""
+    config = _without_data_paths(config)
+    mine, theirs = config.get("optimizer") or {}, other.get("optimizer") or {}
+    if mine.get("schedule") in EXTENDABLE and mine.get("schedule") == theirs.get("schedule") and \
+            step >= max(mine.get("warmup_steps", 0), theirs.get("warmup_steps", 0)):
+        config = {**config, "optimizer": {k: v for k, v in mine.items() if k not in ("total_steps", "warmup_steps")}}
+    return config
+
+
+def extension_note(saved: dict | None, start: int, total: int) -> str | None:
+    """The ``note:`` for a wsd run resumed at ``start`` with another length (``total``): where its
+    decay now is, and whether the rate rises again because ``start`` was already decaying."""
+    opt = (saved or {}).get("optimizer") or {}
+    if opt.get("schedule") != "wsd" or opt.get("total_steps") in (None, total):
+        return None
+    before, now = (OptimizerConfig(**{**opt, "total_steps": n}) for n in (opt["total_steps"], total))
+    old_start, new_start = before.total_steps - before.decay_steps, total - now.decay_steps
+    note = (f"note: the wsd schedule now runs {total} steps (it ran {before.total_steps}): its decay moves from "
+            f"steps {old_start}-{before.total_steps} to {new_start}-{total}")
+    if start > old_start:
+        note += f"; step {start} had already decayed: the rate jumps back to the stable one"
+    return note
 
 
 class _Damaged(CheckpointError):

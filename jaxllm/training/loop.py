@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from jaxllm.runio import is_first_process, lock_run_dir, unlock_run_dir, update_json, write_json
 from jaxllm.training import distributed
-from jaxllm.training.checkpoint import Checkpointer
+from jaxllm.training.checkpoint import Checkpointer, extension_note
 from jaxllm.training.hooks import CheckpointHook, EvaluationHook, MetricsHook, StepInfo
 from jaxllm.training.hooks import TrainingDiverged  # noqa: F401 -- part of fit's interface, raised by its hooks
 from jaxllm.training.metrics import MetricsLog, plot_losses
@@ -293,6 +293,9 @@ class _RunFiles:
             distributed.barrier("resume: newer steps set aside")
             ckpt.reload()
             train_data.load_state_dict(meta["data"])
+            note = extension_note(meta.get("config"), start, total)
+            if note and is_first_process():
+                print(note, flush=True)
             self.log.truncate_after(start)
             self.last_saved = start
         elif os.path.exists(self.log.path) and is_first_process():

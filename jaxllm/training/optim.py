@@ -12,7 +12,10 @@
   five Newton-Schulz steps orthogonalise ``u``, scaled by ``sqrt(max(1, fan_out / fan_in))``,
   decoupled decay ``p -= lr*wd*p``. Unlike torch, which runs Newton-Schulz in bf16, it runs in the
   params' dtype (fp32): the twin test patches torch's to fp32 so both compute the same thing.
-Schedules: ``constant`` or ``warmup_cosine`` (linear warmup from 0, cosine down to ``min_lr``).
+Schedules: ``constant``, ``warmup_cosine`` (linear warmup from 0, cosine down to ``min_lr``) or
+``wsd`` (warmup, stable at ``lr``, then a linear decay to ``min_lr`` over the last
+``decay_fraction`` of the run). ``constant`` and ``wsd`` extend: a longer run trains its earlier
+steps at the same rates once the warmup is over (``EXTENDABLE``).
 ``clip_norm`` clips the global gradient norm first (torch's ``clip_grad_norm_``).
 """
 
@@ -26,7 +29,15 @@ import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "muon")
-SCHEDULES = ("constant", "warmup_cosine")
+SCHEDULES = ("constant", "warmup_cosine", "wsd")
+EXTENDABLE = ("constant", "wsd")  # the run's length moves only wsd's decay, never the rates before it
+DEFAULT_WARMUP = 100  # the most warmup steps a decaying schedule gets by default (default_warmup)
+
+
+def default_warmup(schedule: str, total: int, longest: int = DEFAULT_WARMUP) -> int:
+    """The warmup a run of ``total`` steps gets unless one is asked for: none under a constant rate,
+    else a tenth of the run, at most ``longest`` steps."""
+    return 0 if schedule == "constant" else min(longest, total // 10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +54,7 @@ class OptimizerConfig:
     warmup_steps: int = 0
     total_steps: int | None = None
     min_lr: float = 0.0
+    decay_fraction: float = 0.2
     clip_norm: float | None = None
     muon_lr: float = 0.02
     muon_blocks: tuple[str, ...] = ()
@@ -60,8 +72,10 @@ class OptimizerConfig:
         if not self.lr > 0 or not self.muon_lr > 0:
             raise ValueError(f"lr and muon_lr must be > 0, got {self.lr} and {self.muon_lr}")
         object.__setattr__(self, "muon_blocks", tuple(self.muon_blocks))  # a list from a saved run config
-        if self.schedule == "warmup_cosine" and not self.total_steps:
-            raise ValueError("the warmup_cosine schedule needs total_steps")
+        if self.schedule != "constant" and not self.total_steps:
+            raise ValueError(f"the {self.schedule} schedule needs total_steps")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must lie in (0, 1], got {self.decay_fraction}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.total_steps and self.warmup_steps > self.total_steps:
@@ -70,10 +84,19 @@ class OptimizerConfig:
             # optax's cosine part needs at least one step (its own error names decay_steps)
             raise ValueError(f"warmup_cosine needs warmup_steps ({self.warmup_steps}) < total_steps "
                              f"({self.total_steps}) to leave the decay a step")
+        if self.schedule == "wsd" and self.warmup_steps + self.decay_steps > self.total_steps:
+            raise ValueError(f"wsd's warmup ({self.warmup_steps} steps) and decay ({self.decay_steps} steps, "
+                             f"decay_fraction {self.decay_fraction}) overlap in a run of {self.total_steps} steps")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}")
         if (self.weight_decay or 0.0) < 0 or self.momentum < 0:
             raise ValueError(f"weight_decay and momentum must be >= 0, got {self.weight_decay} and {self.momentum}")
+
+
+    @property
+    def decay_steps(self) -> int:
+        """wsd: the steps of the final decay (at least one)."""
+        return max(1, round(self.decay_fraction * (self.total_steps or 0)))
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -82,6 +105,13 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
         if cfg.warmup_steps:
             return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
         return optax.constant_schedule(cfg.lr)
+    if cfg.schedule == "wsd":
+        stable_end = cfg.total_steps - cfg.decay_steps
+        return optax.join_schedules([
+            optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps),
+            optax.constant_schedule(cfg.lr),
+            optax.linear_schedule(cfg.lr, cfg.min_lr, cfg.decay_steps),
+        ], [cfg.warmup_steps, stable_end])
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.total_steps, end_value=cfg.min_lr,
