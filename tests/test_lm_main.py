@@ -5,6 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import yaml
 
 from jaxllm.pretrained import load_run
 
@@ -71,6 +72,27 @@ def test_lm_resume_matches_an_uninterrupted_run(load_script, corpus, tmp_path):
     assert step_a == step_b == 20
     for x, y in zip(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights_and_tokenizer(load_script, corpus, tmp_path):
+    lm = load_script("lm")
+    first = tmp_path / "first"
+    lm.main(small(corpus, first, "decoder", "--steps", "4"))
+    other = tmp_path / "other.txt"
+    other.write_text(english(20_000)[::-1])  # another text: the first run's tokenizer still reads it
+    # the first run's config.yaml gives the defaults: only what changes is on the command line
+    second = tmp_path / "second"
+    lm.main(["--init-from", str(first), "--text", str(other), "--out", str(second), "--steps", "1",
+             "--optimizer", "sgd", "--lr", "1e-9", "--no-progress"])
+    assert (second / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+    assert yaml.safe_load((second / "config.yaml").read_text())["init-from"] == str(first)
+    _, before = _params(load_script, first)
+    step, after = _params(load_script, second)
+    assert step == 1  # a new run: its own steps, schedule and optimiser
+    for x, y in zip(before, after):  # one step at lr 1e-9 moves nothing a fresh init would explain
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"--init-from .*first: this run's model differs .*d_model 16 → 32"):
+        lm.main(["--init-from", str(first), "--out", str(tmp_path / "third"), "--d-model", "32", "--steps", "1"])
 
 
 def test_lm_refuses_bad_input(load_script, corpus, tmp_path):

@@ -32,8 +32,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import time
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 
@@ -45,6 +46,7 @@ from jaxllm.data.tokenizer import decode_bytes, encode
 from jaxllm.data.windows import lm_windows
 from jaxllm.generate import fit_context, generate_past_context
 from jaxllm.models import LANGUAGE_MODELS, language_model
+from jaxllm.pretrained import load_run
 from jaxllm import cli, runio
 from jaxllm.options import (Devices, Evaluation, MultiHost, Optim, Precision, Run, TextData,
                             fit_config, option, parts)
@@ -114,6 +116,38 @@ def sample_text(config, params, encoding, prompt: str, *, max_new_tokens: int, k
 
 
 @dataclasses.dataclass(frozen=True)
+class InitRun:
+    """The run ``--init-from`` names: its model config, the params of its latest checkpoint, its step."""
+    directory: str
+    config: Any
+    params: Any
+    step: int
+
+    def params_for(self, config) -> Any:
+        """Its params, for a run whose model is ``config``: the same model, or a ``ValueError`` naming
+        each difference."""
+        if config != self.config:
+            mine, theirs = config.to_dict(), self.config.to_dict()
+            diff = ", ".join(f"{k} {theirs.get(k)!r} → {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
+                             if mine.get(k) != theirs.get(k))
+            raise ValueError(f"--init-from {self.directory}: this run's model differs from that run's ({diff}); "
+                             "drop the model flags that change it")
+        print(f"starting from {self.directory}, step {self.step} (a new schedule and optimiser state)")
+        return self.params
+
+
+def load_init_run(cfg, token_dir) -> InitRun:
+    """``--init-from``'s run, its tokenizer copied into ``--out`` (the new run reads the same ids)."""
+    if token_dir is not None:
+        raise ValueError("--init-from with --tokens is not supported: the token directory has its own tokenizer "
+                         "(train on --text, which --init-from tokenizes with its run's tokenizer)")
+    config, params, _, step = load_run(cfg.init_from)
+    os.makedirs(cfg.run.out, exist_ok=True)
+    shutil.copyfile(os.path.join(cfg.init_from, "tokenizer.json"), os.path.join(cfg.run.out, "tokenizer.json"))
+    return InitRun(cfg.init_from, config, params, step)
+
+
+@dataclasses.dataclass(frozen=True)
 class LmConfig:
     __doc__ = __doc__
     JOB: ClassVar[str] = "lm"
@@ -133,6 +167,10 @@ class LmConfig:
     tokens: str | None = option(None, "train on a token directory written by `jaxllm prepare` (memory-mapped, for "
                                       "corpora larger than memory) instead of --text; its tokenizer and vocabulary "
                                       "are used", type=absolute_path, metavar="DIR", section="data")
+    init_from: str | None = option(None, "start from the weights of another `jaxllm train lm` run (its latest "
+                                         "checkpoint), with a new schedule and optimiser state; its model and "
+                                         "tokenizer, and its config.yaml as the flags' defaults",
+                                   type=absolute_path, metavar="RUN", section="model")
     context: int = option(128, "tokens per training and validation window", type=positive_int, section="data")
     stride: int | None = option(None, "training window stride (default: --context)", type=positive_int,
                                 section="data")
@@ -206,9 +244,10 @@ def main(argv=None) -> dict:
         config = config.replace(remat=True)
     stride, dtype = cfg.window_stride, cfg.precision.dtype
 
+    start_from = None if run_.resume or cfg.init_from is None else load_init_run(cfg, token_dir)
     if token_dir is None:
         data = prepare_lm_data(data_cfg.text, tokenizer=data_cfg.tokenizer, vocab_size=data_cfg.vocab_size,
-                               seed=run_.seed, out_dir=run_.out, reuse_tokenizer=run_.resume)
+                               seed=run_.seed, out_dir=run_.out, reuse_tokenizer=run_.resume or bool(start_from))
         val_prompt = data.val_text[:40]
     else:  # the same ids, split and batches as --text on the corpus it was prepared from, read from disk
         data = token_dir
@@ -226,7 +265,10 @@ def main(argv=None) -> dict:
         batches = TokenWindows(data.train_ids, cfg.context, optim.batch_size, stride=stride, seed=run_.seed,
                                vocab_size=data.vocab_size)
     val_batches = eval_windows(data.val_ids, cfg.context, cfg.eval_batch_size)  # fails before training
-    params = config.init(jax.random.PRNGKey(run_.seed))
+    if start_from is None:
+        params = config.init(jax.random.PRNGKey(run_.seed))
+    else:
+        params = start_from.params_for(config)
 
     def scorer(batches):
         """Loss, perplexity and bits/char of the held-out windows in ``batches`` (a prefix of val_batches)."""

@@ -123,11 +123,16 @@ def given(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str]) -> di
 
 
 def file_defaults(cls: type, parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
-    """``{dest: value}`` from the run's ``config.yaml`` (``--resume``) and then ``--config``; a bad
+    """``{dest: value}`` from the ``config.yaml`` of ``--init-from``'s run, then of the run itself
+    (``--resume``), then from ``--config``, each over the one before; a bad
     file, key or value is a ``ValueError`` naming it. Where the command line gives one of
     exclusive flags (``--epochs``/``--steps``), the files' others are dropped."""
     from_command_line = given(parser, cls, argv)
     sources = []
+    if from_command_line.get("init_from") is not None:  # the other run's flags, below every other source
+        saved = os.path.join(from_command_line["init_from"], run_flags.CONFIG_FILE)
+        if os.path.isfile(saved):
+            sources.append((saved, saved))
     if from_command_line.get("resume"):
         out = from_command_line.get("out", parser.get_default("out"))
         saved = os.path.join(out, run_flags.CONFIG_FILE)
