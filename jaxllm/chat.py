@@ -122,6 +122,8 @@ def repl(chat: Chat, stdin, out, err=sys.stderr) -> int:
             chat.reply(line.rstrip("\r\n"), out, err)
         except KeyboardInterrupt:  # stops this answer, not the session
             out.write("\n")
+        out.write("\n")  # a blank line between answers: a many-line answer still shows where it ends
+        out.flush()
         answered += 1
 
 

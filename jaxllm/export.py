@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 import uuid
 
 import numpy as np
@@ -52,7 +53,7 @@ def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "h
             hf_config = config.to_hf_config()
         except ValueError as err:
             raise ValueError(f"{run}: its {type(config).__name__} has no Hugging Face architecture to export to "
-                             f"({err}); use fmt='safetensors' for its raw params") from None
+                             f"({err}); export its raw params with --format safetensors (fmt='safetensors')") from None
 
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = _sibling(out_dir, "tmp")
@@ -133,9 +134,16 @@ def _write_safetensors(directory: str, params, run_config: dict, *, source: str)
     from safetensors.numpy import save_file
 
     flat = {name: np.ascontiguousarray(value) for name, value in flatten_dict(params, sep="/").items()}
-    save_file(flat, os.path.join(directory, "params.safetensors"), metadata={"format": "flax", "source": source})
     with open(os.path.join(directory, "run_config.json"), "w") as f:
         json.dump(run_config, f, indent=2)
+    save_file(flat, os.path.join(directory, "params.safetensors"), metadata={"format": "flax", "source": source})
+    _mode_like(os.path.join(directory, "params.safetensors"), os.path.join(directory, "run_config.json"))
+
+
+def _mode_like(path: str, reference: str) -> None:
+    """Give ``path`` the permissions of ``reference``: safetensors writes its files 0600, whatever the
+    umask that every other file of the export was created under."""
+    os.chmod(path, stat.S_IMODE(os.stat(reference).st_mode))
 
 
 # --------------------------------------------------------------------------- fmt="hf"
@@ -151,6 +159,7 @@ def _write_hf(directory: str, config, params, encoding, hf_config: dict) -> None
         json.dump({**hf_config, "bos_token_id": eot, "eos_token_id": eot}, f, indent=2)
     # "pt": transformers refuses safetensors files that do not say which framework wrote them
     save_file(to_hf(config, params), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    _mode_like(os.path.join(directory, "model.safetensors"), os.path.join(directory, "config.json"))
     _write_hf_tokenizer(directory, encoding, config.context_limit)
 
 

@@ -204,7 +204,7 @@ def test_an_instruction_tuned_run_gets_the_template_and_prints_only_the_answer(l
 
 def test_the_repl_end_to_end_on_piped_stdin(lm_run):
     """Two prompts, an empty line skipped, /quit ends (the line after it is never answered); no
-    '> ' prompt when stdin is not a terminal."""
+    '> ' prompt when stdin is not a terminal; a blank line after each answer."""
     base = load_base(lm_run)
     lines = ["The model", "chat with a run"]
     proc = subprocess.run([sys.executable, "-m", "jaxllm.chat", str(lm_run), "--max-new-tokens", "6",
@@ -216,8 +216,9 @@ def test_the_repl_end_to_end_on_piped_stdin(lm_run):
     for line in lines:
         new = generate(base.config, base.params, [encode(base.encoding, line)], max_new_tokens=6,
                        key=jax.random.PRNGKey(0), eos_id=base.encoding.eot_token)[0]
-        answers.append(base.encoding.decode([t for t in new if t != base.encoding.eot_token]) + "\n")
-    assert stdout == "".join(answers) and stderr == ""  # the answers alone: no "> " prompt, no note
+        answers.append(base.encoding.decode([t for t in new if t != base.encoding.eot_token]) + "\n\n")
+    # the answers alone, a blank line after each: no "> " prompt, no note
+    assert stdout == "".join(answers) and stderr == ""
 
 
 def test_the_repl_reads_until_end_of_input(lm_run, monkeypatch, capsys):

@@ -237,6 +237,9 @@ def test_script_last_block_counts_truncation_and_trainable_params(work, capsys):
     assert summary["truncated"] == expected and expected["train"] > 0
     assert summary["max_length"] == 4
     assert summary["trainable_params"] == decoder_block_params(16) + 16 * 2 + 2
+    printed = capsys.readouterr().out
+    assert f"truncated: train {expected['train']:,}, val {expected['val']:,}, test {expected['test']:,}" in printed
+    assert "{" not in printed  # counts as words, not Python dicts
     text = "good film and very very good music and a very good story"
     (result,) = classify(work, "--out", str(out), "--predict", text)["predictions"]
     assert result["truncated"] and "[truncated]" in capsys.readouterr().out

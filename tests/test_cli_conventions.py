@@ -43,12 +43,12 @@ def test_a_misspelled_command_gets_the_closest_and_version_answers(capsys):
     assert done.returncode == 0 and done.stdout.strip() == "jaxllm 0.1.0"
 
 
-@pytest.mark.parametrize("job", ["lm", "generate"])
+@pytest.mark.parametrize("job", ["lm", "generate", "classify"])
 def test_help_is_plain_text(load_script, capsys, job):
     with pytest.raises(SystemExit):
         load_script(job).main(["--help"])
     text = capsys.readouterr().out
-    assert "`" not in text and "eval_shape" not in text
+    assert "`" not in text and "eval_shape" not in text and "{'" not in text  # no Python dict either
 
 
 def test_a_run_resumes_from_another_working_directory(load_script, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ token ids) or raw Flax safetensors; models without an HF architecture and unsafe
 
 import json
 import os
+import stat
 
 import jax
 import numpy as np
@@ -12,7 +13,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from corpus import english
-from conftest import ROOT  # noqa: E402
 from flax.traverse_util import unflatten_dict  # noqa: E402
 from jaxllm import export  # noqa: E402
 from jaxllm.jobs import lm  # noqa: E402
@@ -90,6 +90,7 @@ def test_hf_tokenizer_gives_the_runs_ids(run_dir, hf_dir, name):
 def test_hf_export_gives_the_runs_logits(run_dir, hf_dir, name, hf_class):
     out = hf_dir(name)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert mode(out, "model.safetensors") == mode(out, "config.json")
     assert not leftovers(os.path.dirname(out))
     config, params, encoding, _ = load_run(run_dir(name))
     model, info = getattr(transformers, hf_class).from_pretrained(out, output_loading_info=True)
@@ -109,15 +110,19 @@ def test_hf_tokenizer_matches_gpt2s_bpe():
     encoding = gpt2_encoding()
     tok = export.hf_tokenizer(encoding)
     tok.encode_special_tokens = True  # what tokenizer_config.json's split_special_tokens sets
-    for text in SAMPLES + [(ROOT / "docs" / "design.md").read_text()[:5000]]:
+    for text in SAMPLES + [english(5000)]:
         assert tok.encode(text).ids == encode(encoding, text)
 
 
 def test_a_model_without_an_hf_architecture_is_refused(run_dir, tmp_path):
     with pytest.raises(ValueError, match="TransformerConfig has no Hugging Face architecture.*per_head.*"
-                                         "fmt='safetensors'"):
+                                         "--format safetensors"):
         export.export_run(run_dir("burkov"), tmp_path / "out")
     assert os.listdir(tmp_path) == []
+
+
+def mode(directory, name) -> int:
+    return stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode)
 
 
 @pytest.mark.parametrize("name", ["burkov", "gpt2"])
@@ -127,6 +132,7 @@ def test_safetensors_round_trips_the_params(run_dir, tmp_path, name):
     config, params, _, _ = load_run(run_dir(name))
     out = export.export_run(run_dir(name), tmp_path / "out", fmt="safetensors")
     assert sorted(os.listdir(out)) == ["params.safetensors", "run_config.json"]
+    assert mode(out, "params.safetensors") == mode(out, "run_config.json")  # safetensors alone writes 0600
     back = unflatten_dict(load_file(os.path.join(out, "params.safetensors")), sep="/")
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params)):
@@ -145,6 +151,7 @@ def test_an_existing_out_dir_is_refused_unless_overwrite(run_dir, tmp_path):
     assert os.listdir(out) == ["keep.txt"]
     export.export_run(run_dir("burkov"), out, fmt="safetensors", overwrite=True)
     assert sorted(os.listdir(out)) == ["params.safetensors", "run_config.json"]
+    assert mode(out, "params.safetensors") == mode(out, "run_config.json")  # safetensors alone writes 0600
     assert not leftovers(tmp_path)
 
 
@@ -152,6 +159,7 @@ def test_the_export_command(run_dir, tmp_path, capsys):
     """``jaxllm export RUN OUT --format F [--step N] [--overwrite]`` is ``export_run``; a bad flag is one line."""
     out = export.main([run_dir("burkov"), str(tmp_path / "out"), "--format", "safetensors", "--step", "2"])
     assert sorted(os.listdir(out)) == ["params.safetensors", "run_config.json"]
+    assert mode(out, "params.safetensors") == mode(out, "run_config.json")  # safetensors alone writes 0600
     printed = capsys.readouterr().out.splitlines()  # what the run was trained on, from its run.json
     assert printed[-1].startswith(f"trained on {os.path.realpath(os.path.dirname(run_dir('burkov')))}{os.sep}corpus.txt (")
     export.main([run_dir("burkov"), str(tmp_path / "out"), "--format", "safetensors", "--overwrite"])

@@ -18,7 +18,7 @@ PEAK = 1e12
 def test_minimal_sweep_writes_csv_and_plot(load_script, tmp_path, capsys):
     scaling = load_script("scaling")
     out = tmp_path / "scaling"
-    scaling.main(["--processes", "1,2", "--devices", "1,2", "--batch", "4", "--sizes", "tiny", "--steps", "2",
+    scaling.main(["--processes", "1,2", "--devices", "1,2", "--batch", "4", "--sizes", "d64", "--steps", "2",
                   "--warmup", "0", "--context", "16", "--vocab-size", "64", "--peak-flops", str(PEAK),
                   "--out", str(out)])
     assert "note: skipping 1 devices over 2 processes: 1 does not divide by 2" in capsys.readouterr().out
@@ -47,7 +47,7 @@ def test_one_failing_worker_stops_the_point(load_script, capsys):
     scaling = load_script("scaling")
     # a 2-process point whose process 1 fails (here: it refuses its flags) while process 0 waits
     # for it in jax.distributed: process 0 is killed, not left to its 30 s collective timeout
-    argv = ["--batch", "2", "--sizes", "tiny", "--steps", "1", "--warmup", "0", "--context", "8", "--vocab-size", "32"]
+    argv = ["--batch", "2", "--sizes", "d64", "--steps", "1", "--warmup", "0", "--context", "8", "--vocab-size", "32"]
     coordinator = f"127.0.0.1:{scaling.free_port()}"
     workers = [scaling.worker(argv, 2, 2, 0, coordinator),
                scaling.worker(argv + ["--sizes", "huge"], 2, 2, 1, coordinator)]
@@ -125,4 +125,4 @@ def test_bad_sizes_and_processes_are_refused(load_script, tmp_path, flags, messa
 def test_a_batch_that_no_device_count_divides_runs_nothing(load_script, tmp_path):
     scaling = load_script("scaling")
     with pytest.raises(ValueError, match="no point of the sweep could run"):
-        scaling.main(["--devices", "2", "--batch", "3", "--sizes", "tiny", "--steps", "1", "--out", str(tmp_path)])
+        scaling.main(["--devices", "2", "--batch", "3", "--sizes", "d64", "--steps", "1", "--out", str(tmp_path)])

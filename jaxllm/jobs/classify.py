@@ -101,7 +101,8 @@ class ClassifyConfig:
     hosts: MultiHost = MultiHost()
 
     HELP: ClassVar[dict] = {
-        "lr": f"learning rate (default: per --mode, {DEFAULT_LR})",
+        "lr": "learning rate (default: per --mode: " + ", ".join(f"{mode.replace('_', '-')} {lr:g}"
+                                                               for mode, lr in DEFAULT_LR.items()) + ")",
         "schedule": "learning-rate schedule (default: per --mode: warmup_cosine for last-block, else constant)",
         "warmup_steps": "warmup of a decaying schedule (default: per --mode, at most a tenth of the run)",
     }
@@ -134,6 +135,11 @@ class ClassifyConfig:
         """The optimiser part with the per-mode defaults filled in, for a run of ``total`` steps."""
         return dataclasses.replace(self.optim, lr=self.learning_rate, schedule=self.lr_schedule,
                                    warmup_steps=self.warmup_for(total))
+
+
+def listing(counts: dict) -> str:
+    """``{"train": 7338, "val": 1048}`` as ``train 7,338, val 1,048``."""
+    return ", ".join(f"{name} {count:,}" for name, count in counts.items())
 
 
 def prepare_data(cfg: ClassifyConfig, encoding, limit: int):
@@ -268,8 +274,8 @@ def main(argv=None) -> dict:
     for part in splits.values():
         lm_config.validate_input(part.tokens)
     truncated = {name: part.truncated for name, part in splits.items()}
-    print(f"{report['sizes']} examples (balanced {report['balanced']}), max length {max_length} tokens, "
-          f"truncated {truncated}")
+    print(f"examples: {listing(report['sizes'])} (balanced: {listing(report['balanced'])}); max length "
+          f"{max_length} tokens; truncated: {listing(truncated)}")
 
     key_head, key_lora, key_train = jax.random.split(jax.random.PRNGKey(seed), 3)
     config, params = classifier.from_lm(lm_config, base.params, len(label_names), key_head)

@@ -167,7 +167,7 @@ class LmConfig:
     tokens: str | None = option(None, "train on a token directory written by `jaxllm prepare` (memory-mapped, for "
                                       "corpora larger than memory) instead of --text; its tokenizer and vocabulary "
                                       "are used", type=absolute_path, metavar="DIR", section="data")
-    init_from: str | None = option(None, "start from the weights of another `jaxllm train lm` run (its latest "
+    init_from: str | None = option(None, "start from the weights of another jaxllm train lm run (its latest "
                                          "checkpoint), with a new schedule and optimiser state; its model and "
                                          "tokenizer, and its config.yaml as the flags' defaults",
                                    type=absolute_path, metavar="RUN", section="model")

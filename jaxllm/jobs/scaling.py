@@ -30,9 +30,9 @@ losses), not speed. On GPU/TPU, or with processes launched by hand (``--coordina
 devices of the processes running -- all of them with several processes -- and ``--processes``
 may only name that count; process 0 writes the files.
 
-    jaxllm scaling --devices 1,2,4 --batch 8,16 --sizes tiny,small --steps 10
-    jaxllm scaling --processes 1,2 --devices 2,4 --batch 8,16 --sizes tiny   # CPU: + 2 processes
-    jaxllm scaling --devices 1 --sizes small,medium --batch 32,64 --dtype bfloat16 --peak-flops 989e12
+    jaxllm scaling --devices 1,2,4 --batch 8,16 --sizes d64,d256 --steps 10
+    jaxllm scaling --processes 1,2 --devices 2,4 --batch 8,16 --sizes d64   # CPU: + 2 processes
+    jaxllm scaling --devices 1 --sizes d256,d512 --batch 32,64 --dtype bfloat16 --peak-flops 989e12
 """
 
 from __future__ import annotations
@@ -63,10 +63,10 @@ from jaxllm.training.losses import lm_loss
 from jaxllm.training.parallel import STRATEGIES, make_strategy
 from jaxllm.training.precision import mixed_precision
 
-SIZES = {  # name -> (d_model, layers, heads)
-    "tiny": (64, 2, 4),
-    "small": (256, 4, 4),
-    "medium": (512, 8, 8),
+SIZES = {  # name (its width, apart from the jobs' presets) -> (d_model, layers, heads)
+    "d64": (64, 2, 4),
+    "d256": (256, 4, 4),
+    "d512": (512, 8, 8),
     "gpt2_124m": (768, 12, 12),
 }
 COLUMNS = ("model", "size", "params", "devices", "processes", "parallel", "dtype", "remat", "global_batch",
@@ -89,7 +89,9 @@ def build_config(model: str, size: str, vocab_size: int, context: int, remat: bo
 @dataclasses.dataclass(frozen=True)
 class ScalingConfig:
     __doc__ = __doc__
-    sizes: str = option("tiny,small", f"model sizes among {', '.join(SIZES)}", section="model")
+    sizes: str = option("d64,d256", "model sizes among " + ", ".join(
+        f"{name} ({d} wide, {layers} layers, {heads} heads)" for name, (d, layers, heads) in SIZES.items()),
+        section="model")
     model: str = option("decoder", "decoder: Burkov's (RoPE, RMSNorm); gpt2: learned positions, LayerNorm",
                         choices=("decoder", "gpt2"), section="model")
     context: int = option(128, "tokens per row", type=positive_int, section="model")
