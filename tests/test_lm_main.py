@@ -10,6 +10,7 @@ import yaml
 from jaxllm.pretrained import load_run
 
 from corpus import english
+from test_tensorboard import summaries
 from jaxllm.training import lm_eval
 
 TEXT = english() * 3
@@ -42,7 +43,10 @@ def test_lm_trains_evaluates_and_samples(load_script, corpus, tmp_path, monkeypa
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     evals = [r for r in rows if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [15, 30] and evals[-1]["loss"] < evals[0]["loss"]
-    assert (out / "sample.txt").read_text().strip()
+    sample = (out / "sample.txt").read_text()
+    assert sample.strip()
+    ((step, text),) = summaries(out, "sample/text_summary")  # and in TensorBoard's TEXT tab
+    assert step == 30 and text.tensor.string_val[0].decode() + "\n" == sample
     assert (out / "tokenizer.json").exists() and (out / "checkpoints" / "30").exists()
 
     text = load_script("generate").main(["--run", str(out), "--prompt", "The model", "--max-new-tokens", "8"])

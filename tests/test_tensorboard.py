@@ -63,8 +63,24 @@ def scalars(directory) -> dict[str, list[tuple[int, float]]]:
             if event.HasField("session_log") and event.session_log.status == SessionLog.START:
                 out = {tag: [(s, v) for s, v in series if s < event.step] for tag, series in out.items()}
             for value in event.summary.value:
-                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+                if value.WhichOneof("value") == "simple_value":  # not the hyperparameters or texts
+                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
     return out
+
+
+def summaries(directory, tag) -> list:
+    """Every summary value under ``tag`` in ``directory``'s event files, as ``(step, value)``."""
+    return [(event.step, value) for path in tensorboard.event_files(directory) for event in read_events(path)
+            for value in event.summary.value if value.tag == tag]
+
+
+def hyperparameters(directory) -> dict:
+    """The hyperparameters TensorBoard's HPARAMS tab shows for the run in ``directory``."""
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+
+    ((_, value),) = summaries(directory, "_hparams_/session_start_info")
+    info = HParamsPluginData.FromString(value.metadata.plugin_data.content).session_start_info
+    return {name: getattr(v, v.WhichOneof("kind")) for name, v in info.hparams.items()}
 
 
 def jsonl(directory, split):
@@ -126,6 +142,21 @@ def test_a_resumed_run_appends_a_file_that_hides_the_steps_trained_again(tmp_pat
     logged, train = scalars(tmp_path), jsonl(tmp_path, "train")
     assert [s for s, _ in logged["train/loss"]] == list(range(1, 21))
     assert logged["train/loss"] == as_logged(train, "loss") and logged["train/lr"] == as_logged(train, "lr")
+
+
+def test_the_flags_are_the_runs_hyperparameters_written_once(tmp_path):
+    flags = {"lr": 0.1, "model": "decoder", "no-progress": True, "clip-norm": None, "text": ["a.txt"]}
+    state, step, data = fresh()
+    with pytest.raises(Killed):
+        fit(state, step, DiesAfter(data, 4), FitConfig(out_dir=tmp_path, steps=6, checkpoint_every=2, progress=False,
+            run_config=RUN, flags=flags))
+    assert hyperparameters(tmp_path) == {"lr": 0.1, "model": "decoder", "no-progress": True, "clip-norm": "None",
+                                         "text": "['a.txt']"}
+    state, step, data = fresh()
+    fit(state, step, data, FitConfig(out_dir=tmp_path, steps=6, checkpoint_every=2, progress=False, run_config=RUN,
+        flags=flags, resume=True))
+    assert len(tensorboard.event_files(tmp_path)) == 2
+    assert len(summaries(tmp_path, "_hparams_/session_start_info")) == 1  # the resumed run is the same run
 
 
 def test_a_fresh_run_and_overwrite_remove_earlier_event_files(tmp_path):

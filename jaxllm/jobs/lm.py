@@ -55,6 +55,7 @@ from jaxllm.training import TrainState, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.lm_eval import eval_windows, lm_scores, window_nll
 from jaxllm.training.losses import lm_loss
+from jaxllm.training.tensorboard import add_text
 from jaxllm.runio import update_json, write_atomically
 from jaxllm.training.precision import mixed_precision
 
@@ -306,6 +307,7 @@ def main(argv=None) -> dict:
                                  max_new_tokens=cfg.sample_tokens, key=jax.random.PRNGKey(run_.seed),
                                  temperature=cfg.temperature, top_k=cfg.top_k)
     write_atomically(os.path.join(run_.out, "sample.txt"), prompt + sample + "\n")
+    add_text(run_.out, "sample", prompt + sample, int(state.step))
     summary = update_json(os.path.join(run_.out, "summary.json"), {
         "val_loss": final["loss"], "val_perplexity": final["perplexity"], "val_bpc": final["bpc"],
         "model": cfg.model, "preset": preset, "context": cfg.context,

@@ -306,6 +306,8 @@ class _RunFiles:
             write_flags(self.out_dir, flags)
         # a fresh run drops earlier event files; a finished run resumed writes nothing new
         self.events = open_event_log(self.out_dir, resumed_at=start if resume else None) if start < total else None
+        if self.events is not None and flags is not None and not resume:
+            self.events.hparams(flags)
         return state, start
 
     def stopped(self, status: str, **fields) -> None:

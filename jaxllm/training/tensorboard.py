@@ -1,5 +1,7 @@
 """TensorBoard event files beside ``metrics.jsonl``: the same rows, as scalars ``<split>/<metric>``
-(``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``, ``eval/loss`` ...).
+(``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``, ``eval/loss`` ...),
+the run's flags as hyperparameters (the HPARAMS tab compares runs by them) and texts such as a
+language model's ``sample.txt`` (``add_text``).
 
 Records are written here, synchronously (TFRecord framing of tensorboardX's ``Event`` protos),
 not by tensorboardX's ``SummaryWriter``: that one writes from a background thread, where a failed
@@ -77,6 +79,36 @@ class EventLog:
                 self._write(self._events.Event(wall_time=time.time(), step=row["step"], summary=Summary(value=values)))
             self._file.flush()  # to the OS at once: TensorBoard shows a live run
 
+    def hparams(self, flags: dict[str, Any]) -> None:
+        """The run's flags as TensorBoard hyperparameters (a value that is not a number, string or
+        bool is shown as its text), against the runs' train and eval losses."""
+        from tensorboardX.summary import hparams
+
+        shown = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flags.items()}
+        with naming_the_file(self.path):
+            for summary in hparams(shown, {"train/loss": None, "eval/loss": None}):
+                self._write(self._events.Event(wall_time=time.time(), step=0, summary=summary))
+            self._file.flush()
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        from tensorboardX.summary import text as text_summary
+
+        with naming_the_file(self.path):
+            self._write(self._events.Event(wall_time=time.time(), step=step, summary=text_summary(tag, text)))
+            self._file.flush()
+
     def close(self) -> None:
         with naming_the_file(self.path):
             self._file.close()
+
+
+def add_text(directory: str | os.PathLike, tag: str, text: str, step: int) -> None:
+    """``text`` under ``tag`` at ``step``, in an event file of its own (the run's log is closed by
+    the time a job writes, say, its sample), on process 0."""
+    if not is_first_process():
+        return
+    log = EventLog(directory)
+    try:
+        log.text(tag, text, step)
+    finally:
+        log.close()
