@@ -1,7 +1,7 @@
 """Chat with a model: ``jaxllm chat RUN`` reads one prompt a line and streams each answer.
 
 ``RUN`` is a run directory of ``jaxllm train lm`` or ``jaxllm finetune instruct`` (``train/lm.py``,
-``train/instruct.py``) or a local Hugging Face GPT-2 directory (``jaxllm.pretrained.load_base``).
+``train/instruct.py``) or a local Hugging Face directory (GPT-2, Llama) (``jaxllm.pretrained.load_base``).
 A language model continues the line's text.
 An instruction-tuned run (its saved run config names the instruction data it was tuned on) gets
 the line as the instruction of the book's Alpaca prompt, and only the response is printed.
@@ -133,7 +133,7 @@ class ChatConfig:
     SECTION: ClassVar[str] = "generation"
     HELP: ClassVar[dict] = {"temperature": "0: greedy (default: 0 for an instruction-tuned run, else 0.8)"}
     run: str = option(None, "a run directory of `jaxllm train lm` or `jaxllm finetune instruct`, or a local Hugging "
-                            "Face GPT-2 directory", positional=True, required=True)
+                            "Face directory (GPT-2, Llama)", positional=True, required=True)
     step: int | None = option(None, "checkpoint step of a run directory (default: the latest intact one)",
                               type=non_negative_int)
     max_new_tokens: int | None = option(None, "tokens per answer at most (default: the room the context leaves after "

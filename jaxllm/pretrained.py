@@ -11,8 +11,10 @@ model directory. Fine-tuning scripts (``train/classify.py``, ``train/instruct.py
   instruction-tuned run from a language model);
 * an HF directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``): the config
   class whose ``hf_model_type`` is the file's ``model_type`` builds the config
-  (``from_hf_config``), ``interop.from_hf`` the params; the tokenizer is the one that ships with
-  this package for that model type (GPT-2's BPE), the context the model's ``context_limit``.
+  (``from_hf_config``), ``interop.from_hf`` the params; the tokenizer is the directory's own
+  ``tokenizer.json`` when it holds a byte-level BPE (every ``jaxllm export``, GPT-2's), else the
+  one that ships with this package for the model type (GPT-2's BPE); the context is the model's
+  ``context_limit``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def load_base(path: str | os.PathLike, step: int | None = None) -> Base:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"no base model directory {path}: pass a `jaxllm train lm` output directory "
-                         "(run `make demo` to make runs/lm) or a local Hugging Face GPT-2 directory")
+                         "(run `make demo` to make runs/lm) or a local Hugging Face directory (GPT-2, Llama)")
     if os.path.isfile(os.path.join(path, "tokenizer.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
         config, params, encoding, step, context, run = _load_run(path, step)
         return Base(config, params, encoding, f"run:{path}@{step}", context, run)
@@ -51,9 +53,8 @@ def load_base(path: str | os.PathLike, step: int | None = None) -> Base:
         if step is not None:
             raise ValueError(f"--step picks a checkpoint of a run directory; the Hugging Face directory {path} has none")
         config, params = load_hf(path)
-        encoding = _hf_encoding(config, path)
-        check_vocab_fits(encoding, config, f"{config.hf_tokenizer}'s tokenizer (used for {path})",
-                         os.path.join(path, "config.json"))
+        encoding, tokenizer = _hf_encoding(config, path)
+        check_vocab_fits(encoding, config, tokenizer, os.path.join(path, "config.json"))
         return Base(config, params, encoding, f"hf:{path}", config.context_limit, {})
     raise ValueError(f"{path} is neither a `jaxllm train lm` run (tokenizer.json + checkpoints/) nor a Hugging Face "
                      "model directory (config.json + model.safetensors or pytorch_model.bin)")
@@ -79,14 +80,19 @@ def load_hf(directory: str):
     return config, from_hf(config, directory, hf_config=hf)
 
 
-def _hf_encoding(config, directory: str) -> tiktoken.Encoding:
-    """The offline tokenizer of an HF model type (only GPT-2's BPE ships with this package)."""
-    if config.hf_tokenizer != "gpt2":
-        raise ValueError(f"{directory}: no offline tokenizer for Hugging Face {config.hf_model_type} models "
-                         "(only GPT-2's BPE ships with this package)")
-    from jaxllm.data.tokenizer import gpt2_encoding
+def _hf_encoding(config, directory: str) -> tuple[tiktoken.Encoding, str]:
+    """``(encoding, what it is)``: the directory's own ``tokenizer.json`` (a byte-level BPE, as
+    ``jaxllm export`` writes), else the tokenizer that ships with this package for the model type
+    (GPT-2's BPE)."""
+    from jaxllm.data.tokenizer import gpt2_encoding, load_hf_tokenizer
 
-    return gpt2_encoding()
+    own = os.path.join(directory, "tokenizer.json")
+    if os.path.isfile(own):
+        return load_hf_tokenizer(own), own
+    if config.hf_tokenizer != "gpt2":
+        raise ValueError(f"{directory} has no tokenizer.json, and no offline tokenizer ships for Hugging Face "
+                         f"{config.hf_model_type} models (only GPT-2's BPE)")
+    return gpt2_encoding(), f"{config.hf_tokenizer}'s tokenizer (used for {directory})"
 
 
 def load_run(run_dir: str, step: int | None = None):

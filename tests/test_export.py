@@ -15,9 +15,10 @@ transformers = pytest.importorskip("transformers")
 from corpus import english
 from flax.traverse_util import unflatten_dict  # noqa: E402
 from jaxllm import export  # noqa: E402
-from jaxllm.jobs import lm  # noqa: E402
+from jaxllm.jobs import generate as generate_job, lm  # noqa: E402
 from jaxllm.config import config_from_dict  # noqa: E402
-from jaxllm.data.tokenizer import ENDOFTEXT, encode  # noqa: E402
+from jaxllm.data.tokenizer import ENDOFTEXT, encode, load_hf_tokenizer  # noqa: E402
+from jaxllm.generate import generate  # noqa: E402
 from jaxllm.pretrained import load_run  # noqa: E402
 from parity import OUTPUT, assert_close  # noqa: E402
 
@@ -101,6 +102,42 @@ def test_hf_export_gives_the_runs_logits(run_dir, hf_dir, name, hf_class):
     with torch.no_grad():
         theirs = model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
     assert_close(theirs, config.logits(params, ids), OUTPUT, err_msg=f"{name}: HF vs JAX logits")
+    prompt = encode(encoding, "The model")  # and transformers' greedy generate gives the run's tokens
+    ours = generate(config, params, [prompt], max_new_tokens=8, key=jax.random.PRNGKey(0))[0]
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                pad_token_id=encoding.eot_token)[0, len(prompt):].tolist()
+    assert greedy and greedy == ours[:len(greedy)]  # it stops early only at an end-of-text
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_an_exports_tokenizer_reads_back_as_the_runs(run_dir, hf_dir, name):
+    _, _, encoding, _ = load_run(run_dir(name))
+    back = load_hf_tokenizer(os.path.join(hf_dir(name), "tokenizer.json"))
+    assert back._mergeable_ranks == encoding._mergeable_ranks and back._special_tokens == encoding._special_tokens
+    assert back._pat_str == encoding._pat_str
+    for text in SAMPLES:
+        assert encode(back, text) == encode(encoding, text)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generate_on_an_export_gives_the_runs_tokens(run_dir, hf_dir, name):
+    generate = generate_job.main
+    flags = ["--prompt", "The model", "--max-new-tokens", "12", "--temperature", "0"]
+    assert generate([hf_dir(name), *flags]) == generate([str(run_dir(name)), *flags])
+
+
+def test_a_tokenizer_json_that_is_no_byte_level_bpe_is_refused(tmp_path):
+    wordpiece = tmp_path / "wordpiece.json"
+    wordpiece.write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
+    with pytest.raises(ValueError, match=r"wordpiece.json is not a byte-level BPE .*its model is 'WordPiece'"):
+        load_hf_tokenizer(wordpiece)
+    unordered = tmp_path / "unordered.json"
+    vocab = {chr(b): b for b in range(ord("a"), ord("a") + 3)} | {"ab": 3, "bc": 4}
+    unordered.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": ["b c", "a b"]},
+                                     "pre_tokenizer": {"type": "ByteLevel"}}))
+    with pytest.raises(ValueError, match="merges are not in the order of their tokens' ids"):
+        load_hf_tokenizer(unordered)
 
 
 def test_hf_tokenizer_matches_gpt2s_bpe():

@@ -30,13 +30,17 @@ def small(corpus, out, model, *extra):
 
 
 @pytest.mark.parametrize("model", ["decoder", "gpt2"])
-def test_lm_trains_evaluates_and_samples(load_script, corpus, tmp_path, monkeypatch, model):
+def test_lm_trains_evaluates_and_samples(load_script, corpus, tmp_path, monkeypatch, capsys, model):
     out = tmp_path / model
     lm, scored = load_script("lm"), []  # batches per evaluation: --eval-batches caps all but the last
     monkeypatch.setattr(lm, "window_nll", lambda config, params, batches: scored.append(len(batches)) or
                         lm_eval.window_nll(config, params, batches))
     summary = lm.main(small(corpus, out, model, "--steps", "30", "--eval-every", "15", "--eval-batches", "2"))
     assert scored[0] == 2 and scored[1] > 2 and len(scored) == 2
+    notes = [line for line in capsys.readouterr().out.splitlines() if "Hugging Face architecture" in line]
+    assert notes == ([] if model == "gpt2" else [  # said before training: GPT-2 exports, the book's decoder does not
+        "note: --preset tiny has no Hugging Face architecture: jaxllm export can write its raw params "
+        "(--format safetensors), not a transformers model"])
     for key in ("val_loss", "val_perplexity", "val_bpc", "wall_seconds", "params"):
         assert summary[key] > 0, key
     assert summary["val_perplexity"] == pytest.approx(np.exp(summary["val_loss"]), rel=1e-9)

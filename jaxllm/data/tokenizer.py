@@ -246,3 +246,40 @@ def load_encoding(path: str | os.PathLike) -> tiktoken.Encoding:
         raise ValueError(f"tokenizer file {path} does not exist") from None
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
         raise ValueError(f"tokenizer file {path} is corrupt or not a jaxllm encoding: {err}") from None
+
+
+# --------------------------------------------------------------------------- Hugging Face tokenizer.json
+
+
+def load_hf_tokenizer(path: str | os.PathLike) -> tiktoken.Encoding:
+    """A Hugging Face ``tokenizer.json`` of a byte-level BPE (what ``jaxllm export`` writes, and
+    GPT-2's) as the tiktoken encoding that gives the same ids. tiktoken merges the adjacent pair
+    whose joined token has the lowest id, so the file's merges must come in the order of their
+    tokens' ids (true of GPT-2's files and of every export); anything else is refused, naming why.
+    The pieces are split by the file's own regex (a ``Split`` before a regex-free ``ByteLevel``) or,
+    for a ``ByteLevel`` that splits, by GPT-2's."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        model, pre = doc.get("model") or {}, doc.get("pre_tokenizer") or {}
+        if model.get("type") != "BPE":
+            raise ValueError(f"its model is {model.get('type')!r}, not a BPE")
+        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        kinds = [step.get("type") for step in steps]
+        if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+            pat_str = GPT2_PAT_STR
+        elif kinds == ["Split", "ByteLevel"] and "Regex" in steps[0].get("pattern", {}):
+            pat_str = steps[0]["pattern"]["Regex"]
+        else:
+            raise ValueError(f"its pre-tokenizer is {kinds}, not a byte-level BPE's (ByteLevel, or Split + ByteLevel)")
+        to_byte = {char: byte for byte, char in _bytes_to_unicode().items()}
+        special = {t["content"]: int(t["id"]) for t in doc.get("added_tokens", []) if t.get("special")}
+        ranks = {bytes(to_byte[c] for c in token): int(i) for token, i in model["vocab"].items() if token not in special}
+        merged = [model["vocab"]["".join(m.split(" ") if isinstance(m, str) else m)] for m in model.get("merges", [])]
+        if merged != sorted(merged):
+            raise ValueError("its merges are not in the order of their tokens' ids, which tiktoken needs")
+        return tiktoken.Encoding(name=Path(path).parent.name or "hf", pat_str=pat_str, mergeable_ranks=ranks,
+                                 special_tokens=special)
+    except FileNotFoundError:
+        raise ValueError(f"tokenizer file {path} does not exist") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path} is not a byte-level BPE tokenizer jaxllm can read: {err}") from None

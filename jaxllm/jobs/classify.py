@@ -1,7 +1,7 @@
 """Classification fine-tuning (Raschka ch. 6): a language model becomes a text classifier.
 
 The base (``--base``: a ``jaxllm train lm`` run directory, default ``runs/lm`` from ``make demo``, or
-a local Hugging Face GPT-2 directory) keeps every weight; its vocabulary head is replaced by a new
+a local Hugging Face directory (GPT-2, Llama)) keeps every weight; its vocabulary head is replaced by a new
 ``Linear(d_model, classes)`` and the class is read from the logits at each text's last real token.
 
 Data (``--format``): ``vader`` (default; the VADER movie-review snippets, fetched once with

@@ -1,4 +1,4 @@
-"""Sample text from a jaxllm train lm run or a local Hugging Face GPT-2 directory:
+"""Sample text from a jaxllm train lm run or a local Hugging Face directory (GPT-2, Llama):
 jaxllm generate runs/lm --prompt "ROMEO:".
 
 The model comes from the checkpoint's own settings and the run's tokenizer; the latest intact
@@ -24,7 +24,7 @@ from jaxllm.options.values import non_negative_int, positive_int
 class GenerateConfig:
     __doc__ = __doc__
     SECTION: ClassVar[str] = "generation"
-    run: str | None = option(None, "a jaxllm train lm output directory or a local Hugging Face GPT-2 directory "
+    run: str | None = option(None, "a jaxllm train lm output directory or a local Hugging Face directory (GPT-2, Llama) "
                                    "(default: runs/lm)", positional=True)
     run_flag: str | None = option(None, flag="run", hidden=True)  # the older spelling, --run RUN
     step: int | None = option(None, "checkpoint step (default: the latest)", type=non_negative_int)

@@ -1,7 +1,7 @@
 """Instruction fine-tuning (Raschka ch. 7) of a base language model on Alpaca-format records.
 
 The base is a ``jaxllm train lm`` run directory (default ``runs/lm``, made by ``make demo``) or a
-local Hugging Face GPT-2 directory, with its own tokenizer. ``--data`` is an Alpaca JSON list
+local Hugging Face directory (GPT-2, Llama), with its own tokenizer. ``--data`` is an Alpaca JSON list
 (default: the small data set this project ships, ``jaxllm/data/assets/instructions.json``),
 split 85/10/5 into train/test/validation after a shuffle by ``--seed``.
 
@@ -63,7 +63,7 @@ class InstructConfig:
     # ``run_for``): None here, and so in config.yaml.
     run: Run = Run(out="runs/instruct", epochs=None, log_every=10)
     optim: Optim = Optim(batch_size=8, lr=None, weight_decay=0.1)
-    base: str = option("runs/lm", "a `jaxllm train lm` output directory or a local Hugging Face GPT-2 directory",
+    base: str = option("runs/lm", "a `jaxllm train lm` output directory or a local Hugging Face directory (GPT-2, Llama)",
                        type=absolute_path, section="model")
     dropout: float | None = option(None, "GPT-2 bases: drop rate while fine-tuning (default: the base's; the book "
                                          "uses 0.0)", type=fraction_below_1, section="model")

@@ -116,6 +116,15 @@ def sample_text(config, params, encoding, prompt: str, *, max_new_tokens: int, k
     return encoding.decode(ids), encoding.decode(new)
 
 
+def say_if_not_exportable(config, preset: str) -> None:
+    """One ``note:`` line, before training, when ``jaxllm export`` will not make a Hugging Face model of the run."""
+    try:
+        config.hf_export_config().to_hf_config()
+    except ValueError:  # the reasons are long; jaxllm export lists them
+        print(f"note: --preset {preset} has no Hugging Face architecture: jaxllm export can write its raw params "
+              "(--format safetensors), not a transformers model")
+
+
 @dataclasses.dataclass(frozen=True)
 class InitRun:
     """The run ``--init-from`` names: its model config, the params of its latest checkpoint, its step."""
@@ -243,6 +252,7 @@ def main(argv=None) -> dict:
                           layers=cfg.layers, heads=cfg.heads, dropout=cfg.dropout)
     if cfg.precision.remat:
         config = config.replace(remat=True)
+    say_if_not_exportable(config, preset)
     stride, dtype = cfg.window_stride, cfg.precision.dtype
 
     start_from = None if run_.resume or cfg.init_from is None else load_init_run(cfg, token_dir)

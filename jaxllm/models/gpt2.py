@@ -173,12 +173,15 @@ class GPT2Config(LanguageModelConfig):
                 "resid_pdrop": self.drop_rate, "embd_pdrop": self.drop_rate, "attn_pdrop": self.drop_rate,
                 "layer_norm_epsilon": 1e-5, "tie_word_embeddings": self.tie_embeddings}
 
+    def hf_export_config(self) -> "GPT2Config":
+        return self.replace(qkv_bias=True)
+
     def hf_exportable(self, params) -> tuple["GPT2Config", dict]:
         """The book's GPT-2 has no Q/K/V biases (``qkv_bias=False``) but HF GPT-2 always has them:
         zero biases compute the same function, so they are added as zeros."""
         if self.qkv_bias:
             return self, params
-        full = self.replace(qkv_bias=True)
+        full = self.hf_export_config()
         flat = flatten_dict(params)
         added = {p: np.zeros(s.shape, s.dtype) for p, s in flatten_dict(full.param_shapes()).items() if p not in flat}
         return full, unflatten_dict({**flat, **added})

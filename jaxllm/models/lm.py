@@ -83,6 +83,11 @@ class LanguageModelConfig(ModelConfig):
             raise ValueError(f"{type(self).__name__} has no dropout")
         return self
 
+    def hf_export_config(self) -> "LanguageModelConfig":
+        """The config ``hf_exportable`` gives, without the params: ``.to_hf_config()`` of it says
+        whether the model exports before it is trained."""
+        return self
+
     def hf_exportable(self, params) -> tuple["LanguageModelConfig", dict]:
         """``(config, params)`` as its Hugging Face architecture holds them (``jaxllm.export``):
         unchanged unless the model keeps a parameter HF always has as an implicit zero."""
