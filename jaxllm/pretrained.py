@@ -102,7 +102,8 @@ def load_run(run_dir: str, step: int | None = None):
     shapes (zeros shaped by ``jax.eval_shape``, so no initialiser runs) built from the model and
     optimiser config saved in it; only its params are returned. Without ``step``, the newest
     intact checkpoint (a damaged newer one is skipped with a warning; see ``Checkpointer.restore``).
-    A tokenizer with more ids than the model's ``vocab_size`` is refused.
+    A tokenizer with more ids than the model's ``vocab_size`` is refused. A LoRA run's adapters
+    (``jaxllm finetune instruct --mode lora``) come merged into the weights.
     """
     return _load_run(run_dir, step)[:4]
 
@@ -112,6 +113,8 @@ def _load_run(run_dir: str, step: int | None = None):
     from jaxllm.data.tokenizer import load_encoding
     from jaxllm.training import TrainState, make_optimizer
     from jaxllm.training.checkpoint import Checkpointer
+    from jaxllm.nn import lora
+    from jaxllm.training.freeze import lora_optimizer
     from jaxllm.training.optim import OptimizerConfig
 
     if not os.path.isdir(run_dir):
@@ -133,14 +136,22 @@ def _load_run(run_dir: str, step: int | None = None):
         config = config_from_dict(run["model"])
         check_vocab_fits(encoding, config, tokenizer, where)
         optimizer = make_optimizer(OptimizerConfig(**run["optimizer"]))
+        params = config.param_shapes()
+        adapters = (run.get("data") or {}).get("lora")
+        if adapters is not None:  # a LoRA run's checkpoint holds the adapters and their optimiser state only
+            found["lora"] = lora.LoRAConfig.from_dict(adapters)
+            params = jax.eval_shape(lambda p: lora.add_lora(p, found["lora"], jax.random.PRNGKey(0)), params)
+            optimizer = lora_optimizer(optimizer, params)
 
         found["config"] = config
-        shapes = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), config.param_shapes())
+        shapes = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), params)
         return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     with Checkpointer(ckpt_dir) as ckpt:
         state, meta = ckpt.restore_with(template, step)
     config = found["config"]
+    if "lora" in found:
+        state = state.replace(params=lora.merge(state.params, found["lora"]))
     run = meta.get("config") or {}
     context = (run.get("data") or {}).get("context") or config.context_limit
     return config, state.params, encoding, int(meta["step"]), int(context), run

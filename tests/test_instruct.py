@@ -354,6 +354,34 @@ def test_instruct_script_end_to_end(load_script, tiny_base, small_data, tmp_path
     assert load_base(out).source == f"run:{out}@8"
 
 
+def test_lora_instruct_trains_only_adapters_saved_apart_and_merged_on_load(load_script, tiny_base, small_data,
+                                                                          tmp_path):
+    from jaxllm.nn import lora
+    from jaxllm.pretrained import load_base, load_run
+
+    out = tmp_path / "lora"
+    summary = load_script("instruct").main([
+        "--base", str(tiny_base), "--data", str(small_data), "--out", str(out), "--steps", "6", "--lr", "1e-2",
+        "--mode", "lora", "--rank", "4", "--alpha", "8", "--max-new-tokens", "4", "--eval-batch-size", "4",
+        "--no-progress"])
+    assert summary["mode"] == "lora" and summary["val_loss_last"] < summary["val_loss_first"]
+    _, base, _, _ = load_run(str(tiny_base))
+    adapted, cfg = lora.load_lora(out / "adapters.safetensors", base)
+    assert (cfg.rank, cfg.alpha) == (4, 8.0)
+    assert summary["trainable_params"] == sum(x.size for x in jax.tree_util.tree_leaves(lora.lora_state(adapted)))
+    config, merged, _, step = load_run(str(out))  # the run is a base: its checkpoint merged on load
+    assert step == 6 and load_base(out).source == f"run:{out}@6"
+    expected = lora.merge(adapted, cfg)
+    for (path, a), (_, b) in zip(*(jax.tree_util.tree_flatten_with_path(t)[0] for t in (merged, expected))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=str(path))
+    moved = [not np.allclose(np.asarray(m), np.asarray(b)) for m, b in
+             zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(base))]
+    assert any(moved)  # the adapters trained; and nothing else did:
+    unmerged = lora.without_lora(lora.unmerge(merged, adapted, cfg))
+    for a, b in zip(jax.tree_util.tree_leaves(unmerged), jax.tree_util.tree_leaves(base)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_instruct_script_refuses_bad_input(load_script, tiny_base, small_data, tmp_path):
     instruct = load_script("instruct")
     with pytest.raises(ValueError, match="no base model directory .*make demo"):

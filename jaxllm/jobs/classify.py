@@ -46,9 +46,9 @@ from jaxllm.models import classifier
 from jaxllm.pretrained import load_base
 from jaxllm import cli, runio
 from jaxllm.data.corpus import files_fingerprint
-from jaxllm.options import Devices, Evaluation, MultiHost, Optim, Precision, Run, fit_config, option
+from jaxllm.options import Adapters, Devices, Evaluation, MultiHost, Optim, Precision, Run, fit_config, option
 from jaxllm.options.parts import eval_batches_option
-from jaxllm.options.values import absolute_path, fraction_below_1, positive_float, positive_int
+from jaxllm.options.values import absolute_path, fraction_below_1, positive_int
 from jaxllm.training import TrainState, fit, make_eval_step, make_optimizer
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.freeze import (count_params, freeze_optimizer, stop_frozen_gradients, trainable_mask,
@@ -79,8 +79,7 @@ class ClassifyConfig:
                                   "directory", type=absolute_path, section="model")
     mode: str = option("lora", "what trains: LoRA adapters, the last block + final norm + head, the head, everything",
                        choices=MODES, section="model")
-    rank: int = option(16, "LoRA rank", type=positive_int, section="model")
-    alpha: float = option(16.0, "LoRA alpha (scale alpha / rank)", type=positive_float, section="model")
+    adapters: Adapters = Adapters()
     dropout: float | None = option(None, "GPT-2 bases: drop rate (default 0.0, the book's)", type=fraction_below_1,
                                    section="model")
     data: str | None = option(None, f"data file (default for vader: {cdata.VADER_DEFAULT})", type=absolute_path,
@@ -284,7 +283,7 @@ def main(argv=None) -> dict:
     if mode == "lora":
         from jaxllm.nn import lora
 
-        lora_cfg = lora.raschka(rank=cfg.rank, alpha=cfg.alpha)
+        lora_cfg = lora.raschka(rank=cfg.adapters.rank, alpha=cfg.adapters.alpha)
         params = lora.add_lora(params, lora_cfg, key_lora)
         apply = lora.apply_with_lora(apply, lora_cfg)
     mask = trainable_mask(params, trainable_predicate(config, mode))
@@ -297,8 +296,8 @@ def main(argv=None) -> dict:
     evaluate = make_evaluator(loss_fn, cfg.eval_batch_size)
     run = run_config(config, opt_config, batch_size=batch_size, seed=seed, mode=mode,
                      base=base.source, data=report["path"], format=cfg.format, labels=list(label_names),
-                     max_length=max_length, rank=cfg.rank if lora_cfg else None,
-                     alpha=cfg.alpha if lora_cfg else None,
+                     max_length=max_length, rank=cfg.adapters.rank if lora_cfg else None,
+                     alpha=cfg.adapters.alpha if lora_cfg else None,
                      **({"dtype": precision.dtype} if precision.dtype != "float32" else {}))
     # frozen leaves get no gradient computed; bf16 compute when --dtype asks (evaluation stays fp32)
     train_loss = mixed_precision(stop_frozen_gradients(loss_fn, mask), precision.dtype)

@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+import types
 from typing import ClassVar
 
 import jax
@@ -38,16 +39,22 @@ from jaxllm.data.instruct import (IGNORE_INDEX, SHIPPED_PATH, collate, format_pr
                                   padded_batches, split_instructions, tokenize_instructions)
 from jaxllm.data.tokenizer import encode, save_encoding
 from jaxllm.generate import generate
+from jaxllm.nn import lora
 from jaxllm.pretrained import load_base
 from jaxllm import cli, runio
 from jaxllm.data.corpus import files_fingerprint
-from jaxllm.options import Devices, Evaluation, MultiHost, Optim, Precision, Run, fit_config, option, parts
+from jaxllm.options import Adapters, Devices, Evaluation, MultiHost, Optim, Precision, Run, fit_config, option, parts
 from jaxllm.options.values import absolute_path, fraction_below_1, int_in, positive_int
 from jaxllm.training import TrainState, fit, make_optimizer
 from jaxllm.training.precision import mixed_precision
 from jaxllm.training.checkpoint import run_config
+from jaxllm.training.freeze import count_params, lora_optimizer, stop_frozen_gradients
 from jaxllm.training.losses import lm_loss
 from jaxllm.runio import update_json, write_atomically
+
+
+MODES = ("full", "lora")
+ADAPTERS_FILE = "adapters.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +72,10 @@ class InstructConfig:
     optim: Optim = Optim(batch_size=8, lr=None, weight_decay=0.1)
     base: str = option("runs/lm", "a `jaxllm train lm` output directory or a local Hugging Face directory (GPT-2, Llama)",
                        type=absolute_path, section="model")
+    mode: str = option("full", "what trains: every weight (the book's), or LoRA adapters on every weight matrix with "
+                               "the rest frozen (saved apart as adapters.safetensors; checkpoints hold them, and "
+                               "generate, chat and export merge them)", choices=MODES, section="model")
+    adapters: Adapters = Adapters()
     dropout: float | None = option(None, "GPT-2 bases: drop rate while fine-tuning (default: the base's; the book "
                                          "uses 0.0)", type=fraction_below_1, section="model")
     data: str = option(str(SHIPPED_PATH), "Alpaca-format JSON list of records", type=absolute_path, section="data")
@@ -100,11 +111,11 @@ class InstructConfig:
         return dataclasses.replace(self.run, epochs=2 if pretrained else 5)
 
 
-def make_evaluate(config, batches):
+def make_evaluate(model, batches):
     """``evaluate(params, max_batches=None) -> {"loss", "accuracy"}``: means over every scored target
     of ``batches`` (or of their first ``max_batches``), weighted by token, so the filler rows of the
-    last batch count for nothing."""
-    loss_fn = lm_loss(config, pad_id=IGNORE_INDEX)
+    last batch count for nothing. ``model``: anything with the language models' ``logits``."""
+    loss_fn = lm_loss(model, pad_id=IGNORE_INDEX)
 
     @jax.jit
     def sums(params, batch):
@@ -186,16 +197,26 @@ def main(argv=None) -> dict:
     if batch_size > len(train_records):
         raise ValueError(f"--batch-size {batch_size} exceeds the {len(train_records)} training records")
     batches = ArrayBatches(arrays("train"), batch_size, seed=seed)
-    evaluate = make_evaluate(config, padded_batches(arrays("val"), cfg.eval_batch_size, pad_id=pad_id))
-    val_first = evaluate(base.params)["loss"]
+    params, model, lora_cfg = base.params, config, None
+    if cfg.mode == "lora":  # B = 0: the adapted model starts as the base
+        lora_cfg = lora.raschka(rank=cfg.adapters.rank, alpha=cfg.adapters.alpha)
+        params = lora.add_lora(params, lora_cfg, jax.random.PRNGKey(seed + 2))
+        model = types.SimpleNamespace(logits=lora.apply_with_lora(config.logits, lora_cfg))
+    evaluate = make_evaluate(model, padded_batches(arrays("val"), cfg.eval_batch_size, pad_id=pad_id))
+    val_first = evaluate(params)["loss"]
     print(f"{len(records)} records: {len(train_records)} train, {len(val_records)} val, {len(test_records)} test; "
           f"rows of {width} tokens; val loss before fine-tuning {val_first:.4f}")
 
     total = run_.total_steps(batches.steps_per_epoch)
     opt_config = optim.build(total, muon_blocks=config.block_names)
     optimizer = make_optimizer(opt_config)
+    loss_fn = lm_loss(model, pad_id=IGNORE_INDEX)
+    if lora_cfg is not None:  # only the adapters train: no optimiser state or gradient for the rest
+        optimizer = lora_optimizer(optimizer, params)
+        loss_fn = stop_frozen_gradients(loss_fn, lora.lora_mask(params))
     run = run_config(config, opt_config, batch_size=batch_size, seed=seed, context=max_length,
                      **({"dtype": precision.dtype} if precision.dtype != "float32" else {}),
+                     **({"lora": lora_cfg.to_dict()} if lora_cfg is not None else {}),
                      base=base.source, instructions=os.path.abspath(cfg.data), mask_prompt=cfg.mask_prompt)
     os.makedirs(run_.out, exist_ok=True)
     save_encoding(base.encoding, os.path.join(run_.out, "tokenizer.json"))  # the output is a base itself
@@ -208,14 +229,18 @@ def main(argv=None) -> dict:
     fit_cfg = fit_config(cfg, steps_per_epoch=batches.steps_per_epoch, **run_.length(), run_config=run,
                          unit="tokens", units_per_batch=batch_size * width, title="instruction fine-tuning",
                          eval_every=cfg.evaluation.eval_every or max(1, batches.steps_per_epoch // 4))
-    state = fit(TrainState.create(base.params, optimizer, jax.random.PRNGKey(seed + 1)),
-                strategy.train_step(mixed_precision(lm_loss(config, pad_id=IGNORE_INDEX), precision.dtype),
-                                    optimizer, accum_steps=cfg.devices.accum_steps),
+    state = fit(TrainState.create(params, optimizer, jax.random.PRNGKey(seed + 1)),
+                strategy.train_step(mixed_precision(loss_fn, precision.dtype), optimizer,
+                                    accum_steps=cfg.devices.accum_steps),
                 batches, fit_cfg, eval_fn=lambda params: evaluate(params, cfg.eval_batches),
                 final_eval_fn=final_eval_fn, strategy=strategy)
     val_last = (last_eval or evaluate(state.params))["loss"]
+    tuned = state.params
+    if lora_cfg is not None:
+        lora.save_lora(os.path.join(run_.out, ADAPTERS_FILE), state.params, lora_cfg)
+        tuned = lora.merge(state.params, lora_cfg)  # the KV-cached decoder reads plain weights
 
-    responses = respond(config, state.params, base.encoding, test_records, max_new_tokens=cfg.max_new_tokens,
+    responses = respond(config, tuned, base.encoding, test_records, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.eval_batch_size)
     answered = [{**record, "model_response": text} for record, text in zip(test_records, responses)]
     write_atomically(os.path.join(run_.out, "test_responses.json"),  # record order and key order kept
@@ -225,7 +250,9 @@ def main(argv=None) -> dict:
         "val_loss_first": val_first, "val_loss_last": val_last, "base": base.source,
         "records": {"total": len(records), "train": len(train_records), "val": len(val_records),
                     "test": len(test_records), "truncated": truncated},
-        "max_length": max_length, "row_tokens": width, "mask_prompt": cfg.mask_prompt,
+        "max_length": max_length, "row_tokens": width, "mask_prompt": cfg.mask_prompt, "mode": cfg.mode,
+        "trainable_params": count_params(state.params, lora.lora_mask(state.params)) if lora_cfg else
+        count_params(state.params),
         "test_exact_match": exact / len(answered),
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     })

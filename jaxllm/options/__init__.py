@@ -5,11 +5,11 @@ evaluation, devices, multi-host, text, sampling), ``values`` the flag value type
 reads a command line and config files into a config.
 """
 
-from jaxllm.options.parts import (Compilation, Devices, Evaluation, MultiHost, Optim, Precision,
+from jaxllm.options.parts import (Adapters, Compilation, Devices, Evaluation, MultiHost, Optim, Precision,
                                   Run, Sampling, TextData, fit_config, fit_kwargs,
                                   supervised_kwargs)
 from jaxllm.options.spec import file_values, option
 
-__all__ = ["Compilation", "Devices", "Evaluation", "MultiHost", "Optim", "Precision", "Run",
+__all__ = ["Adapters", "Compilation", "Devices", "Evaluation", "MultiHost", "Optim", "Precision", "Run",
            "Sampling", "TextData", "file_values", "fit_config", "fit_kwargs", "option",
            "supervised_kwargs"]

@@ -194,6 +194,14 @@ class Precision:
 
 
 @part
+class Adapters:
+    """LoRA's size, for the jobs that can train adapters (``jaxllm.nn.lora``, Raschka app. E)."""
+    SECTION: ClassVar[str] = "model"
+    rank: int = option(16, "LoRA rank", type=positive_int)
+    alpha: float = option(16.0, "LoRA alpha (scale alpha / rank)", type=positive_float)
+
+
+@part
 class MultiHost:
     """Where this one process stands in a multi-host launch (``jax.distributed``): given on the
     command line only, never in a file, since a resume on other hosts does not share it."""
