@@ -35,7 +35,9 @@ SECTIONS = (  # (heading, {command words: job}), listed in this order
     ("fine-tune a trained language model", {
         ("finetune", "classify"): Job("jaxllm.jobs.classify:main",
                                       "LM -> text classifier (LoRA, last block, head or full); --predict"),
-        ("finetune", "instruct"): Job("jaxllm.jobs.instruct:main", "instruction fine-tuning on Alpaca-format JSON"),
+        ("finetune", "instruct"): Job("jaxllm.jobs.instruct:main",
+                                      "instruction fine-tuning on Alpaca-format JSON (full or LoRA)"),
+        ("finetune", "lm"): Job("jaxllm.jobs.lm:finetune", "a trained LM on a new corpus (full or LoRA)"),
     }),
     ("use a trained run", {
         ("generate",): Job("jaxllm.jobs.generate:main", "sample text from a run (KV-cached)"),

@@ -170,8 +170,9 @@ def update_json(path: str | os.PathLike, fields: dict[str, Any]) -> dict[str, An
 # A run directory holds one job's run. RUN_FILE records which job made it; RUN_OUTPUTS are the
 # files and folders runs write (and --overwrite replaces), EVENT_FILES TensorBoard's.
 RUN_FILE = "run.json"
+ADAPTERS_FILE = "adapters.safetensors"  # a LoRA run's adapters, apart from the weights they adapt
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "baseline", "tokenizer.json", "sample.txt",
-               "test_responses.json", "classifier", "config.yaml", RUN_FILE)
+               "test_responses.json", "classifier", "config.yaml", ADAPTERS_FILE, RUN_FILE)
 EVENT_FILES = "events.out.tfevents.*"
 PREVIOUS_RUN = ".previous-run"  # --overwrite moves the old run here until the new one has a checkpoint
 

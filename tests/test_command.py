@@ -44,7 +44,7 @@ def test_listing_the_jobs_imports_no_job_and_no_jax():
     (["fly"], "error: unknown command 'fly' (see jaxllm --help)"),
     (["train"], "error: name a job for jaxllm train: one of lm, rnn, ngram, mlp, cnn, logreg, linreg "
                 "(see jaxllm --help)"),
-    (["finetune", "summarise"], "error: unknown job 'summarise' for jaxllm finetune: one of classify, instruct "
+    (["finetune", "summarise"], "error: unknown job 'summarise' for jaxllm finetune: one of classify, instruct, lm "
                                 "(see jaxllm --help)"),
 ])
 def test_usage_errors_are_one_line(args, message):

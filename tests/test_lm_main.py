@@ -102,6 +102,22 @@ def test_init_from_starts_a_new_run_from_another_runs_weights_and_tokenizer(load
     with pytest.raises(ValueError, match=r"--init-from .*first: this run's model differs .*d_model 16 → 32"):
         lm.main(["--init-from", str(first), "--out", str(tmp_path / "third"), "--d-model", "32", "--steps", "1"])
 
+    # finetune lm --mode lora: the adapters train, the weights they adapt stay the first run's
+    from jaxllm.nn import lora
+
+    adapted = tmp_path / "adapted"
+    lm.finetune(["--base", str(first), "--text", str(other), "--out", str(adapted), "--mode", "lora", "--rank", "2",
+                 "--steps", "3", "--lr", "1e-2", "--batch-size", "8", "--sample-tokens", "4", "--no-progress"])
+    assert yaml.safe_load((adapted / "config.yaml").read_text())["base"] == str(first)
+    with_adapters, cfg = lora.load_lora(adapted / "adapters.safetensors", load_run(str(first))[1])
+    step, merged = _params(load_script, adapted)  # load_run merges the adapters
+    assert step == 3 and cfg.rank == 2
+    for x, y in zip(merged, jax.tree_util.tree_leaves(lora.merge(with_adapters, cfg))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(np.asarray(x), np.asarray(y)) for x, y in zip(merged, before))
+    with pytest.raises(ValueError, match="--mode lora adapts a trained model: name it with --init-from"):
+        lm.main(small(corpus, tmp_path / "fresh", "decoder", "--mode", "lora"))
+
 
 def test_lm_refuses_bad_input(load_script, corpus, tmp_path):
     lm = load_script("lm")

@@ -50,11 +50,10 @@ from jaxllm.training.precision import mixed_precision
 from jaxllm.training.checkpoint import run_config
 from jaxllm.training.freeze import count_params, lora_optimizer, stop_frozen_gradients
 from jaxllm.training.losses import lm_loss
-from jaxllm.runio import update_json, write_atomically
+from jaxllm.runio import ADAPTERS_FILE, update_json, write_atomically
 
 
 MODES = ("full", "lora")
-ADAPTERS_FILE = "adapters.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)

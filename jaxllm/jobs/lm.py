@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import time
+import types
 from typing import Any, ClassVar
 
 import jax
@@ -46,17 +47,19 @@ from jaxllm.data.tokenizer import decode_bytes, encode
 from jaxllm.data.windows import lm_windows
 from jaxllm.generate import fit_context, generate_past_context
 from jaxllm.models import LANGUAGE_MODELS, language_model
+from jaxllm.nn import lora
 from jaxllm.pretrained import load_run
 from jaxllm import cli, runio
-from jaxllm.options import (Devices, Evaluation, MultiHost, Optim, Precision, Run, TextData,
+from jaxllm.options import (Adapters, Devices, Evaluation, MultiHost, Optim, Precision, Run, TextData,
                             fit_config, option, parts)
 from jaxllm.options.values import absolute_path, fraction_below_1, non_negative_float, positive_int
 from jaxllm.training import TrainState, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
+from jaxllm.training.freeze import lora_optimizer, stop_frozen_gradients
 from jaxllm.training.lm_eval import eval_windows, lm_scores, window_nll
 from jaxllm.training.losses import lm_loss
 from jaxllm.training.tensorboard import add_text
-from jaxllm.runio import update_json, write_atomically
+from jaxllm.runio import ADAPTERS_FILE, update_json, write_atomically
 from jaxllm.training.precision import mixed_precision
 
 ALL_PRESETS = tuple(dict.fromkeys(p for family in LANGUAGE_MODELS.values() for p in family.PRESETS))  # --preset's choices
@@ -161,6 +164,9 @@ def load_init_run(cfg, token_dir) -> InitRun:
 class LmConfig:
     __doc__ = __doc__
     JOB: ClassVar[str] = "lm"
+    # what --init-from takes from the other run's config.yaml: its model and tokenizer, not its training
+    INHERITED: ClassVar[tuple] = ("model", "preset", "d-model", "layers", "heads", "dropout", "tokenizer",
+                                  "vocab-size", "context")
     # chosen with the burkov preset on 2 CPU cores (docs/performance.md); 576 steps are an epoch of
     # Shakespeare at batch 32 x context 128 with the 512 BPE
     run: Run = Run(out="runs/lm", epochs=3, log_every=50)
@@ -177,9 +183,13 @@ class LmConfig:
     tokens: str | None = option(None, "train on a token directory written by `jaxllm prepare` (memory-mapped, for "
                                       "corpora larger than memory) instead of --text; its tokenizer and vocabulary "
                                       "are used", type=absolute_path, metavar="DIR", section="data")
+    mode: str = option("full", "with --init-from: train every weight, or LoRA adapters on every weight matrix with "
+                               "the rest frozen (saved apart as adapters.safetensors; generate, chat and export "
+                               "merge them)", choices=("full", "lora"), section="model")
+    adapters: Adapters = Adapters()
     init_from: str | None = option(None, "start from the weights of another jaxllm train lm run (its latest "
                                          "checkpoint), with a new schedule and optimiser state; its model and "
-                                         "tokenizer, and its config.yaml as the flags' defaults",
+                                         "tokenizer (its config.yaml gives the model flags' defaults)",
                                    type=absolute_path, metavar="RUN", section="model")
     context: int = option(128, "tokens per training and validation window", type=positive_int, section="data")
     stride: int | None = option(None, "training window stride (default: --context)", type=positive_int,
@@ -214,6 +224,21 @@ class LmConfig:
         return self.context if self.stride is None else self.stride
 
 
+@dataclasses.dataclass(frozen=True)
+class FinetuneLmConfig(LmConfig):
+    """Language-model fine-tuning: jaxllm finetune lm --base RUN --text NEW.txt [--mode lora].
+
+    Another run's model, weights and tokenizer, trained on a new corpus (--text, tokenized with the
+    base run's tokenizer) with a new schedule and optimiser state: every weight (--mode full), or
+    LoRA adapters (--mode lora: --rank, --alpha; saved apart as adapters.safetensors, merged by
+    generate, chat and export). The base run's config.yaml gives the model flags' defaults. The same
+    as jaxllm train lm --init-from RUN."""
+    JOB: ClassVar[str] = "finetune_lm"
+    run: Run = Run(out="runs/finetune_lm", epochs=1, log_every=50)
+    init_from: str | None = option(None, "the jaxllm train lm run to fine-tune (its latest checkpoint; required)",
+                                   type=absolute_path, metavar="RUN", section="model", flag="base")
+
+
 def resolve_data(config: LmConfig) -> tuple[LmConfig, TextData, TokenData | None]:
     """``(the config as config.yaml records it, the data settings the run uses, the --tokens
     directory or None)``. Without ``--tokens``: bpe and 512 unless given, recorded so. With it: the
@@ -238,9 +263,19 @@ def resolve_data(config: LmConfig) -> tuple[LmConfig, TextData, TokenData | None
     return config, dataclasses.replace(data, tokenizer=meta["tokenizer"], vocab_size=tokens.vocab_size), tokens
 
 
-def main(argv=None) -> dict:
+def finetune(argv=None) -> dict:
+    """``jaxllm finetune lm``: ``main`` with ``FinetuneLmConfig`` (``--base`` is ``--init-from``)."""
+    return main(argv, FinetuneLmConfig)
+
+
+def main(argv=None, job: type = None) -> dict:
     t_start = time.perf_counter()
-    cfg = cli.parse(LmConfig, argv)
+    cfg = cli.parse(job or LmConfig, argv)
+    if isinstance(cfg, FinetuneLmConfig) and cfg.init_from is None:
+        raise ValueError("--base: name the jaxllm train lm run to fine-tune")
+    if cfg.mode == "lora" and cfg.init_from is None:
+        raise ValueError("--mode lora adapts a trained model: name it with --init-from RUN (or use jaxllm finetune lm "
+                         "--base RUN)")
     cli.start(cfg)
     run_, optim = cfg.run, cfg.optim
     strategy = cfg.devices.strategy(optim.batch_size)  # checks --batch-size against the devices now
@@ -280,12 +315,18 @@ def main(argv=None) -> dict:
         params = config.init(jax.random.PRNGKey(run_.seed))
     else:
         params = start_from.params_for(config)
+    model, lora_cfg, plain = config, None, lambda params: params
+    if cfg.mode == "lora":  # B = 0: the adapted model starts as the one it adapts
+        lora_cfg = lora.raschka(rank=cfg.adapters.rank, alpha=cfg.adapters.alpha)
+        params = lora.add_lora(params, lora_cfg, jax.random.PRNGKey(run_.seed + 2))  # a resume restores them
+        model = types.SimpleNamespace(logits=lora.apply_with_lora(config.logits, lora_cfg))
+        plain = lambda params: lora.merge(params, lora_cfg)  # noqa: E731  what evaluation and decoding read
 
     def scorer(batches):
         """Loss, perplexity and bits/char of the held-out windows in ``batches`` (a prefix of val_batches)."""
         tokens = int(sum(b["mask"].sum() for b in batches))
         chars = len(decode_bytes(data.encoding, data.val_ids[1:tokens + 1].tolist()).decode("utf-8", "replace"))
-        return lambda params: lm_scores(window_nll(config, params, batches), tokens, chars)
+        return lambda params: lm_scores(window_nll(config, plain(params), batches), tokens, chars)
 
     evaluate = scorer(val_batches)
     last_eval = {}
@@ -302,9 +343,14 @@ def main(argv=None) -> dict:
                      **({"dtype": dtype} if dtype != "float32" else {}),
                      # a resume must read the same token files: their place and size
                      **({"tokens": cfg.tokens, "train_tokens": int(data.train_ids.size),
-                         "val_tokens": int(data.val_ids.size)} if token_dir is not None else {}))
+                         "val_tokens": int(data.val_ids.size)} if token_dir is not None else {}),
+                     **({"lora": lora_cfg.to_dict()} if lora_cfg is not None else {}))
     title = f"{cfg.model} LM ({preset})"
-    loss_fn = mixed_precision(lm_loss(config), dtype)  # float32: unchanged
+    loss_fn = lm_loss(model)
+    if lora_cfg is not None:  # only the adapters train: no optimiser state or gradient for the rest
+        optimizer = lora_optimizer(optimizer, params)
+        loss_fn = stop_frozen_gradients(loss_fn, lora.lora_mask(params))
+    loss_fn = mixed_precision(loss_fn, dtype)  # float32: unchanged
     train_step = strategy.train_step(loss_fn, optimizer, accum_steps=cfg.devices.accum_steps)
     fit_settings = fit_config(cfg, steps_per_epoch=batches.steps_per_epoch, run_config=run, unit="tokens",
                                 units_per_batch=optim.batch_size * cfg.context, title=title)
@@ -313,7 +359,9 @@ def main(argv=None) -> dict:
                 strategy=strategy)
 
     final = last_eval or evaluate(state.params)  # fit() evaluates after its last step
-    prompt, sample = sample_text(config, state.params, data.encoding, val_prompt,
+    if lora_cfg is not None:
+        lora.save_lora(os.path.join(run_.out, ADAPTERS_FILE), state.params, lora_cfg)
+    prompt, sample = sample_text(config, plain(state.params), data.encoding, val_prompt,
                                  max_new_tokens=cfg.sample_tokens, key=jax.random.PRNGKey(run_.seed),
                                  temperature=cfg.temperature, top_k=cfg.top_k)
     write_atomically(os.path.join(run_.out, "sample.txt"), prompt + sample + "\n")

@@ -123,30 +123,33 @@ def given(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str]) -> di
 
 
 def file_defaults(cls: type, parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
-    """``{dest: value}`` from the ``config.yaml`` of ``--init-from``'s run, then of the run itself
-    (``--resume``), then from ``--config``, each over the one before; a bad
+    """``{dest: value}`` from the ``config.yaml`` of ``--init-from``'s run (only the keys of the
+    model it starts from: ``cls.INHERITED``), then of the run itself (``--resume``), then from
+    ``--config``, each over the one before; a bad
     file, key or value is a ``ValueError`` naming it. Where the command line gives one of
     exclusive flags (``--epochs``/``--steps``), the files' others are dropped."""
     from_command_line = given(parser, cls, argv)
     sources = []
-    if from_command_line.get("init_from") is not None:  # the other run's flags, below every other source
+    if from_command_line.get("init_from") is not None:  # the other run's model, below every other source
         saved = os.path.join(from_command_line["init_from"], run_flags.CONFIG_FILE)
         if os.path.isfile(saved):
-            sources.append((saved, saved))
+            sources.append((saved, saved, cls.INHERITED))
     if from_command_line.get("resume"):
         out = from_command_line.get("out", parser.get_default("out"))
         saved = os.path.join(out, run_flags.CONFIG_FILE)
         if os.path.isfile(saved):
-            sources.append((saved, saved))
+            sources.append((saved, saved, None))
     if from_command_line.get("config") is not None:
         name = from_command_line["config"]
-        sources.append((f"--config {name}", config_path(cls, name)))
+        sources.append((f"--config {name}", config_path(cls, name), None))
     defaults = {}
-    for source, path in sources:
+    for source, path, keys in sources:
         try:
             values = run_flags.read_flags(path)
         except ValueError as exc:
             raise ValueError(f"argument --config: {exc}" if source != path else str(exc)) from None
+        if keys is not None:
+            values = {k: v for k, v in values.items() if k in keys}
         defaults.update(check_file(cls, values, source))
     for flag in flags(cls):
         if flag.exclusive and flag.dest not in from_command_line and any(
