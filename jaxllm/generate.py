@@ -380,10 +380,12 @@ def generate_past_context(model, params, prompt: list[int], *, max_new_tokens: i
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
     window, new, w = list(prompt), [], 0
     while len(new) < max_new_tokens:
-        n = min(max_new_tokens - len(new), limit - len(window))
+        # every window fills the context, the last one too (its extra tokens are dropped): one compiled
+        # loop for the first window and one for all the others
         window_key = key if w == 0 else jax.random.fold_in(key, limit + w)
-        out = generate(model, params, [window], max_new_tokens=n, key=window_key, max_len=len(window) + n,
+        out = generate(model, params, [window], max_new_tokens=limit - len(window), key=window_key, max_len=limit,
                        **sampling)[0]
+        out = out[:max_new_tokens - len(new)]
         new += out
         if eos_id is not None and eos_id in out:  # generate ends a row at its EOS
             break

@@ -26,7 +26,7 @@ def corpus(tmp_path):
 def small(corpus, out, model, *extra):
     return ["--text", corpus, "--model", model, "--preset", "tiny", "--vocab-size", "300", "--context", "16",
             "--batch-size", "8", "--d-model", "16", "--heads", "2", "--warmup-steps", "2", "--lr", "3e-3",
-            "--sample-tokens", "10", "--eval-batch-size", "8", "--no-progress", "--out", str(out), *extra]
+            "--sample-tokens", "6", "--eval-batch-size", "8", "--no-progress", "--out", str(out), *extra]
 
 
 @pytest.mark.parametrize("model", ["decoder", "gpt2"])
@@ -91,7 +91,7 @@ def test_init_from_starts_a_new_run_from_another_runs_weights_and_tokenizer(load
     # the first run's config.yaml gives the defaults: only what changes is on the command line
     second = tmp_path / "second"
     lm.main(["--init-from", str(first), "--text", str(other), "--out", str(second), "--steps", "1",
-             "--optimizer", "sgd", "--lr", "1e-9", "--no-progress"])
+             "--optimizer", "sgd", "--lr", "1e-9", "--sample-tokens", "4", "--no-progress"])
     assert (second / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
     assert yaml.safe_load((second / "config.yaml").read_text())["init-from"] == str(first)
     _, before = _params(load_script, first)
