@@ -1,6 +1,7 @@
 """``jaxllm train lm`` (decoder and GPT-2) and ``jaxllm generate`` end to end on a small text file."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -115,6 +116,15 @@ def test_init_from_starts_a_new_run_from_another_runs_weights_and_tokenizer(load
     for x, y in zip(merged, jax.tree_util.tree_leaves(lora.merge(with_adapters, cfg))):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
     assert any(not np.allclose(np.asarray(x), np.asarray(y)) for x, y in zip(merged, before))
+    from flax.traverse_util import unflatten_dict
+    from safetensors.numpy import load_file
+
+    from jaxllm.export import export_run
+
+    exported = load_file(Path(export_run(adapted, tmp_path / "adapted-raw", fmt="safetensors")) / "params.safetensors")
+    assert not [name for name in exported if "lora" in name]  # the merged model
+    for x, y in zip(jax.tree_util.tree_leaves(unflatten_dict(exported, sep="/")), merged):
+        np.testing.assert_array_equal(x, np.asarray(y))
     with pytest.raises(ValueError, match="--mode lora adapts a trained model: name it with --init-from"):
         lm.main(small(corpus, tmp_path / "fresh", "decoder", "--mode", "lora"))
 
