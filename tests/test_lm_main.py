@@ -101,7 +101,8 @@ def test_init_from_starts_a_new_run_from_another_runs_weights_and_tokenizer(load
     for x, y in zip(before, after):  # one step at lr 1e-9 moves nothing a fresh init would explain
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match=r"--init-from .*first: this run's model differs .*d_model 16 → 32"):
-        lm.main(["--init-from", str(first), "--out", str(tmp_path / "third"), "--d-model", "32", "--steps", "1"])
+        lm.main(["--init-from", str(first), "--text", str(other), "--out", str(tmp_path / "third"), "--d-model", "32",
+                 "--steps", "1"])
 
     # finetune lm --mode lora: the adapters train, the weights they adapt stay the first run's
     from jaxllm.nn import lora
