@@ -28,7 +28,6 @@ import json
 import os
 import sys
 import time
-import types
 from typing import ClassVar
 
 import jax
@@ -48,7 +47,7 @@ from jaxllm.options.values import absolute_path, fraction_below_1, int_in, posit
 from jaxllm.training import TrainState, fit, make_optimizer
 from jaxllm.training.precision import mixed_precision
 from jaxllm.training.checkpoint import run_config
-from jaxllm.training.freeze import count_params, lora_optimizer, stop_frozen_gradients
+from jaxllm.training.freeze import AdapterTraining, count_params
 from jaxllm.training.losses import lm_loss
 from jaxllm.runio import ADAPTERS_FILE, update_json, write_atomically
 
@@ -196,11 +195,11 @@ def main(argv=None) -> dict:
     if batch_size > len(train_records):
         raise ValueError(f"--batch-size {batch_size} exceeds the {len(train_records)} training records")
     batches = ArrayBatches(arrays("train"), batch_size, seed=seed)
-    params, model, lora_cfg = base.params, config, None
-    if cfg.mode == "lora":  # B = 0: the adapted model starts as the base
-        lora_cfg = lora.raschka(rank=cfg.adapters.rank, alpha=cfg.adapters.alpha)
-        params = lora.add_lora(params, lora_cfg, jax.random.PRNGKey(seed + 2))
-        model = types.SimpleNamespace(logits=lora.apply_with_lora(config.logits, lora_cfg))
+    params, model, adapters = base.params, config, None
+    if cfg.mode == "lora":
+        adapters = AdapterTraining.start(config, params, rank=cfg.adapters.rank, alpha=cfg.adapters.alpha,
+                                         key=jax.random.PRNGKey(seed + 2))
+        params, model = adapters.params, adapters.model
     evaluate = make_evaluate(model, padded_batches(arrays("val"), cfg.eval_batch_size, pad_id=pad_id))
     val_first = evaluate(params)["loss"]
     print(f"{len(records)} records: {len(train_records)} train, {len(val_records)} val, {len(test_records)} test; "
@@ -210,12 +209,11 @@ def main(argv=None) -> dict:
     opt_config = optim.build(total, muon_blocks=config.block_names)
     optimizer = make_optimizer(opt_config)
     loss_fn = lm_loss(model, pad_id=IGNORE_INDEX)
-    if lora_cfg is not None:  # only the adapters train: no optimiser state or gradient for the rest
-        optimizer = lora_optimizer(optimizer, params)
-        loss_fn = stop_frozen_gradients(loss_fn, lora.lora_mask(params))
+    if adapters is not None:  # only the adapters train: no optimiser state or gradient for the rest
+        optimizer, loss_fn = adapters.optimizer(optimizer), adapters.loss(loss_fn)
     run = run_config(config, opt_config, batch_size=batch_size, seed=seed, context=max_length,
                      **({"dtype": precision.dtype} if precision.dtype != "float32" else {}),
-                     **({"lora": lora_cfg.to_dict()} if lora_cfg is not None else {}),
+                     **({"lora": adapters.lora.to_dict()} if adapters is not None else {}),
                      base=base.source, instructions=os.path.abspath(cfg.data), mask_prompt=cfg.mask_prompt)
     os.makedirs(run_.out, exist_ok=True)
     save_encoding(base.encoding, os.path.join(run_.out, "tokenizer.json"))  # the output is a base itself
@@ -235,9 +233,9 @@ def main(argv=None) -> dict:
                 final_eval_fn=final_eval_fn, strategy=strategy)
     val_last = (last_eval or evaluate(state.params))["loss"]
     tuned = state.params
-    if lora_cfg is not None:
-        lora.save_lora(os.path.join(run_.out, ADAPTERS_FILE), state.params, lora_cfg)
-        tuned = lora.merge(state.params, lora_cfg)  # the KV-cached decoder reads plain weights
+    if adapters is not None:
+        lora.save_lora(os.path.join(run_.out, ADAPTERS_FILE), state.params, adapters.lora)
+        tuned = adapters.merged(state.params)  # the KV-cached decoder reads plain weights
 
     responses = respond(config, tuned, base.encoding, test_records, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.eval_batch_size)
@@ -250,7 +248,7 @@ def main(argv=None) -> dict:
         "records": {"total": len(records), "train": len(train_records), "val": len(val_records),
                     "test": len(test_records), "truncated": truncated},
         "max_length": max_length, "row_tokens": width, "mask_prompt": cfg.mask_prompt, "mode": cfg.mode,
-        "trainable_params": count_params(state.params, lora.lora_mask(state.params)) if lora_cfg else
+        "trainable_params": count_params(state.params, lora.lora_mask(state.params)) if adapters else
         count_params(state.params),
         "test_exact_match": exact / len(answered),
         "wall_seconds": round(time.perf_counter() - t_start, 2),

@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import time
-import types
 from typing import Any, ClassVar
 
 import jax
@@ -55,7 +54,7 @@ from jaxllm.options import (Adapters, Devices, Evaluation, MultiHost, Optim, Pre
 from jaxllm.options.values import absolute_path, fraction_below_1, non_negative_float, positive_int
 from jaxllm.training import TrainState, fit, make_optimizer
 from jaxllm.training.checkpoint import run_config
-from jaxllm.training.freeze import lora_optimizer, stop_frozen_gradients
+from jaxllm.training.freeze import AdapterTraining
 from jaxllm.training.lm_eval import eval_windows, lm_scores, window_nll
 from jaxllm.training.losses import lm_loss
 from jaxllm.training.tensorboard import add_text
@@ -315,12 +314,11 @@ def main(argv=None, job: type = None) -> dict:
         params = config.init(jax.random.PRNGKey(run_.seed))
     else:
         params = start_from.params_for(config)
-    model, lora_cfg, plain = config, None, lambda params: params
-    if cfg.mode == "lora":  # B = 0: the adapted model starts as the one it adapts
-        lora_cfg = lora.raschka(rank=cfg.adapters.rank, alpha=cfg.adapters.alpha)
-        params = lora.add_lora(params, lora_cfg, jax.random.PRNGKey(run_.seed + 2))  # a resume restores them
-        model = types.SimpleNamespace(logits=lora.apply_with_lora(config.logits, lora_cfg))
-        plain = lambda params: lora.merge(params, lora_cfg)  # noqa: E731  what evaluation and decoding read
+    model, adapters, plain = config, None, lambda params: params
+    if cfg.mode == "lora":  # a resume restores the adapters
+        adapters = AdapterTraining.start(config, params, rank=cfg.adapters.rank, alpha=cfg.adapters.alpha,
+                                         key=jax.random.PRNGKey(run_.seed + 2))
+        params, model, plain = adapters.params, adapters.model, adapters.merged
 
     def scorer(batches):
         """Loss, perplexity and bits/char of the held-out windows in ``batches`` (a prefix of val_batches)."""
@@ -344,12 +342,11 @@ def main(argv=None, job: type = None) -> dict:
                      # a resume must read the same token files: their place and size
                      **({"tokens": cfg.tokens, "train_tokens": int(data.train_ids.size),
                          "val_tokens": int(data.val_ids.size)} if token_dir is not None else {}),
-                     **({"lora": lora_cfg.to_dict()} if lora_cfg is not None else {}))
+                     **({"lora": adapters.lora.to_dict()} if adapters is not None else {}))
     title = f"{cfg.model} LM ({preset})"
     loss_fn = lm_loss(model)
-    if lora_cfg is not None:  # only the adapters train: no optimiser state or gradient for the rest
-        optimizer = lora_optimizer(optimizer, params)
-        loss_fn = stop_frozen_gradients(loss_fn, lora.lora_mask(params))
+    if adapters is not None:  # only the adapters train: no optimiser state or gradient for the rest
+        optimizer, loss_fn = adapters.optimizer(optimizer), adapters.loss(loss_fn)
     loss_fn = mixed_precision(loss_fn, dtype)  # float32: unchanged
     train_step = strategy.train_step(loss_fn, optimizer, accum_steps=cfg.devices.accum_steps)
     fit_settings = fit_config(cfg, steps_per_epoch=batches.steps_per_epoch, run_config=run, unit="tokens",
@@ -359,8 +356,8 @@ def main(argv=None, job: type = None) -> dict:
                 strategy=strategy)
 
     final = last_eval or evaluate(state.params)  # fit() evaluates after its last step
-    if lora_cfg is not None:
-        lora.save_lora(os.path.join(run_.out, ADAPTERS_FILE), state.params, lora_cfg)
+    if adapters is not None:
+        lora.save_lora(os.path.join(run_.out, ADAPTERS_FILE), state.params, adapters.lora)
     prompt, sample = sample_text(config, plain(state.params), data.encoding, val_prompt,
                                  max_new_tokens=cfg.sample_tokens, key=jax.random.PRNGKey(run_.seed),
                                  temperature=cfg.temperature, top_k=cfg.top_k)

@@ -292,9 +292,10 @@ OPTIMIZER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(OptimizerCon
 
 
 def _resumable(config: dict, step: int, other: dict) -> dict:
-    """``config`` as a resume from ``step`` compares it with ``other``: without where its data lives,
-    with the defaults of optimiser settings it does not record, and, when both schedules are one that extends (``EXTENDABLE``) and ``step`` is past both warmups,
-    without the run's length and warmup: the steps left train at the same rates either way."""
+    """``config`` as a resume from ``step`` compares it with ``other``: without where its data
+    lives, with the defaults of optimiser settings it does not record, and, when both schedules
+    extend (``EXTENDABLE``) and ``step`` is past both warmups, without the run's length and warmup:
+    the steps left train at the same rates either way."""
     config = _without_data_paths(config)
     if "optimizer" in config:  # a setting added since the run was saved: it trained with the default
         config = {**config, "optimizer": {**OPTIMIZER_DEFAULTS, **config["optimizer"]}}

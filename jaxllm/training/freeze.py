@@ -17,13 +17,15 @@ gradient-norm metric counts only the trained leaves).
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import types
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import optax
 
-from jaxllm.nn.lora import is_lora_path, lora_mask
+from jaxllm.nn.lora import LoRAConfig, add_lora, apply_with_lora, is_lora_path, lora_mask, merge, raschka
 
 
 def path_str(path) -> str:
@@ -114,3 +116,30 @@ def trainable_predicate(config, mode: str) -> Callable[[str], bool]:
         return is_lora_path(path)
 
     return predicate
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterTraining:
+    """A language model trained through LoRA adapters alone (``--mode lora`` of ``finetune instruct``
+    and ``finetune lm``): ``params`` hold the adapters (B = 0, so the model starts as the one it
+    adapts), ``model.logits`` computes with them, ``optimizer`` and ``loss`` train them and nothing
+    else, ``merged`` folds them into the weights for what reads a plain model (the KV-cached
+    decoder, ``window_nll``, a checkpoint read as a base)."""
+
+    lora: LoRAConfig
+    params: Any
+    model: Any
+
+    @classmethod
+    def start(cls, config, params, *, rank: int, alpha: float, key) -> "AdapterTraining":
+        lora = raschka(rank=rank, alpha=alpha)
+        return cls(lora, add_lora(params, lora, key), types.SimpleNamespace(logits=apply_with_lora(config.logits, lora)))
+
+    def optimizer(self, optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+        return lora_optimizer(optimizer, self.params)
+
+    def loss(self, loss_fn: Callable) -> Callable:
+        return stop_frozen_gradients(loss_fn, lora_mask(self.params))
+
+    def merged(self, params) -> Any:
+        return merge(params, self.lora)

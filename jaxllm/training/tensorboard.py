@@ -72,12 +72,16 @@ class EventLog:
         if not rows:
             return
         Summary = self._summaries.Summary
+        self._emit((row["step"], Summary(value=[Summary.Value(tag=f"{row['split']}/{k}", simple_value=v)
+                                                for k, v in row.items() if k not in ("step", "split")]))
+                   for row in rows)
+
+    def _emit(self, summaries) -> None:
+        """``(step, Summary)`` pairs as events, flushed to the OS at once: TensorBoard shows a live run."""
         with naming_the_file(self.path):
-            for row in rows:
-                values = [Summary.Value(tag=f"{row['split']}/{k}", simple_value=v)
-                          for k, v in row.items() if k not in ("step", "split")]
-                self._write(self._events.Event(wall_time=time.time(), step=row["step"], summary=Summary(value=values)))
-            self._file.flush()  # to the OS at once: TensorBoard shows a live run
+            for step, summary in summaries:
+                self._write(self._events.Event(wall_time=time.time(), step=step, summary=summary))
+            self._file.flush()
 
     def hparams(self, flags: dict[str, Any]) -> None:
         """The run's flags as TensorBoard hyperparameters (a value that is not a number, string or
@@ -85,17 +89,12 @@ class EventLog:
         from tensorboardX.summary import hparams
 
         shown = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flags.items()}
-        with naming_the_file(self.path):
-            for summary in hparams(shown, {"train/loss": None, "eval/loss": None}):
-                self._write(self._events.Event(wall_time=time.time(), step=0, summary=summary))
-            self._file.flush()
+        self._emit((0, summary) for summary in hparams(shown, {"train/loss": None, "eval/loss": None}))
 
     def text(self, tag: str, text: str, step: int) -> None:
         from tensorboardX.summary import text as text_summary
 
-        with naming_the_file(self.path):
-            self._write(self._events.Event(wall_time=time.time(), step=step, summary=text_summary(tag, text)))
-            self._file.flush()
+        self._emit([(step, text_summary(tag, text))])
 
     def close(self) -> None:
         with naming_the_file(self.path):
