@@ -122,9 +122,33 @@ OPTIMIZERS["adamw_warmup_cosine_clip"] = (
     torch_adamw_warmup_cosine_clipped,
 )
 
+
+
+def torch_sgd_wsd(params):
+    """torch's SGD (momentum 0.9) + LambdaLR as wsd is defined: warmup 2 steps from 0, stable, then a
+    linear decay to 0 over the last 20 % of the 10 steps (steps 8 and 9)."""
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: t / 2 if t < 2 else 1.0 if t < 8 else 1 - (t - 8) / 2)
+
+    class Stepper:
+        def zero_grad(self):
+            opt.zero_grad()
+
+        def step(self):
+            opt.step()
+            sched.step()
+
+    return Stepper()
+
+
+OPTIMIZERS["sgd_momentum_wsd"] = (
+    OptimizerConfig("sgd", lr=0.05, momentum=0.9, schedule="wsd", warmup_steps=2, total_steps=10, decay_fraction=0.2),
+    torch_sgd_wsd,
+)
+
 TRAJECTORY_CASES = [(f, o) for f in FAMILIES for o in ("sgd_momentum", "adamw")] + [
     ("mlp_raschka", "sgd_l2"), ("mlp_raschka", "adam"), ("mlp_raschka", "adamw_warmup_cosine_clip"),
-    ("cnn_8x8", "adamw_warmup_cosine_clip")]
+    ("cnn_8x8", "adamw_warmup_cosine_clip"), ("mlp_raschka", "sgd_momentum_wsd")]
 
 
 @pytest.mark.parametrize("name,opt_name", TRAJECTORY_CASES)
