@@ -26,6 +26,11 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # asks (tests/test_flags.py checks the default in a subprocess without this variable).
 os.environ.setdefault("JAXLLM_CPU_DEVICES", "1")
 
+# PyTorch's OpenMP threads spin while they wait for work: with one xdist worker per core, each
+# worker's spare thread burns the other worker's core (one thread: about 12% less CPU for the
+# torch-heavy files). Set before any test imports torch; the children inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # One directory per test session, shared by the xdist workers and every process they start
 # (created by the first process to import this file -- pytest itself, before the workers -- and
 # removed by it at the end):
