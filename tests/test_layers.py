@@ -20,7 +20,7 @@ LAYERS = (
     ("jaxllm.models",),
     ("jaxllm.nn",),
     ("jaxllm.data",),
-    ("jaxllm.config", "jaxllm.validate", "jaxllm.cpu_devices", "jaxllm.compile_cache", "jaxllm.runio",
+    ("jaxllm.config", "jaxllm.validate", "jaxllm.cpu_devices", "jaxllm.compile_cache", "jaxllm.runio", "jaxllm.tolerance",
      "jaxllm.jax_internals"),
 )
 PACKAGE = ROOT / "jaxllm"
