@@ -44,6 +44,13 @@ SECTIONS = (  # (heading, {command words: job}), listed in this order
         ("chat",): Job("jaxllm.chat:main", "chat with a run in the terminal"),
         ("export",): Job("jaxllm.export:main", "write a run as a Hugging Face directory or raw safetensors"),
     }),
+    ("compare the functional and the imperative style (needs torch)", {
+        ("compare", "lm"): Job("jaxllm.compare.jobs:lm", "the transformer LM and its PyTorch twin, trained side by side"),
+        ("compare", "rnn"): Job("jaxllm.compare.jobs:rnn", "the Elman RNN LM and its twin"),
+        ("compare", "mlp"): Job("jaxllm.compare.jobs:mlp", "the MLP and its twin"),
+        ("compare", "cnn"): Job("jaxllm.compare.jobs:cnn", "the CNN and its twin"),
+        ("compare", "logreg"): Job("jaxllm.compare.jobs:logreg", "logistic regression and its twin"),
+    }),
     ("measure", {
         ("bench",): Job("jaxllm.bench.__main__:main", "JAX vs the PyTorch twins: timing tables and JSON"),
         ("scaling",): Job("jaxllm.jobs.scaling:main", "devices x batch x model-size sweep: scaling.csv, scaling.png"),

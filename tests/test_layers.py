@@ -10,7 +10,7 @@ from conftest import ROOT
 # top to bottom; a module belongs to the first entry that is it or a package above it
 LAYERS = (
     ("jaxllm.__main__", "jaxllm.command"),
-    ("jaxllm.jobs", "jaxllm.bench"),
+    ("jaxllm.jobs", "jaxllm.bench", "jaxllm.compare"),
     ("jaxllm.chat", "jaxllm.export"),
     ("jaxllm.cli", "jaxllm.orbax_noise"),
     ("jaxllm.options",),

@@ -85,7 +85,7 @@ def _help(cls: type, flag: Flag) -> str:
     if flag.dest == "cpu_devices" and not getattr(cls, "SPLIT_CPU", True):
         text = ONE_CPU_DEVICE.replace("%", "%%")
     if flag.dest == "config":
-        presets = run_flags.presets(cls.JOB) if getattr(cls, "JOB", None) else []
+        presets = run_flags.presets(preset_job(cls)) if preset_job(cls) else []
         text += f"; or a preset: {', '.join(presets)}" if presets else ""
     if flag.switch or flag.required or "(default" in text:
         return text
@@ -158,11 +158,17 @@ def file_defaults(cls: type, parser: argparse.ArgumentParser, argv: Sequence[str
     return defaults
 
 
+def preset_job(cls: type) -> str | None:
+    """The job whose presets ``--config NAME`` names: ``PRESET_JOB`` (a job that trains another
+    job's model, such as ``jaxllm compare lm``), else the job itself."""
+    return getattr(cls, "PRESET_JOB", None) or getattr(cls, "JOB", None)
+
+
 def config_path(cls: type, value: str) -> str:
     """``--config``'s file: a path, or the bare name of one of the job's presets."""
     if os.path.exists(value):
         return value
-    job = getattr(cls, "JOB", None)
+    job = preset_job(cls)
     preset = run_flags.preset_path(job, value) if job and os.sep not in value else None
     if preset is None:
         names = run_flags.presets(job) if job else []
