@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
@@ -76,12 +76,6 @@ class TorchSide:
         return float(loss.item()), grads
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
 def run(pair: Pair, *, dtype: str = "float32", seed: int = 0, torch_compile: bool = False,
         on_step: Callable[[dict], None] | None = None, progress: bool = True) -> dict:
     """Train ``pair`` for ``pair.steps`` steps in both styles; returns the comparison (``report``
@@ -117,9 +111,10 @@ def run(pair: Pair, *, dtype: str = "float32", seed: int = 0, torch_compile: boo
     for i in range(pair.steps):
         if i:
             batch = pair.batches.next()
-        (state, metrics), seconds = _timed(lambda: train_step(state, batch))
+        start = time.perf_counter()
+        state, metrics = train_step(state, batch)
         jax_loss = float(metrics["loss"])  # the step ends when its loss is on the host, as torch's .item()
-        times["jax"].append(seconds + 0.0)
+        times["jax"].append(time.perf_counter() - start)
         row = {"step": i + 1, "jax": jax_loss}
         tbatch = to_torch_batch(batch)
         for name, side in sides.items():
