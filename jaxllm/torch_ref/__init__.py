@@ -7,7 +7,8 @@ imports this subpackage; import the family you need, e.g. ``from jaxllm.torch_re
 
 # config family -> its twin, seeded by the caller's torch.manual_seed as the book's code would be
 _TWINS = {
-    "transformer": lambda config: _family("transformer").from_config(config),
+    # the decoder: Burkov's book model, or the Llama-style twin for the fused (llama) layout
+    "transformer": lambda config: _family("llama" if config.qkv_layout == "fused" else "transformer").from_config(config),
     "gpt2": lambda config: _family("gpt2").GPTModel(config.to_twin_dict()),
     "rnn": lambda config: _family("rnn").from_config(config),
 }
