@@ -1,5 +1,6 @@
 """``jaxllm compare``: each job's JAX model and its PyTorch twin trained side by side at tiny sizes.
-fp32 trajectories stay within the parity tolerance; a twin made to differ (one scaled weight, or
+fp32 trajectories stay within the parity tolerance (AdamW, SGD, and Muon: the torch side runs
+jaxllm's Muon, ``torch_side.Muon``); a twin made to differ (one scaled weight, or
 momentum 0.95 against 0.9) is reported as parting at the step where it must; the files are written;
 bad input is one error line."""
 
@@ -16,6 +17,8 @@ pytestmark = pytest.mark.optimized  # trajectories compared against the parity t
 TEXT = ["--vocab-size", "300", "--context", "16", "--batch-size", "8", "--sample-tokens", "8"]
 CASES = {
     "lm_decoder": ("lm", ["--preset", "tiny", "--steps", "50", *TEXT]),
+    "lm_llama_muon": ("lm", ["--preset", "llama", "--d-model", "32", "--heads", "4", "--optimizer", "muon",
+                             "--weight-decay", "0.1", "--steps", "10", *TEXT]),
     "lm_gpt2": ("lm", ["--model", "gpt2", "--d-model", "32", "--layers", "2", "--heads", "2", "--steps", "20", *TEXT]),
     "rnn": ("rnn", ["--emb-dim", "32", "--layers", "1", "--steps", "20", *TEXT]),
     "mlp": ("mlp", ["--steps", "30"]),
@@ -93,8 +96,8 @@ def test_bad_input_is_one_error(tmp_path, capsys):
 
     for argv, message in ((["compare", "transformer"], "unknown job 'transformer' for jaxllm compare"),
                           (["compare", "mlp", "--steps", "0"], "argument --steps: must be >= 1"),
-                          (["compare", "lm", "--preset", "llama", "--out", str(tmp_path / "x")],
-                           "--preset llama has no PyTorch twin"),
+                          (["compare", "lm", "--tokens", str(tmp_path), "--out", str(tmp_path / "x")],
+                           "jaxllm compare does not take --tokens"),
                           (["compare", "lm", "--resume", "--out", str(tmp_path / "x")],
                            "jaxllm compare does not take --resume")):
         with pytest.raises(SystemExit) as exit_:

@@ -53,10 +53,10 @@ class TorchSide:
     def __init__(self, pair: Pair, twin, dtype: str, *, compiled: bool = False):
         import torch
 
-        from jaxllm.compare.torch_side import TorchOptimizer, autocast, muon_names
+        from jaxllm.compare.torch_side import TorchOptimizer, autocast, muon_layouts
 
         self.twin = twin
-        muon = muon_names(pair.optimizer, pair.params) if pair.optimizer.name == "muon" else set()
+        muon = muon_layouts(pair.optimizer, pair.params) if pair.optimizer.name == "muon" else {}
         self.optimizer = TorchOptimizer(pair.optimizer, twin, pair.steps, muon)
         loss_fn, context = pair.torch_loss, autocast(dtype)
 

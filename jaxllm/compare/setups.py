@@ -34,15 +34,6 @@ class Pair:
     notes: list[str] = dataclasses.field(default_factory=list)
     continue_text: Callable | None = None
 
-    def __post_init__(self):
-        if self.optimizer.name == "muon":
-            self.notes.append(MUON_NOTE)
-
-
-MUON_NOTE = ("torch.optim.Muon runs its Newton-Schulz steps in bfloat16 (jaxllm in float32) and scales each matrix "
-             "by sqrt(max(1, rows / columns)) of its own layout (for the decoder's x@W matrices, the transpose of "
-             "jaxllm's [fan_in, fan_out]): Muon trajectories part within a few steps by design")
-
 
 def _torch_softmax(twin, batch):
     import torch.nn.functional as F

@@ -2,18 +2,20 @@
 twin's training step, written as the books write it (``zero_grad``, forward, loss, ``backward``,
 ``step``).
 
-The optimisers are torch's own (``SGD``, ``Adam``, ``AdamW``, ``Muon`` for the blocks' matrices
-beside ``AdamW``), with torch's ``clip_grad_norm_`` and a ``LambdaLR`` whose factors are the JAX
+The optimisers are torch's own (``SGD``, ``Adam``, ``AdamW``; for ``--optimizer muon``, jaxllm's
+Muon written as a torch optimiser for the blocks' matrices beside ``AdamW``), with torch's ``clip_grad_norm_`` and a ``LambdaLR`` whose factors are the JAX
 schedule's learning rates divided by the peak: both sides step with the same rate at every step.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from jaxllm import interop
-from jaxllm.training.optim import OptimizerConfig, make_schedule
+from jaxllm.training.optim import NS_COEFFICIENTS, NS_EPS, NS_STEPS, OptimizerConfig, make_schedule
 
 
 def learning_rates(config: OptimizerConfig, steps: int, peak: float) -> np.ndarray:
@@ -25,25 +27,65 @@ def learning_rates(config: OptimizerConfig, steps: int, peak: float) -> np.ndarr
     return np.broadcast_to(rates, (steps,)) / peak  # a constant schedule answers one number
 
 
-def muon_names(config, params) -> set[str]:
-    """The torch names of the parameters that ``--optimizer muon`` trains with Muon: the 2-D
-    matrices under ``config.muon_blocks`` (every 2-D one when empty), as ``jaxllm.training.optim.muon``
-    labels them."""
+def muon_layouts(config, params) -> dict[str, bool]:
+    """The torch names of the parameters that ``--optimizer muon`` trains with Muon (the 2-D
+    matrices under ``config.muon_blocks``, every 2-D one when empty, as ``jaxllm.training.optim.muon``
+    labels them), each with whether torch stores it ``[out, in]`` (an ``nn.Linear`` weight, a Flax
+    ``kernel``) rather than as the Flax ``x @ W`` matrix ``[in, out]``."""
     import jax
 
     blocks = set(config.muon_blocks)
-    names = set()
+    layouts = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = tuple(p.key for p in path)
         if np.ndim(leaf) == 2 and (not blocks or keys[0] in blocks):
-            names.add(interop.torch_key(keys))
-    return names
+            layouts[interop.torch_key(keys)] = keys[-1] == "kernel"
+    return layouts
+
+
+class Muon(torch.optim.Optimizer):
+    """jaxllm's Muon (``jaxllm.training.optim.scale_by_muon``) as a torch optimiser: Nesterov momentum,
+    five Newton-Schulz steps in the params' dtype, the step scaled by ``sqrt(max(1, fan_out / fan_in))``,
+    decoupled weight decay. ``torch.optim.Muon`` differs in two ways a comparison would show as
+    parting trajectories: its Newton-Schulz runs in bfloat16, and it reads every matrix as
+    ``[out, in]``, which the twins' ``x @ W`` matrices are not. ``out_first``: the parameters that are."""
+
+    def __init__(self, params, *, lr: float, weight_decay: float, out_first=(), momentum: float = 0.95):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self.out_first = {id(p) for p in out_first}
+        self.momentum = momentum
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - self.momentum)
+                direction = orthogonalize(p.grad.lerp(buf, self.momentum))
+                fan_out, fan_in = p.shape if id(p) in self.out_first else p.shape[::-1]
+                p.mul_(1 - lr * wd)
+                p.add_(direction, alpha=-lr * math.sqrt(max(1.0, fan_out / fan_in)))
+
+
+def orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
+    """``jaxllm.training.optim.orthogonalize`` in torch: quintic Newton-Schulz on the wide orientation."""
+    a, b, c = NS_COEFFICIENTS
+    tall = matrix.shape[0] > matrix.shape[1]
+    x = matrix.T if tall else matrix
+    x = x / x.norm().clamp(min=NS_EPS)
+    for _ in range(NS_STEPS):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
 
 
 class TorchOptimizer:
     """torch's optimiser(s) for ``config`` over ``twin``'s parameters, stepped as one."""
 
-    def __init__(self, config: OptimizerConfig, twin: torch.nn.Module, steps: int, muon: set[str] = frozenset()):
+    def __init__(self, config: OptimizerConfig, twin: torch.nn.Module, steps: int, muon: dict[str, bool] | None = None):
         named = list(twin.named_parameters())
         self.params = [p for _, p in named]
         self.clip = config.clip_norm
@@ -57,9 +99,10 @@ class TorchOptimizer:
         elif config.name == "adamw":
             groups = [torch.optim.AdamW(self.params, lr=config.lr, betas=betas, eps=config.eps, weight_decay=wd)]
         else:  # muon: Muon on the blocks' matrices, AdamW on the rest
+            muon = muon or {}
             matrices = [p for n, p in named if n in muon]
             rest = [p for n, p in named if n not in muon]
-            groups = [torch.optim.Muon(matrices, lr=config.muon_lr, weight_decay=wd)]
+            groups = [Muon(matrices, lr=config.muon_lr, weight_decay=wd, out_first=[p for n, p in named if muon.get(n)])]
             if rest:
                 groups.append(torch.optim.AdamW(rest, lr=config.lr, betas=betas, eps=config.eps, weight_decay=wd))
         factors = learning_rates(config, steps, config.lr)
