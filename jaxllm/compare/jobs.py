@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from typing import ClassVar
 
@@ -73,6 +74,8 @@ def compare(job: str, argv=None) -> dict:
 
     job_cls = JOB_CLASSES[job]()
     cfg = cli.parse(config_class(job_cls), argv)
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError("jaxllm compare trains the PyTorch twin too: install the torch extra (pip install -e '.[torch]')")
     ignored = unused(cfg, job_cls)
     out = cfg.run.out
     if not cfg.run.overwrite and any(os.path.exists(os.path.join(out, name)) for name in OUTPUTS):
