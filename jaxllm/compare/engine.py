@@ -140,10 +140,7 @@ def run(pair: Pair, *, dtype: str = "float32", seed: int = 0, torch_compile: boo
         "title": pair.title, "steps": pair.steps, "dtype": dtype, "unit": pair.unit,
         "units_per_step": pair.units_per_batch, "optimizer": pair.optimizer.name, "tolerance": vars(TRAJECTORY),
         "notes": list(pair.notes), "rows": rows, "parted_at_step": parted,
-        "gradients_at_step_0": {name: {"max_abs_diff": float(np.max(np.abs(g - torch_grads[name]))),
-                                       "relative": float(np.max(np.abs(g - torch_grads[name])) / scale_of(torch_grads[name])),
-                                       "within": bound_used(g, torch_grads[name], GRAD) <= 1.0}
-                                for name, g in jax_grads.items()},
+        "gradients_at_step_0": {name: _gradient_difference(g, torch_grads[name]) for name, g in jax_grads.items()},
         "drift_per_parameter": {name: {"max": v[0], "rms": v[1], "relative_rms": v[1] / max(v[2], 1e-30)}
                                 for name, v in final.items()},
         "speed": {name: _speed(ts, pair.units_per_batch) for name, ts in times.items()},
@@ -152,6 +149,12 @@ def run(pair: Pair, *, dtype: str = "float32", seed: int = 0, torch_compile: boo
     if pair.continue_text is not None:
         result["continuation"] = pair.continue_text(state.params, twin)
     return result
+
+
+def _gradient_difference(jax_grad: np.ndarray, torch_grad: np.ndarray) -> dict:
+    worst = float(np.max(np.abs(jax_grad - torch_grad)))
+    return {"max_abs_diff": worst, "relative": worst / scale_of(torch_grad),
+            "within": bound_used(jax_grad, torch_grad, GRAD) <= 1.0}
 
 
 def _speed(seconds: list[float], units: int) -> dict:
