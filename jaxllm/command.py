@@ -50,6 +50,8 @@ SECTIONS = (  # (heading, {command words: job}), listed in this order
         ("compare", "mlp"): Job("jaxllm.compare.jobs:mlp", "the MLP and its twin"),
         ("compare", "cnn"): Job("jaxllm.compare.jobs:cnn", "the CNN and its twin"),
         ("compare", "logreg"): Job("jaxllm.compare.jobs:logreg", "logistic regression and its twin"),
+        ("compare", "classify"): Job("jaxllm.compare.jobs:classify", "LoRA classification fine-tuning of a GPT-2 "
+                                                                     "run and its twin (--mode lora)"),
     }),
     ("measure", {
         ("bench",): Job("jaxllm.bench.__main__:main", "JAX vs the PyTorch twins: timing tables and JSON"),

@@ -1,4 +1,5 @@
-"""``jaxllm compare``: each job's JAX model and its PyTorch twin trained side by side at tiny sizes.
+"""``jaxllm compare``: each job's JAX model and its PyTorch twin trained side by side at tiny sizes
+(LoRA classification on a GPT-2 run too).
 fp32 trajectories stay within the parity tolerance (AdamW, SGD, and Muon: the torch side runs
 jaxllm's Muon, ``torch_side.Muon``); a twin made to differ (one scaled weight, or
 momentum 0.95 against 0.9) is reported as parting at the step where it must; the files are written;
@@ -62,11 +63,31 @@ def test_fp32_twins_stay_within_the_parity_tolerance(case, corpus, tmp_path, cap
     assert len(event_files(tmp_path)) == 1
 
 
+def test_classify_lora_on_a_gpt2_run_trains_only_the_adapters_alike(corpus, tmp_path):
+    """The book's appendix E on both sides: a GPT-2 run as the base, a new class head, everything
+    frozen but the LoRA adapters of every Linear."""
+    from jaxllm.jobs.lm import main as train_lm
+
+    base = tmp_path / "base"
+    train_lm(["--model", "gpt2", "--d-model", "32", "--layers", "2", "--heads", "2", "--text", corpus, "--steps", "2",
+              "--vocab-size", "300", "--context", "32", "--batch-size", "8", "--sample-tokens", "2", "--no-progress",
+              "--out", str(base)])
+    data = tmp_path / "sms.tsv"
+    data.write_text("".join(f"spam\twin a free prize {i}\nham\tsee you at lunch {i}\n" for i in range(30)))
+    result = compare("classify", ["--base", str(base), "--data", str(data), "--format", "sms", "--steps", "8"],
+                     tmp_path / "compare")
+    assert result["parted_at_step"] is None and result["rows"][-1]["drift_max"] < 1e-4
+    trained = {name for name, d in result["drift_per_parameter"].items() if ".lora." in name}
+    assert trained and set(result["gradients_at_step_0"]) == trained  # only the adapters get gradients
+    frozen = {name: d for name, d in result["drift_per_parameter"].items() if name not in trained}
+    assert frozen and all(d["max"] == 0.0 for d in frozen.values())  # unchanged on both sides, bit for bit
+
+
 def test_a_changed_initial_weight_parts_at_the_first_step(tmp_path, monkeypatch):
     load = torch_side.load_jax_params
 
-    def load_and_change_one(config, twin, params):
-        load(config, twin, params)
+    def load_and_change_one(config, twin, *args):
+        load(config, twin, *args)
         first = next(twin.parameters())
         first.data.mul_(1.1)
 
@@ -99,7 +120,9 @@ def test_bad_input_is_one_error(tmp_path, capsys):
                           (["compare", "lm", "--tokens", str(tmp_path), "--out", str(tmp_path / "x")],
                            "jaxllm compare does not take --tokens"),
                           (["compare", "lm", "--resume", "--out", str(tmp_path / "x")],
-                           "jaxllm compare does not take --resume")):
+                           "jaxllm compare does not take --resume"),
+                          (["compare", "classify", "--mode", "full", "--out", str(tmp_path / "x")],
+                           "compares --mode lora")):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         err = capsys.readouterr().err

@@ -19,10 +19,10 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxllm import interop
 from jaxllm.compare.setups import Pair
 from jaxllm.tolerance import GRAD, TRAJECTORY, bound_used, scale_of
 from jaxllm.training import TrainState, make_optimizer, make_train_step
+from jaxllm.training.freeze import freeze_optimizer, stop_frozen_gradients
 from jaxllm.training.precision import mixed_precision
 
 
@@ -30,11 +30,11 @@ def torch_params(twin) -> dict[str, np.ndarray]:
     return {name: p.detach().float().numpy() for name, p in twin.named_parameters()}
 
 
-def drift(jax_params, twin) -> dict[str, tuple[float, float, float]]:
+def drift(pair: Pair, jax_params, twin) -> dict[str, tuple[float, float, float]]:
     """Per torch parameter name: (max |JAX - torch|, RMS of the difference, RMS of torch's values)."""
     theirs = torch_params(twin)
     out = {}
-    for name, mine in interop.to_torch_numpy(jax.device_get(jax_params)).items():
+    for name, mine in pair.torch_named(jax_params).items():
         diff = np.asarray(mine, np.float64) - theirs[name]
         out[name] = (float(np.max(np.abs(diff))), float(np.sqrt(np.mean(diff ** 2))),
                      float(np.sqrt(np.mean(np.square(theirs[name], dtype=np.float64)))))
@@ -70,8 +70,8 @@ class TorchSide:
         self.optimizer.zero_grad()
         loss = self.forward(batch)
         loss.backward()
-        grads = ({n: p.grad.detach().float().numpy().copy() for n, p in self.twin.named_parameters()}
-                 if keep_grads else None)
+        grads = ({n: p.grad.detach().float().numpy().copy() for n, p in self.twin.named_parameters()
+                  if p.grad is not None} if keep_grads else None)
         self.optimizer.step()
         return float(loss.item()), grads
 
@@ -87,14 +87,17 @@ def run(pair: Pair, *, dtype: str = "float32", seed: int = 0, torch_compile: boo
 
     torch.manual_seed(seed)
     twin = pair.make_twin()
-    load_jax_params(pair.config, twin, pair.params)
+    load_jax_params(pair.config, twin, pair.params, pair.torch_state)
     twin.train()
     sides = {"torch": TorchSide(pair, twin, dtype)}
     if torch_compile:
         sides["torch_compile"] = TorchSide(pair, copy.deepcopy(twin), dtype, compiled=True)
 
-    optimizer = make_optimizer(pair.optimizer)
-    loss_fn = mixed_precision(pair.jax_loss, dtype)
+    optimizer, loss_fn = make_optimizer(pair.optimizer), pair.jax_loss
+    if pair.trainable is not None:  # frozen params: no update, no gradient computed
+        optimizer = freeze_optimizer(optimizer, pair.trainable)
+        loss_fn = stop_frozen_gradients(loss_fn, pair.trainable)
+    loss_fn = mixed_precision(loss_fn, dtype)
     train_step = make_train_step(loss_fn, optimizer)
     state = TrainState.create(jax.tree_util.tree_map(jax.numpy.asarray, pair.params), optimizer,
                               jax.random.PRNGKey(seed + 1))
@@ -102,7 +105,7 @@ def run(pair: Pair, *, dtype: str = "float32", seed: int = 0, torch_compile: boo
     first = pair.batches.next()
     step_key = jax.random.fold_in(state.key, 0)
     jax_grads = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, step_key)[0]))(state.params, first)
-    jax_grads = interop.to_torch_numpy(jax.device_get(jax_grads))
+    jax_grads = pair.torch_named(jax_grads)
 
     rows, times = [], {"jax": [], **{name: [] for name in sides}}
     torch_grads, parted = None, None
@@ -126,7 +129,7 @@ def run(pair: Pair, *, dtype: str = "float32", seed: int = 0, torch_compile: boo
         row["within"] = bound_used(jax_loss, row["torch"], TRAJECTORY) <= 1.0
         if not row["within"] and parted is None:
             parted = i + 1
-        row["drift_max"], row["drift_rms"] = overall(drift(state.params, twin))
+        row["drift_max"], row["drift_rms"] = overall(drift(pair, state.params, twin))
         rows.append(row)
         if on_step is not None:
             on_step(row)
@@ -135,12 +138,12 @@ def run(pair: Pair, *, dtype: str = "float32", seed: int = 0, torch_compile: boo
         bar.update()
     bar.close()
 
-    final = drift(state.params, twin)
+    final = drift(pair, state.params, twin)
     result = {
         "title": pair.title, "steps": pair.steps, "dtype": dtype, "unit": pair.unit,
         "units_per_step": pair.units_per_batch, "optimizer": pair.optimizer.name, "tolerance": vars(TRAJECTORY),
         "notes": list(pair.notes), "rows": rows, "parted_at_step": parted,
-        "gradients_at_step_0": {name: _gradient_difference(g, torch_grads[name]) for name, g in jax_grads.items()},
+        "gradients_at_step_0": {name: _gradient_difference(jax_grads[name], g) for name, g in torch_grads.items()},
         "drift_per_parameter": {name: {"max": v[0], "rms": v[1], "relative_rms": v[1] / max(v[2], 1e-30)}
                                 for name, v in final.items()},
         "speed": {name: _speed(ts, pair.units_per_batch) for name, ts in times.items()},

@@ -16,11 +16,12 @@ from jaxllm.options.spec import flags, value_of
 USED = {"out", "config", "seed", "epochs", "steps", "overwrite", "no_progress", "no_compile_cache", "batch_size",
         "optimizer", "lr", "weight_decay", "momentum", "muon_lr", "schedule", "warmup_steps", "decay_fraction",
         "clip_norm", "dtype", "torch_compile", "model", "preset", "d_model", "layers", "heads", "dropout", "text",
-        "tokenizer", "vocab_size", "context", "stride", "sample_tokens", "emb_dim", "hidden", "dataset"}
+        "tokenizer", "vocab_size", "context", "stride", "sample_tokens", "emb_dim", "hidden", "dataset",
+        "base", "data", "format", "labels", "max_length", "rank", "alpha", "mode"}
 # flags that would train something other than the twin can: refused
 REFUSED = {"resume": "a comparison does not resume: run it again",
            "init_from": "the twins start from one JAX initialisation, not from another run",
-           "mode": "LoRA on a trained model has no twin comparison here",
+           "predict": "a comparison trains; --predict uses a finished classifier",
            "tokens": "a comparison reads --text (the twin's batches come from the same ids)"}
 OUTPUTS = ("compare.json", "compare.png")
 
@@ -131,13 +132,19 @@ def _logreg():
     return LogregConfig
 
 
+def _classify():
+    from jaxllm.jobs.classify import ClassifyConfig
+
+    return ClassifyConfig
+
+
 def _cnn():
     from jaxllm.jobs.cnn import CnnConfig
 
     return CnnConfig
 
 
-JOB_CLASSES = {"lm": _lm, "rnn": _rnn, "mlp": _mlp, "logreg": _logreg, "cnn": _cnn}
+JOB_CLASSES = {"lm": _lm, "rnn": _rnn, "mlp": _mlp, "logreg": _logreg, "cnn": _cnn, "classify": _classify}
 
 
 def lm(argv=None) -> dict:
@@ -158,3 +165,7 @@ def logreg(argv=None) -> dict:
 
 def cnn(argv=None) -> dict:
     return compare("cnn", argv)
+
+
+def classify(argv=None) -> dict:
+    return compare("classify", argv)

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from jaxllm.data.batches import ArrayBatches
 from jaxllm.training.losses import LOSSES, lm_loss
@@ -33,6 +34,16 @@ class Pair:
     units_per_batch: int
     notes: list[str] = dataclasses.field(default_factory=list)
     continue_text: Callable | None = None
+    torch_state: Callable | None = None  # params -> the twin's state dict (default: interop's rule)
+    trainable: Any = None  # a mask of the params that train, the rest frozen on both sides (None: all)
+
+    def torch_named(self, tree) -> dict[str, np.ndarray]:
+        """A params-shaped ``tree`` (params, gradients) under the twin's names, as numpy arrays."""
+        from jaxllm import interop
+
+        if self.torch_state is None:
+            return interop.to_torch_numpy(jax.device_get(tree))
+        return {name: np.asarray(value) for name, value in self.torch_state(jax.device_get(tree)).items()}
 
 
 def _torch_softmax(twin, batch):
@@ -118,6 +129,9 @@ def lm(cfg) -> Pair:
     from jaxllm.jobs.lm import build_config, resolve_data
     from jaxllm.torch_ref import twin_of
 
+    if cfg.mode != "full":
+        raise ValueError("jaxllm compare lm trains every weight from a fresh init (--mode full); LoRA is compared "
+                         "by jaxllm compare classify")
     notes = []
     dropout = cfg.dropout
     if cfg.model == "gpt2" and dropout is None:
@@ -188,4 +202,57 @@ def _decoded(encoding, prompt, jax_ids, torch_ids) -> dict:
             "tokens": len(jax_ids)}
 
 
-SETUPS = {"lm": lm, "rnn_lm": rnn, "mlp": mlp, "logreg": logreg, "cnn": cnn}
+def classify(cfg) -> Pair:
+    """``jaxllm finetune classify --mode lora`` on a GPT-2 base: the book's recipe on both sides (a new
+    class head, every base weight frozen, LoRA on every Linear, the class read at the last real token)."""
+    from jaxllm.jobs.classify import prepare_data
+    from jaxllm.models import classifier
+    from jaxllm.nn import lora
+    from jaxllm.pretrained import load_base
+    from jaxllm.torch_ref import lora as t_lora
+    from jaxllm.training.freeze import trainable_mask, trainable_predicate
+    from jaxllm.training.losses import classification_loss
+
+    if cfg.mode_name != "lora":
+        raise ValueError(f"jaxllm compare classify compares --mode lora (the book's appendix E), not --mode {cfg.mode_name}")
+    base = load_base(cfg.base)
+    if base.config.family != "gpt2":
+        raise ValueError(f"--base {cfg.base} is a {base.config.family} model: the twins' LoRA wraps nn.Linear layers, "
+                         "which only the GPT-2 twin has (the decoders' matrices are raw parameters)")
+    lm_config = base.config.with_dropout(0.0 if cfg.dropout is None else cfg.dropout)
+    splits, label_names, _, _ = prepare_data(cfg, base.encoding, lm_config.context_limit)
+    key_head, key_lora = jax.random.split(jax.random.PRNGKey(cfg.run.seed), 3)[:2]
+    config, params = classifier.from_lm(lm_config, base.params, len(label_names), key_head)
+    lora_cfg = lora.raschka(rank=cfg.adapters.rank, alpha=cfg.adapters.alpha)
+    params = lora.add_lora(params, lora_cfg, key_lora)
+    apply = lora.apply_with_lora(lambda p, tokens, key=None: config.logits(p, tokens, key=key), lora_cfg)
+
+    def make_twin():
+        import torch
+
+        from jaxllm.torch_ref import gpt2 as t_gpt2
+
+        twin = t_gpt2.GPTModel(config.to_twin_dict())
+        twin.out_head = torch.nn.Linear(config.emb_dim, len(label_names))
+        for p in twin.parameters():
+            p.requires_grad = False
+        return t_lora.replace_linear_with_lora(twin, lora_cfg.rank, lora_cfg.alpha)
+
+    batches = ArrayBatches(splits["train"].arrays(), cfg.optim.batch_size, seed=cfg.run.seed)
+    steps = cfg.run.total_steps(batches.steps_per_epoch)
+    return Pair(f"classifier (LoRA rank {lora_cfg.rank})", config, params, make_twin, classification_loss(apply),
+                _torch_classify, batches, steps, cfg.optim_for(steps).build(steps), "examples", cfg.optim.batch_size,
+                torch_state=lambda tree: t_lora.lora_to_torch(config, tree),
+                trainable=trainable_mask(params, trainable_predicate(config, "lora")))
+
+
+def _torch_classify(twin, batch):
+    import torch
+    import torch.nn.functional as F
+
+    logits = twin(batch["tokens"])
+    last = logits[torch.arange(logits.shape[0]), batch["lengths"] - 1]
+    return F.cross_entropy(last.float(), batch["labels"])
+
+
+SETUPS = {"lm": lm, "rnn_lm": rnn, "mlp": mlp, "logreg": logreg, "cnn": cnn, "classify": classify}

@@ -132,10 +132,11 @@ def to_torch_batch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_jax_params(config, twin: torch.nn.Module, params) -> None:
-    """Copy the Flax ``params`` into ``twin`` through ``jaxllm.interop``; every parameter of the
-    twin must get one (buffers such as GPT-2's causal masks keep theirs)."""
-    state = interop.to_torch(config, params)
+def load_jax_params(config, twin: torch.nn.Module, params, torch_state=None) -> None:
+    """Copy the Flax ``params`` into ``twin`` through ``jaxllm.interop`` (or ``torch_state(params)``,
+    e.g. LoRA's names); every parameter of the twin must get one (buffers such as GPT-2's causal
+    masks keep theirs)."""
+    state = interop.to_torch(config, params) if torch_state is None else torch_state(params)
     names = {n for n, _ in twin.named_parameters()}
     if set(state) != names:
         raise ValueError(f"the twin's parameters and the JAX model's differ: {sorted(names ^ set(state))}")
