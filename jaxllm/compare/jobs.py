@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import importlib.util
 import os
 from typing import ClassVar
@@ -73,7 +75,7 @@ def compare(job: str, argv=None) -> dict:
     from jaxllm.compare import engine, report, setups
     from jaxllm.training.tensorboard import open_event_log
 
-    job_cls = JOB_CLASSES[job]()
+    job_cls = job_class(job)
     cfg = cli.parse(config_class(job_cls), argv)
     if importlib.util.find_spec("torch") is None:
         raise ValueError("jaxllm compare trains the PyTorch twin too: install the torch extra (pip install -e '.[torch]')")
@@ -108,64 +110,16 @@ def compare(job: str, argv=None) -> dict:
     return result
 
 
-def _lm():
-    from jaxllm.jobs.lm import LmConfig
-
-    return LmConfig
-
-
-def _rnn():
-    from jaxllm.jobs.rnn_lm import RnnConfig
-
-    return RnnConfig
+# each job's config class, imported only for the job that is compared
+JOB_CLASSES = {"lm": "jaxllm.jobs.lm:LmConfig", "rnn": "jaxllm.jobs.rnn_lm:RnnConfig", "mlp": "jaxllm.jobs.mlp:MlpConfig",
+               "logreg": "jaxllm.jobs.logreg:LogregConfig", "cnn": "jaxllm.jobs.cnn:CnnConfig",
+               "classify": "jaxllm.jobs.classify:ClassifyConfig"}
 
 
-def _mlp():
-    from jaxllm.jobs.mlp import MlpConfig
-
-    return MlpConfig
-
-
-def _logreg():
-    from jaxllm.jobs.logreg import LogregConfig
-
-    return LogregConfig
+def job_class(job: str) -> type:
+    module, name = JOB_CLASSES[job].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _classify():
-    from jaxllm.jobs.classify import ClassifyConfig
-
-    return ClassifyConfig
-
-
-def _cnn():
-    from jaxllm.jobs.cnn import CnnConfig
-
-    return CnnConfig
-
-
-JOB_CLASSES = {"lm": _lm, "rnn": _rnn, "mlp": _mlp, "logreg": _logreg, "cnn": _cnn, "classify": _classify}
-
-
-def lm(argv=None) -> dict:
-    return compare("lm", argv)
-
-
-def rnn(argv=None) -> dict:
-    return compare("rnn", argv)
-
-
-def mlp(argv=None) -> dict:
-    return compare("mlp", argv)
-
-
-def logreg(argv=None) -> dict:
-    return compare("logreg", argv)
-
-
-def cnn(argv=None) -> dict:
-    return compare("cnn", argv)
-
-
-def classify(argv=None) -> dict:
-    return compare("classify", argv)
+# the command's entry points (jaxllm.command): main(argv) of each job
+lm, rnn, mlp, logreg, cnn, classify = (functools.partial(compare, job) for job in JOB_CLASSES)
