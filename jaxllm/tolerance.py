@@ -60,6 +60,12 @@ def scale_of(expected) -> float:
     return max(rms, SCALE_FLOOR)
 
 
+def allowed(expected, tol: Tolerance) -> np.ndarray:
+    """The largest ``|actual - expected|`` ``tol`` allows, per element: ``rtol |expected| + atol scale``."""
+    e = np.asarray(expected, np.float64)
+    return tol.rtol * np.abs(e) + tol.atol * scale_of(e)
+
+
 def bound_used(actual, expected, tol: Tolerance) -> float:
     """The largest ``|actual - expected| / (rtol |expected| + atol scale)``: at most 1 where ``actual``
     is within ``tol`` of ``expected``, 0 where they are equal."""
@@ -68,4 +74,4 @@ def bound_used(actual, expected, tol: Tolerance) -> float:
         raise ValueError(f"shapes differ: {a.shape} vs {e.shape}")
     if not a.size:
         return 0.0
-    return float(np.max(np.abs(a - e) / (tol.rtol * np.abs(e) + tol.atol * scale_of(e))))
+    return float(np.max(np.abs(a - e) / allowed(e, tol)))

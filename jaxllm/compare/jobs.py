@@ -55,19 +55,12 @@ def unused(cfg, job_cls: type) -> list[str]:
     defaults = job_cls()
     names = []
     for flag in flags(type(cfg)):
-        if flag.dest in USED or value_of(cfg, flag) == _default(defaults, flag):
+        if flag.dest in USED or value_of(cfg, flag) == value_of(defaults, flag):
             continue
         if flag.dest in REFUSED:
             raise ValueError(f"jaxllm compare does not take {flag.name}: {REFUSED[flag.dest]}")
         names.append(flag.name)
     return names
-
-
-def _default(defaults, flag):
-    try:
-        return value_of(defaults, flag)
-    except AttributeError:
-        return flag.default
 
 
 def compare(job: str, argv=None) -> dict:

@@ -9,6 +9,7 @@ import math
 import os
 
 from jaxllm.runio import write_atomically
+from jaxllm.tolerance import Tolerance, allowed
 
 SIDE_LABELS = {"jax": "JAX jit", "torch": "PyTorch eager", "torch_compile": "torch.compile"}
 
@@ -43,9 +44,8 @@ def plot(result: dict, path: str) -> None:
     losses.legend()
     positive = lambda values: [v if v > 0 else math.nan for v in values]  # zero differences: no point on a log axis
     diff.plot(steps, positive([r["diff"] for r in rows]), label="|JAX - PyTorch| loss")
-    tol = result["tolerance"]
-    diff.plot(steps, [tol["rtol"] * abs(r["torch"]) + tol["atol"] * max(abs(r["torch"]), 0.1) for r in rows], ":",
-              color="gray", label="parity tolerance")
+    tol = Tolerance(**result["tolerance"])
+    diff.plot(steps, [float(allowed(r["torch"], tol)) for r in rows], ":", color="gray", label="parity tolerance")
     if result["parted_at_step"]:
         diff.axvline(result["parted_at_step"], color="C3", alpha=0.5, label=f"parted at step {result['parted_at_step']}")
     diff.set(title="loss difference", xlabel="step", yscale="log")

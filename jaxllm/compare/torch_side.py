@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from jaxllm import interop
-from jaxllm.training.optim import NS_COEFFICIENTS, NS_EPS, NS_STEPS, OptimizerConfig, make_schedule
+from jaxllm.training.optim import NS_COEFFICIENTS, NS_EPS, NS_STEPS, OptimizerConfig, make_schedule, muon_label
 
 
 def learning_rates(config: OptimizerConfig, steps: int, peak: float) -> np.ndarray:
@@ -34,11 +34,10 @@ def muon_layouts(config, params) -> dict[str, bool]:
     ``kernel``) rather than as the Flax ``x @ W`` matrix ``[in, out]``."""
     import jax
 
-    blocks = set(config.muon_blocks)
     layouts = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = tuple(p.key for p in path)
-        if np.ndim(leaf) == 2 and (not blocks or keys[0] in blocks):
+        if muon_label(path, leaf, config.muon_blocks) == "muon":
+            keys = tuple(p.key for p in path)
             layouts[interop.torch_key(keys)] = keys[-1] == "kernel"
     return layouts
 

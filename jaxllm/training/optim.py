@@ -146,20 +146,20 @@ NS_EPS = 1e-7
 
 def muon(cfg: OptimizerConfig, adamw_lr: optax.Schedule, wd: float) -> optax.GradientTransformation:
     """Muon on the 2-D matrices of ``cfg.muon_blocks``, AdamW on every other param (module docstring)."""
-    blocks = set(cfg.muon_blocks)
-
     def labels(params):
-        def label(path, leaf):
-            top = getattr(path[0], "key", None)
-            return "muon" if leaf.ndim == 2 and (not blocks or top in blocks) else "adamw"
-
-        return jax.tree_util.tree_map_with_path(label, params)
+        return jax.tree_util.tree_map_with_path(lambda path, leaf: muon_label(path, leaf, cfg.muon_blocks), params)
 
     muon_lr = make_schedule(dataclasses.replace(cfg, lr=cfg.muon_lr))
     return optax.partition({
         "muon": optax.chain(scale_by_muon(), optax.add_decayed_weights(wd), optax.scale_by_learning_rate(muon_lr)),
         "adamw": optax.adamw(adamw_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd),
     }, labels)
+
+
+def muon_label(path, leaf, blocks) -> str:
+    """``"muon"`` for a 2-D param under one of the top-level names ``blocks`` (any, when empty), else ``"adamw"``."""
+    top = getattr(path[0], "key", None)
+    return "muon" if leaf.ndim == 2 and (not blocks or top in blocks) else "adamw"
 
 
 def scale_by_muon(momentum: float = MUON_MOMENTUM, nesterov: bool = True) -> optax.GradientTransformation:
